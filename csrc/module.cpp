@@ -1,0 +1,34 @@
+// The Python module pytrain._C.  Importing it runs the TORCH_LIBRARY_IMPL blocks of every
+// csrc/cpu/*.cpp and csrc/cuda/*.cu file, which register the CPU and CUDA kernels of the
+// ops whose schemas pytrain/ops declares.  pybind11 serves only the helpers that are not ops.
+#include <torch/extension.h>
+
+namespace {
+
+// What the CPU this process runs on can do (the kernels pick their SIMD path at run time).
+py::dict cpu_capabilities() {
+  __builtin_cpu_init();
+  py::dict caps;
+  caps["avx2"] = static_cast<bool>(__builtin_cpu_supports("avx2"));
+  caps["fma"] = static_cast<bool>(__builtin_cpu_supports("fma"));
+  caps["avx512f"] = static_cast<bool>(__builtin_cpu_supports("avx512f"));
+  caps["avx512bw"] = static_cast<bool>(__builtin_cpu_supports("avx512bw"));
+  caps["avx512bf16"] = static_cast<bool>(__builtin_cpu_supports("avx512bf16"));
+  return caps;
+}
+
+bool built_with_cuda() {
+#ifdef PYTRAIN_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pytrain compiled kernels (ops register through torch.library; these are helpers)";
+  m.def("cpu_capabilities", &cpu_capabilities, "SIMD features of this CPU: avx2, fma, avx512f, avx512bw, avx512bf16");
+  m.def("built_with_cuda", &built_with_cuda, "True when the CUDA kernels were compiled into this extension");
+}
