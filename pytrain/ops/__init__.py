@@ -1,0 +1,9 @@
+"""pytrain's ops: public functions that check their inputs and dispatch to a backend.
+
+See ``pytrain.ops.registry`` for how a backend is chosen and ``pytrain.info()``
+for which backends this process can use.
+"""
+from .optim_ops import adamw_step, global_norm, lamb_step, lars_step
+from .registry import REGISTRIES, NoImplementationError, registry
+
+__all__ = ["adamw_step", "lars_step", "lamb_step", "global_norm", "registry", "REGISTRIES", "NoImplementationError"]

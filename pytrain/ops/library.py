@@ -1,0 +1,98 @@
+"""Declares pytrain's ops once, in the ``pytrain`` torch.library namespace.
+
+For an op ``name`` with schema ``S`` this defines three ops, all with schema ``S``:
+
+* ``pytrain::name``: kernels registered from C++ (``TORCH_LIBRARY_IMPL(pytrain, CPU/CUDA, m)``
+  in ``csrc/cpu/name.cpp`` and ``csrc/cuda/name.cu``);
+* ``pytrain::name_triton``: the Triton launcher from ``kernels/name.py``;
+* ``pytrain::name_reference``: the plain-PyTorch reference from ``pytrain/testing``.
+
+Each gets a fake (meta) implementation, so ``torch.compile`` and
+``torch.library.opcheck`` see them, and each is entered in the op's registry.
+Triton-backed ops are plain ``torch.library`` ops with an explicit fake rather
+than ``triton_op`` (whose derived fake fails under ``TRITON_INTERPRET=1``).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable, List, Optional
+
+import torch
+
+from .. import _extension
+from .registry import FLOAT_DTYPES, Implementation, registry
+
+LIB = torch.library.Library("pytrain", "FRAGMENT")  # noqa: TOR901 (kept alive for the process)
+
+
+def _triton_declines(**call) -> List[str]:
+    device = call.get("device")
+    if device is not None and device.type == "cpu" and not _extension.triton_interpreted():
+        return ["Triton runs CPU tensors only under TRITON_INTERPRET=1"]
+    return []
+
+
+def _kernel_unavailable(op: str, key: str, backend_unavailable: Callable[[], Optional[str]]):
+    """Why the C++ kernel of ``pytrain::op`` for dispatch key ``key`` cannot run (or None)."""
+
+    def unavailable() -> Optional[str]:
+        why = backend_unavailable()
+        if why:
+            return why
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"pytrain::{op}", key):
+            return f"pytrain._C has no {key} kernel for pytrain::{op}"
+        return None
+
+    return unavailable
+
+
+def _lazy(module: str, attr: str) -> Callable:
+    """Import a Triton launcher on first call, so importing pytrain never imports triton."""
+
+    def call(*args, **kwargs):
+        return getattr(importlib.import_module(module), attr)(*args, **kwargs)
+
+    call.__name__ = attr
+    return call
+
+
+def define_op(
+    name: str,
+    schema: str,
+    *,
+    reference: Callable,
+    fake: Callable,
+    triton: Optional[str] = None,
+    declines: Optional[Callable[..., List[str]]] = None,
+) -> None:
+    """Define ``pytrain::name`` (C++ kernels) and its Triton and reference twins.
+
+    triton: "module:function" of the launcher, e.g. "pytrain.kernels.adamw:adamw_step".
+    declines: extra per-call checks shared by the compiled backends (reasons list).
+    """
+    reg = registry(name)
+    LIB.define(name + schema)
+    torch.library.register_fake(f"pytrain::{name}", fake, lib=LIB)
+    op = getattr(torch.ops.pytrain, name)
+    reg.register(Implementation("cpu", op, ("cpu",), declines=declines,
+                                unavailable=_kernel_unavailable(name, "CPU", _extension.cpu_unavailable)))
+    reg.register(Implementation("cuda", op, ("cuda",), declines=declines,
+                                unavailable=_kernel_unavailable(name, "CUDA", _extension.cuda_unavailable)))
+
+    if triton is not None:
+        module, attr = triton.split(":")
+        LIB.define(f"{name}_triton{schema}")
+        LIB.impl(f"{name}_triton", _lazy(module, attr), "CompositeExplicitAutograd")
+        torch.library.register_fake(f"pytrain::{name}_triton", fake, lib=LIB)
+
+        def triton_declines(**call) -> List[str]:
+            return _triton_declines(**call) + (declines(**call) if declines else [])
+
+        reg.register(Implementation("triton", getattr(torch.ops.pytrain, f"{name}_triton"), ("cuda", "cpu"),
+                                    unavailable=_extension.triton_unavailable, declines=triton_declines))
+
+    LIB.define(f"{name}_reference{schema}")
+    LIB.impl(f"{name}_reference", reference, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"pytrain::{name}_reference", fake, lib=LIB)
+    reg.register(Implementation("reference", getattr(torch.ops.pytrain, f"{name}_reference"), ("cpu", "cuda"),
+                                dtypes=FLOAT_DTYPES + (torch.float64,)))

@@ -1,0 +1,121 @@
+"""Implementation registry: which backend serves an op for a given input, and why not.
+
+Every op has up to four implementations, tried in a per-device order:
+
+    device  automatic order
+    cuda    cuda (C++/CUDA extension) -> triton -> reference
+    cpu     cpu  (C++/OpenMP/SIMD)    -> reference -> triton (TRITON_INTERPRET=1 only)
+
+``PYTRAIN_IMPL`` forces a choice: ``PYTRAIN_IMPL=triton`` for every op, or
+``PYTRAIN_IMPL=adamw_step=triton,lamb_step=reference`` per op; the ``impl=``
+argument of the public functions does the same for one call.  An automatic
+choice falls back quietly; a forced one that cannot serve the input raises an
+error listing every reason.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+PRIORITY = {
+    "cuda": ("cuda", "triton", "reference"),
+    "cpu": ("cpu", "reference", "triton"),
+}
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One backend of one op.
+
+    fn: the callable (a registered ``torch.ops.pytrain`` op).
+    devices / dtypes: what it accepts.  unavailable: returns why it cannot run
+    in this process at all (missing extension, no GPU...), or None.
+    declines: optional extra check on a call's arguments, returning reasons.
+    """
+
+    name: str
+    fn: Callable
+    devices: Sequence[str]
+    dtypes: Sequence[torch.dtype] = FLOAT_DTYPES
+    unavailable: Callable[[], Optional[str]] = lambda: None
+    declines: Optional[Callable[..., List[str]]] = None
+
+    def reasons(self, device: torch.device, dtype: torch.dtype, call: dict) -> List[str]:
+        why = self.unavailable()
+        if why:
+            return [why]
+        out = []
+        if device.type not in self.devices:
+            out.append(f"device {device.type} not supported (supports {', '.join(self.devices)})")
+        if dtype not in self.dtypes:
+            out.append(f"dtype {dtype} not supported (supports {', '.join(str(d) for d in self.dtypes)})")
+        if not out and self.declines is not None:
+            out += self.declines(device=device, dtype=dtype, **call)
+        return out
+
+
+class NoImplementationError(RuntimeError):
+    """No implementation of an op can serve the given input; the message lists every reason."""
+
+
+@dataclass
+class OpRegistry:
+    op: str
+    impls: Dict[str, Implementation] = field(default_factory=dict)
+
+    def register(self, impl: Implementation) -> None:
+        self.impls[impl.name] = impl
+
+    def select(self, device: torch.device, dtype: torch.dtype, impl: Optional[str] = None, **call) -> Implementation:
+        forced = impl or forced_impl(self.op)
+        if forced is not None:
+            chosen = self.impls.get(forced)
+            if chosen is None:
+                raise NoImplementationError(f"pytrain.{self.op}: unknown implementation {forced!r} "
+                                            f"(known: {', '.join(self.impls)})")
+            reasons = chosen.reasons(device, dtype, call)
+            if reasons:
+                raise NoImplementationError(f"pytrain.{self.op}: implementation {forced!r} cannot serve "
+                                            f"{device.type}/{dtype}: " + "; ".join(reasons))
+            return chosen
+        tried = []
+        for name in PRIORITY.get(device.type, ("reference",)):
+            candidate = self.impls.get(name)
+            if candidate is None:
+                continue
+            reasons = candidate.reasons(device, dtype, call)
+            if not reasons:
+                return candidate
+            tried.append(f"{name}: " + "; ".join(reasons))
+        raise NoImplementationError(f"pytrain.{self.op}: no implementation for {device.type}/{dtype}: " + " | ".join(tried))
+
+    def availability(self) -> Dict[str, Optional[str]]:
+        """Implementation name -> None if it can run in this process, else the reason it cannot."""
+        return {name: impl.unavailable() for name, impl in self.impls.items()}
+
+
+REGISTRIES: Dict[str, OpRegistry] = {}
+
+
+def registry(op: str) -> OpRegistry:
+    if op not in REGISTRIES:
+        REGISTRIES[op] = OpRegistry(op)
+    return REGISTRIES[op]
+
+
+def forced_impl(op: str) -> Optional[str]:
+    """The implementation PYTRAIN_IMPL forces for ``op``, if any."""
+    spec = os.environ.get("PYTRAIN_IMPL", "").strip()
+    if not spec:
+        return None
+    if "=" not in spec:
+        return spec
+    for item in spec.split(","):
+        name, _, value = item.partition("=")
+        if name.strip() == op:
+            return value.strip()
+    return None

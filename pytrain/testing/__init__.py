@@ -1,0 +1,1 @@
+"""References and comparison helpers shared by pytrain's tests and benchmarks."""
