@@ -8,3 +8,4 @@ _extension.load_extension()  # registers the C++ kernels if the extension is bui
 from . import ops  # noqa: E402
 
 __version__ = "0.1.0"
+from . import optim  # noqa: E402,F401

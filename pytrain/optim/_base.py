@@ -1,0 +1,142 @@
+"""Shared machinery of pytrain's fused optimizers.
+
+A fused optimizer is a ``torch.optim.Optimizer`` whose ``step`` gathers, per param
+group, the params that have gradients into buckets of one (device, dtype, ...)
+and hands each bucket to one multi-tensor op (``pytrain.ops``), which updates
+every tensor of the bucket in a single pass over memory.
+
+Global-norm gradient clipping (``max_grad_norm``) is folded into the step: the
+norm over all gradients of all groups is computed once (``pytrain.ops.global_norm``)
+and the kernels scale each gradient as they read it, so gradients are neither
+rewritten nor read an extra time.  When that norm is not finite the step is
+skipped, parameters and states stay untouched, and ``last_step_skipped`` /
+``skipped_steps`` report it (like a found-inf flag).
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Callable, Dict, Hashable, Iterable, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import ops
+
+CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s epsilon: coef = max_norm / (norm + 1e-6)
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """Base class: validation, bucketing, global-norm clipping, dtype-preserving ``load_state_dict``."""
+
+    #: state keys (per param) that keep their own dtype instead of the param's on ``load_state_dict``
+    state_dtypes: Dict[str, Optional[torch.dtype]] = {}
+
+    def __init__(self, params, defaults: dict, impl: Optional[str] = None):
+        super().__init__(params, defaults)
+        self.impl = impl
+        self.last_step_skipped = False
+        self.skipped_steps = 0
+        self.last_grad_norm: Optional[float] = None
+        for group in self.param_groups:
+            self._check_group(group)
+
+    # ------------------------------------------------------------------------------------ validation
+    def _check_group(self, group: dict) -> None:
+        devices = {p.device for p in group["params"]}
+        if len(devices) > 1:
+            raise ValueError(f"{type(self).__name__}: a param group mixes devices {sorted(map(str, devices))}; "
+                             "put the params of each device in their own group")
+        for p in group["params"]:
+            if p.is_complex() or not p.is_floating_point():
+                raise ValueError(f"{type(self).__name__}: param of dtype {p.dtype} is not supported "
+                                 "(real floating-point params only)")
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "impl"):  # base __init__ adds the first groups before our attributes exist
+            self._check_group(self.param_groups[-1])
+
+    def _params_with_grads(self, group: dict) -> List[Tensor]:
+        out = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
+                                   "(use torch.optim.SparseAdam for sparse embeddings)")
+            out.append(p)
+        return out
+
+    # ------------------------------------------------------------------------------------ clipping
+    def _grad_scale(self, max_grad_norm: float, clip_eps: float) -> Optional[float]:
+        """Clip factor for all grads of all groups (1.0 if within the norm); None if the norm is not finite.
+
+        scale = min(1, max_norm / (norm + clip_eps)); clip_eps = 1e-6 follows
+        torch.nn.utils.clip_grad_norm_, clip_eps = 0 timm's Lamb.
+        """
+        norm = self.grad_norm()
+        self.last_grad_norm = norm
+        if not math.isfinite(norm):
+            return None
+        if norm + clip_eps == 0:
+            return 1.0
+        return min(1.0, max_grad_norm / (norm + clip_eps))
+
+    def grad_norm(self) -> float:
+        """L2 norm over the gradients of every param of every group (one fused pass per device/dtype)."""
+        buckets: Dict[Tuple, List[Tensor]] = defaultdict(list)
+        for group in self.param_groups:
+            for p in self._params_with_grads(group):
+                buckets[(p.grad.device, p.grad.dtype)].append(p.grad)
+        total = 0.0
+        for grads in buckets.values():
+            total += float(ops.global_norm(grads, impl=self.impl)) ** 2
+        return math.sqrt(total)
+
+    def _begin_step(self, max_grad_norm: Optional[float], clip_eps: float = CLIP_EPS) -> Optional[float]:
+        """Returns the gradient scale for this step, or None (and records a skipped step) if it must be skipped."""
+        scale = self._grad_scale(max_grad_norm, clip_eps) if max_grad_norm is not None else 1.0
+        self.last_step_skipped = scale is None
+        if scale is None:
+            self.skipped_steps += 1
+        return scale
+
+    # ------------------------------------------------------------------------------------ stepping
+    @staticmethod
+    def bucket(params: Iterable[Tensor], key: Callable[[Tensor], Hashable]) -> Dict[Hashable, List[Tensor]]:
+        """Params grouped by ``(device, dtype, key(p))`` so each group goes to one multi-tensor op call."""
+        out: Dict[Hashable, List[Tensor]] = defaultdict(list)
+        for p in params:
+            out[(p.device, p.dtype, key(p))].append(p)
+        return out
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        """Performs one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._step()  # defined by each optimizer
+        return loss
+
+    # ------------------------------------------------------------------------------------ state dict
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Like torch's, but states listed in ``state_dtypes`` (fp32 masters, int8 codes, fp32 moments of
+        bf16 params...) keep their dtype instead of being cast to the param's dtype."""
+        saved_state = state_dict["state"]
+        super().load_state_dict({**state_dict, "state": {}})
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, params):
+            if pid in saved_state:
+                self.state[p] = {k: self._restore(k, v, p) for k, v in saved_state[pid].items()}
+
+    def _restore(self, key: str, value, param: Tensor):
+        if not torch.is_tensor(value):
+            return value
+        if key == "step":
+            return value.detach().to(dtype=torch.float32, device="cpu").clone()
+        dtype = self.state_dtypes.get(key, param.dtype) if value.is_floating_point() else value.dtype
+        return value.detach().to(device=param.device, dtype=dtype or value.dtype).clone()

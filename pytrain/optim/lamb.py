@@ -1,0 +1,62 @@
+"""FusedLAMB: layer-wise adaptive moments with a fused multi-tensor step.
+
+LAMB (You et al., "Large Batch Optimization for Deep Learning: Training BERT in 76
+minutes", ICLR 2020) with the conventions of timm's ``Lamb``: gradients are first
+scaled by ``1 / max(|G| / max_grad_norm, 1)`` (|G| the global norm over all params),
+then Adam moments, update ``u = m_hat / (sqrt(v_hat) + eps) + wd * w`` and trust ratio
+``|w| / |u|`` (1 when a norm is 0; clipped at 1 with ``trust_clip``; only when weight
+decay is non-zero unless ``always_adapt``).  The kernel writes the moments and
+accumulates the per-tensor norms in one sweep and applies the update in a second.
+A non-finite global gradient norm skips the step (``last_step_skipped``).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .. import ops
+from ._base import FusedOptimizer
+
+
+class FusedLAMB(FusedOptimizer):
+    """LAMB.  Args as timm's ``Lamb``; ``impl`` forces a backend."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.01, *, max_grad_norm: Optional[float] = 1.0, trust_clip: bool = False,
+                 bias_correction: bool = True, grad_averaging: bool = True, always_adapt: bool = False,
+                 impl: Optional[str] = None):
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"Invalid betas: {betas}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (must be > 0 or None)")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
+                        grad_averaging=grad_averaging, trust_clip=trust_clip, always_adapt=always_adapt)
+        self.max_grad_norm = max_grad_norm
+        super().__init__(params, defaults, impl)
+
+    def _step(self) -> None:
+        grad_scale = self._begin_step(self.max_grad_norm, clip_eps=0.0)
+        if grad_scale is None:
+            return
+        for group in self.param_groups:
+            group["step"] = group.get("step", 0) + 1
+            self._update(group, self._params_with_grads(group), group["step"], grad_scale)
+
+    def _update(self, group: dict, params: list, step: int, grad_scale: float) -> None:
+        beta1, beta2 = group["betas"]
+        bc1, bc2 = (1 - beta1**step, 1 - beta2**step) if group["bias_correction"] else (1.0, 1.0)
+        for p in params:
+            if not self.state[p]:
+                self.state[p]["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                self.state[p]["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        for bucket in self.bucket(params, lambda p: None).values():
+            ops.lamb_step(
+                bucket, [p.grad for p in bucket], [self.state[p]["exp_avg"] for p in bucket],
+                [self.state[p]["exp_avg_sq"] for p in bucket], lr=group["lr"], beta1=beta1, beta2=beta2,
+                beta3=1 - beta1 if group["grad_averaging"] else 1.0, eps=group["eps"],
+                weight_decay=group["weight_decay"], bias_correction1=bc1, bias_correction2=bc2,
+                grad_scale=grad_scale, adapt=group["weight_decay"] != 0 or group["always_adapt"],
+                trust_clip=group["trust_clip"], impl=self.impl)

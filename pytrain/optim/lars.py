@@ -1,0 +1,55 @@
+"""FusedLARS: layer-wise adaptive rate scaling with a fused multi-tensor step.
+
+LARS (You, Gitman & Ginsburg, "Large Batch Training of Convolutional Networks", 2017)
+with the conventions of timm's ``Lars`` (trust ratio ``tc*|w| / (|g| + wd*|w| + eps)``,
+1 when a norm is 0; adaptation only when weight decay is non-zero unless
+``always_adapt``; ``trust_clip`` = LARC, min(ratio / lr, 1)); SGD momentum with
+dampening and Nesterov as in torch.optim.SGD.  Per-tensor norms are computed by
+the kernel in a first sweep over the params and grads, the update in a second.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import ops
+from ._base import FusedOptimizer
+
+
+class FusedLARS(FusedOptimizer):
+    """LARS / LARC.  Args as timm's ``Lars`` (``trust_coefficient`` = timm's ``trust_coeff``);
+    ``impl`` forces a backend."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 trust_coefficient: float = 1e-3, eps: float = 1e-8, nesterov: bool = False, *,
+                 dampening: float = 0.0, trust_clip: bool = False, always_adapt: bool = False,
+                 impl: Optional[str] = None):
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, trust_coefficient=trust_coefficient, eps=eps, trust_clip=trust_clip,
+                        always_adapt=always_adapt)
+        super().__init__(params, defaults, impl)
+
+    def _step(self) -> None:
+        for group in self.param_groups:
+            params = self._params_with_grads(group)
+            with_momentum = group["momentum"] != 0
+            fresh = {p for p in params if with_momentum and "momentum_buffer" not in self.state[p]}
+            for p in fresh:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            for (_, _, init), bucket in self.bucket(params, lambda p: p in fresh).items():
+                ops.lars_step(
+                    bucket, [p.grad for p in bucket],
+                    [self.state[p]["momentum_buffer"] for p in bucket] if with_momentum else [],
+                    lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+                    weight_decay=group["weight_decay"], trust_coefficient=group["trust_coefficient"],
+                    eps=group["eps"], nesterov=group["nesterov"], trust_clip=group["trust_clip"],
+                    adapt=group["weight_decay"] != 0 or group["always_adapt"], init_buffers=init, impl=self.impl)
