@@ -1,0 +1,79 @@
+"""FusedLARS against timm's Lars step by step (timm is a test extra; the float64 reference stands in without it)."""
+import pytest
+import torch
+
+from pytrain.optim import FusedLARS
+from pytrain.testing.backends import CPU_IMPLS, impl_or_skip
+from pytrain.testing.optim_compare import ODD_SHAPES, clone_params, make_params, random_grads, run_side_by_side
+
+timm_optim = pytest.importorskip("timm.optim", reason="timm (test extra) is not installed")
+
+STEPS = 50
+STEPS_BY_IMPL = {"triton": 12}
+FP32_MAX_REL = 1e-5
+
+CONFIGS = {
+    "sgd_momentum": dict(lr=0.1, momentum=0.9),
+    "lars": dict(lr=0.5, momentum=0.9, weight_decay=1e-4),
+    "larc_nesterov": dict(lr=0.5, momentum=0.9, weight_decay=5e-4, nesterov=True, trust_clip=True),
+    "always_adapt_no_momentum": dict(lr=0.2, momentum=0.0, always_adapt=True, trust_coefficient=0.01),
+    "dampening": dict(lr=0.3, momentum=0.8, dampening=0.1, weight_decay=1e-3),
+}
+
+
+def timm_kwargs(kwargs):
+    out = dict(kwargs)
+    out["trust_coeff"] = out.pop("trust_coefficient", 1e-3)
+    return out
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_matches_timm_lars(impl, config):
+    impl_or_skip("lars_step", impl)
+    ours = make_params(ODD_SHAPES)
+    theirs = clone_params(ours)
+    kwargs = CONFIGS[config]
+    worst = run_side_by_side(ours, FusedLARS(ours, impl=impl, **kwargs), theirs,
+                             timm_optim.Lars(theirs, **timm_kwargs(kwargs)),
+                             random_grads(ours, STEPS_BY_IMPL.get(impl, STEPS)))
+    assert worst <= FP32_MAX_REL
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_reference_is_timm_in_float64(config):
+    ours = make_params(ODD_SHAPES, torch.float64)
+    theirs = clone_params(ours)
+    kwargs = CONFIGS[config]
+    worst = run_side_by_side(ours, FusedLARS(ours, impl="reference", **kwargs), theirs,
+                             timm_optim.Lars(theirs, **timm_kwargs(kwargs)), random_grads(ours, STEPS))
+    assert worst <= 1e-12
+
+
+def test_zero_weights_keep_trust_ratio_one():
+    ours = [torch.zeros(17, requires_grad=True)]
+    theirs = clone_params(ours)
+    kwargs = dict(lr=0.1, momentum=0.9, weight_decay=1e-4)
+    worst = run_side_by_side(ours, FusedLARS(ours, **kwargs), theirs, timm_optim.Lars(theirs, **timm_kwargs(kwargs)),
+                             random_grads(ours, 3))
+    assert worst <= FP32_MAX_REL
+
+
+def test_state_dict_round_trip():
+    params = make_params(ODD_SHAPES)
+    grads = list(random_grads(params, 10))
+    opt = FusedLARS(params, lr=0.1, weight_decay=1e-4)
+    for gs in grads[:5]:
+        for p, g in zip(params, gs):
+            p.grad = g.float()
+        opt.step()
+    resumed_params = clone_params(params)
+    resumed = FusedLARS(resumed_params, lr=0.1, weight_decay=1e-4)
+    resumed.load_state_dict(opt.state_dict())
+    worst = run_side_by_side(resumed_params, resumed, params, opt, iter(grads[5:]))
+    assert worst == 0.0
+
+
+def test_nesterov_needs_momentum():
+    with pytest.raises(ValueError, match="Nesterov"):
+        FusedLARS(make_params([(3,)]), lr=0.1, momentum=0.0, nesterov=True)
