@@ -133,6 +133,7 @@ setup(
     description="Fast, exact training kernels for PyTorch on GPU and CPU",
     packages=find_packages(include=["pytrain", "pytrain.*"]) + ["pytrain.kernels"],
     package_dir={"pytrain.kernels": "kernels"},
+    package_data={"pytrain.data": ["corpus.txt"]},
     ext_modules=_extensions(BuildOptions.from_env()),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",

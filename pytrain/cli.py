@@ -1,0 +1,37 @@
+"""The ``pytrain`` command: ``pytrain info | train [options] | bench [names]``."""
+from __future__ import annotations
+
+import sys
+from typing import List, Optional
+
+USAGE = """usage: pytrain <command> [options]
+
+commands:
+  info            versions, CPU/GPU features, and which backend serves each op (and why not)
+  train [opts]    the main job: train a small transformer on the embedded corpus (pytrain train --help)
+  bench [names]   run the benchmark suites (bench/bench_<name>.py; all when no names) and print one table
+"""
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command == "info":
+        import pytrain
+        from .info import format_info
+
+        print(format_info(pytrain.info()))
+        return 0
+    if command == "train":
+        from .train import main as train_main
+
+        return train_main(rest)
+    if command == "bench":
+        from .bench import main as bench_main
+
+        return bench_main(rest)
+    print(f"pytrain: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2

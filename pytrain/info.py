@@ -1,0 +1,77 @@
+"""``pytrain.info()``: what this process can run, and why not."""
+from __future__ import annotations
+
+import platform
+from typing import Any, Dict
+
+import torch
+
+from . import _extension
+from .ops import REGISTRIES
+
+
+def _cpu_capabilities() -> Dict[str, bool]:
+    ext, _ = _extension.load_extension()
+    if ext is not None:
+        return dict(ext.cpu_capabilities())
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return {name: name in flags for name in ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16")}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                        platform.machine())
+    except OSError:
+        return platform.machine()
+
+
+def _triton_version() -> str:
+    why = _extension.triton_import_error()
+    if why:
+        return f"unavailable: {why}"
+    import triton
+
+    return triton.__version__
+
+
+def info() -> Dict[str, Any]:
+    """Versions, extension status, CPU SIMD features, GPU, and per-op backend availability.
+
+    ``ops[op][impl]`` is "available" or the reason that backend cannot run here.
+    """
+    from . import __version__
+
+    ext, ext_reason = _extension.load_extension()
+    return {
+        "pytrain": __version__,
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "python": platform.python_version(),
+        "extension": "loaded" + (" (with CUDA kernels)" if ext.built_with_cuda() else " (CPU only)")
+        if ext is not None else ext_reason,
+        "cpu": _cpu_model(),
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_capabilities": _cpu_capabilities(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "triton_interpret": _extension.triton_interpreted(),
+        "ops": {name: {impl: why or "available" for impl, why in reg.availability().items()}
+                for name, reg in sorted(REGISTRIES.items())},
+    }
+
+
+def format_info(data: Dict[str, Any]) -> str:
+    """``info()`` as readable text (what ``pytrain info`` prints)."""
+    lines = [f"{key:18} {value}" for key, value in data.items() if key not in ("ops", "cpu_capabilities")]
+    caps = ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in data["cpu_capabilities"].items())
+    lines.append(f"{'cpu_capabilities':18} {caps}")
+    lines.append("backends per op:")
+    for op, impls in data["ops"].items():
+        for impl, status in impls.items():
+            lines.append(f"  {op:14} {impl:10} {status}")
+    return "\n".join(lines)
