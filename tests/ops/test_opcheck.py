@@ -1,0 +1,48 @@
+"""torch.library.opcheck over every pytrain op and every backend registered as an op that can run here."""
+import pytest
+import torch
+
+from pytrain.ops import registry
+from pytrain.testing.backends import CPU_IMPLS, impl_or_skip
+from pytrain.testing.optim_ref import INT8_BLOCK
+
+SHAPES = [(3, 5), (300,)]
+
+
+def _like(dtype=None):
+    return [torch.zeros(s, dtype=dtype) for s in SHAPES]
+
+
+def _adamw_int8_args():
+    blocks = [torch.zeros((torch.Size(s).numel() + INT8_BLOCK - 1) // INT8_BLOCK) for s in SHAPES]
+    return ([torch.randn(s) for s in SHAPES], [torch.randn(s) for s in SHAPES], _like(torch.int8), _like(torch.uint8),
+            [], [], blocks, [b.clone() for b in blocks], 1e-3, 0.9, 0.999, 1e-8, 0.01, 1, False, False, 1.0)
+
+
+def _cases():
+    return {
+        "adamw_step": ([torch.randn(s) for s in SHAPES], [torch.randn(s) for s in SHAPES], _like(), _like(), _like(),
+                       [], [], [], 1e-3, 0.9, 0.999, 1e-8, 0.01, 3, True, False, 0.5),
+        "adamw_step_int8": _adamw_int8_args(),
+        "lars_step": ([torch.randn(s) for s in SHAPES], [torch.randn(s) for s in SHAPES], _like(), 0.1, 0.9, 0.0,
+                      1e-4, 1e-3, 1e-8, True, False, True, False),
+        "lamb_step": ([torch.randn(s) for s in SHAPES], [torch.randn(s) for s in SHAPES], _like(), _like(), 1e-3,
+                      0.9, 0.999, 0.1, 1e-6, 0.01, 0.1, 0.001, 0.7, True, True),
+        "global_norm": ([torch.randn(s) for s in SHAPES],),
+    }
+
+
+OP_NAMES = {"cpu": "{}", "reference": "{}_reference", "triton": "{}_triton"}
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("case", list(_cases()))
+def test_opcheck(case, impl):
+    op = case.replace("_int8", "")
+    impl_or_skip(op, impl)
+    torch.library.opcheck(getattr(torch.ops.pytrain, OP_NAMES[impl].format(op)).default, _cases()[case])
+
+
+def test_every_op_has_a_reference():
+    for name in ("adamw_step", "lars_step", "lamb_step", "global_norm"):
+        assert registry(name).availability()["reference"] is None

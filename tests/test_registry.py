@@ -1,0 +1,89 @@
+"""Backend selection: automatic fallback, forced choices with reasons, soft loading of the extension."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pytrain
+from pytrain import ops
+from pytrain.ops.registry import NoImplementationError
+
+
+def _adamw_args(n=5):
+    p, g = [torch.randn(n)], [torch.randn(n)]
+    return (p, g, [torch.zeros(n)], [torch.zeros(n)], [], [], [], [])
+
+
+HYPER = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1)
+
+
+def test_automatic_choice_prefers_compiled_cpu_kernel():
+    chosen = ops.registry("adamw_step").select(torch.device("cpu"), torch.float32)
+    expected = "cpu" if ops.registry("adamw_step").availability()["cpu"] is None else "reference"
+    assert chosen.name == expected
+
+
+def test_forced_implementation_that_cannot_serve_lists_reasons():
+    with pytest.raises(NoImplementationError, match="'cuda' cannot serve cpu"):
+        ops.adamw_step(*_adamw_args(), **HYPER, impl="cuda")
+
+
+def test_unknown_implementation_is_named():
+    with pytest.raises(NoImplementationError, match="unknown implementation 'fastest'"):
+        ops.adamw_step(*_adamw_args(), **HYPER, impl="fastest")
+
+
+def test_env_var_forces_per_op(monkeypatch):
+    monkeypatch.setenv("PYTRAIN_IMPL", "lamb_step=cpu,adamw_step=reference")
+    assert ops.registry("adamw_step").select(torch.device("cpu"), torch.float32).name == "reference"
+    monkeypatch.setenv("PYTRAIN_IMPL", "cuda")
+    with pytest.raises(NoImplementationError, match="no CUDA device|cannot serve"):
+        ops.registry("global_norm").select(torch.device("cpu"), torch.float32)
+
+
+def test_float64_only_served_by_reference():
+    reg = ops.registry("adamw_step")
+    assert reg.select(torch.device("cpu"), torch.float64).name == "reference"
+    with pytest.raises(NoImplementationError, match="dtype torch.float64 not supported"):
+        reg.select(torch.device("cpu"), torch.float64, impl="triton" if reg.availability()["cpu"] else "cpu")
+
+
+def test_built_extension_serves_every_op_on_cpu():
+    """When pytrain._C is built (always in CI), each op must have its CPU kernel: no silent fallback."""
+    if pytrain._extension.load_extension()[0] is None:
+        pytest.skip(f"extension not built: {pytrain.info()['extension']}")
+    for name, reg in ops.REGISTRIES.items():
+        assert reg.availability()["cpu"] is None, name
+
+
+def test_info_reports_every_op_and_backend():
+    data = pytrain.info()
+    assert {"adamw_step", "lars_step", "lamb_step", "global_norm"} <= set(data["ops"])
+    for impls in data["ops"].values():
+        assert set(impls) == {"cpu", "cuda", "triton", "reference"}
+        assert impls["reference"] == "available"
+    assert data["torch"] == torch.__version__
+
+
+def test_import_without_extension_falls_back_to_reference():
+    """A missing pytrain._C only costs the compiled backends: import works and says why."""
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'pytrain._C': raise ImportError('blocked for the test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import torch, pytrain\n"
+        "from pytrain.optim import FusedAdamW\n"
+        "p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.ones(3)\n"
+        "FusedAdamW([p], lr=0.1).step()\n"
+        "assert p.data[0] < 1, p\n"
+        "print(pytrain.info()['extension'])\n"
+        "print(pytrain.info()['ops']['adamw_step']['cpu'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTRAIN_IMPL"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "blocked for the test" in out.stdout
