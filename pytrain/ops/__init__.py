@@ -3,7 +3,8 @@
 See ``pytrain.ops.registry`` for how a backend is chosen and ``pytrain.info()``
 for which backends this process can use.
 """
+from .attention import flash_attention
 from .optim_ops import adamw_step, global_norm, lamb_step, lars_step
 from .registry import REGISTRIES, NoImplementationError, registry
 
-__all__ = ["adamw_step", "lars_step", "lamb_step", "global_norm", "registry", "REGISTRIES", "NoImplementationError"]
+__all__ = ["flash_attention", "adamw_step", "lars_step", "lamb_step", "global_norm", "registry", "REGISTRIES", "NoImplementationError"]

@@ -15,6 +15,7 @@ than ``triton_op`` (whose derived fake fails under ``TRITON_INTERPRET=1``).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Callable, List, Optional
 
 import torch
@@ -44,6 +45,10 @@ def _kernel_unavailable(op: str, key: str, backend_unavailable: Callable[[], Opt
         return None
 
     return unavailable
+
+
+def _module_missing(module: str) -> Optional[str]:
+    return None if importlib.util.find_spec(module) is not None else f"{module} is not installed"
 
 
 def _lazy(module: str, attr: str) -> Callable:
@@ -88,8 +93,11 @@ def define_op(
         def triton_declines(**call) -> List[str]:
             return _triton_declines(**call) + (declines(**call) if declines else [])
 
+        def triton_unavailable() -> Optional[str]:
+            return _extension.triton_unavailable() or _module_missing(module)
+
         reg.register(Implementation("triton", getattr(torch.ops.pytrain, f"{name}_triton"), ("cuda", "cpu"),
-                                    unavailable=_extension.triton_unavailable, declines=triton_declines))
+                                    unavailable=triton_unavailable, declines=triton_declines))
 
     LIB.define(f"{name}_reference{schema}")
     LIB.impl(f"{name}_reference", reference, "CompositeExplicitAutograd")
