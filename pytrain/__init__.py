@@ -10,8 +10,8 @@ from . import _extension
 
 _extension.load_extension()  # registers the C++ kernels if the extension is built
 
-from . import ops, optim  # noqa: E402,F401
+from . import nn, ops, optim  # noqa: E402,F401
 from .info import info  # noqa: E402,F401
 
 __version__ = "0.1.0"
-__all__ = ["ops", "optim", "info", "__version__"]
+__all__ = ["nn", "ops", "optim", "info", "__version__"]

@@ -1,0 +1,117 @@
+"""Attention modules on top of ``pytrain.ops.flash_attention``.
+
+* ``FlashAttention``: a module taking (q, k, v) shaped (batch, heads, seqlen, headdim).
+* ``MultiheadAttention``: a drop-in subclass of ``torch.nn.MultiheadAttention`` (same
+  constructor, parameters, state_dict and forward signature).  Calls the kernel supports
+  (``need_weights=False``; no mask, a causal mask or ``is_causal``; head dim 16..256;
+  no bias_kv / zero_attn) run flash attention; every other call is passed to PyTorch's
+  implementation unchanged, with a one-time warning for ``need_weights=True`` since the
+  weights are exactly what flash attention avoids computing.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.attention import MAX_HEAD_DIM, MIN_HEAD_DIM, Window, flash_attention
+
+
+class FlashAttention(nn.Module):
+    """``flash_attention`` as a module; dropout is applied only in training mode.
+
+    forward(q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, D)) -> (B, H, Lq, D).
+    """
+
+    def __init__(self, causal: bool = False, scale: Optional[float] = None, window: Window = None,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.causal, self.scale, self.window, self.dropout = causal, scale, window, dropout
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return flash_attention(q, k, v, causal=self.causal, scale=self.scale, window=self.window,
+                               dropout_p=self.dropout if self.training else 0.0)
+
+    def extra_repr(self) -> str:
+        return f"causal={self.causal}, scale={self.scale}, window={self.window}, dropout={self.dropout}"
+
+
+def _is_causal_mask(mask: Tensor, lq: int, lk: int) -> bool:
+    """True if ``mask`` (bool: True = masked, or additive float) is exactly the square causal mask."""
+    if mask.dim() != 2 or mask.shape != (lq, lk) or lq != lk:
+        return False
+    upper = torch.ones(lq, lk, dtype=torch.bool, device=mask.device).triu(1)
+    masked = mask if mask.dtype == torch.bool else torch.isneginf(mask)
+    allowed_zero = mask.dtype == torch.bool or bool((mask[~upper] == 0).all())
+    return allowed_zero and torch.equal(masked, upper)
+
+
+class MultiheadAttention(nn.MultiheadAttention):
+    """Drop-in for ``torch.nn.MultiheadAttention`` that runs flash attention where it can.
+
+    ``decline_reason(...)`` says why a call would go to PyTorch's implementation.
+    """
+
+    _warned_need_weights = False
+
+    def decline_reason(self, query: Tensor, key_padding_mask: Optional[Tensor], need_weights: bool,
+                       attn_mask: Optional[Tensor], is_causal: bool) -> Optional[str]:
+        head_dim = self.embed_dim // self.num_heads
+        if need_weights:
+            return "need_weights=True (flash attention never forms the weights)"
+        if key_padding_mask is not None:
+            return "key_padding_mask is not supported"
+        if attn_mask is not None and not is_causal:
+            lq = query.shape[1 if self.batch_first and query.dim() == 3 else 0]
+            if not _is_causal_mask(attn_mask, lq, lq):
+                return "arbitrary attn_mask (only no mask or the causal mask)"
+        if self.bias_k is not None or self.add_zero_attn:
+            return "add_bias_kv / add_zero_attn"
+        if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+            return f"head dim {head_dim} outside [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]"
+        if query.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return f"dtype {query.dtype}"
+        return None
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
+                need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+        reason = self.decline_reason(query, key_padding_mask, need_weights, attn_mask, is_causal)
+        if reason is not None:
+            if need_weights and not MultiheadAttention._warned_need_weights:
+                MultiheadAttention._warned_need_weights = True
+                warnings.warn("pytrain.nn.MultiheadAttention: need_weights=True falls back to PyTorch's attention; "
+                              "pass need_weights=False to use flash attention", stacklevel=2)
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                                   attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+                                   is_causal=is_causal)
+        causal = is_causal or attn_mask is not None
+        return self._flash_forward(query, key, value, causal), None
+
+    def _projections(self) -> Tuple[Tuple[Tensor, Tensor, Tensor], Tuple[Optional[Tensor], ...]]:
+        if self._qkv_same_embed_dim:
+            weights = self.in_proj_weight.chunk(3)
+        else:
+            weights = (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
+        biases = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
+        return weights, biases
+
+    def _flash_forward(self, query: Tensor, key: Tensor, value: Tensor, causal: bool) -> Tensor:
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = (t.unsqueeze(1) for t in (query, key, value))
+        if not self.batch_first or unbatched:  # (L, B, E) -> (B, L, E)
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        weights, biases = self._projections()
+        heads = []
+        for x, w, b in zip((query, key, value), weights, biases):
+            batch, length, _ = x.shape
+            heads.append(F.linear(x, w, b).view(batch, length, self.num_heads, -1).transpose(1, 2))
+        out = flash_attention(*heads, causal=causal, dropout_p=self.dropout if self.training else 0.0)
+        out = self.out_proj(out.transpose(1, 2).reshape(out.shape[0], out.shape[2], self.embed_dim))
+        if not self.batch_first or unbatched:
+            out = out.transpose(0, 1)
+        return out.squeeze(1) if unbatched else out
