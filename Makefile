@@ -7,7 +7,9 @@ PIP    := $(VENV)/bin/pip
 TORCH  := torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.pytrain-installed
 
-.PHONY: train test install bench info clean
+CMAKE_BUILD := build/cmake
+
+.PHONY: train test pytest ctest install bench info clean
 
 $(VENV)/.deps-installed:
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +27,16 @@ install: $(STAMP)
 train: $(STAMP)
 	$(PY) -m pytrain train
 
-test: $(STAMP)
+test: ctest pytest
+
+pytest: $(STAMP)
 	$(PY) -m pytest -q
+
+# C++ unit tests of the CPU kernels' machinery, built against libtorch (CUDA sources are covered by setup.py).
+ctest: $(STAMP)
+	cmake -S . -B $(CMAKE_BUILD) -DPYTRAIN_CUDA=OFF -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" > /dev/null
+	cmake --build $(CMAKE_BUILD) -j2
+	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
 
 bench: $(STAMP)
 	$(PY) -m pytrain bench
