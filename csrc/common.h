@@ -42,4 +42,17 @@ inline void check_like_params(const char* op, const char* name, at::TensorList p
 constexpr int64_t kInt8Block = 256;
 inline int64_t int8_blocks(int64_t n) { return (n + kInt8Block - 1) / kInt8Block; }
 
+// `scales` has one float32 tensor of int8_blocks(numel) elements per param, on the params' device.
+inline void check_block_scales(const char* op, const char* name, at::TensorList params, at::TensorList scales) {
+  TORCH_CHECK(scales.size() == params.size(), op, ": ", name, " has ", scales.size(), " tensors, expected ",
+              params.size(), " (one per param)");
+  if (params.empty()) return;
+  check_list(op, name, scales, params[0].device(), at::kFloat);
+  for (size_t i = 0; i < scales.size(); ++i) {
+    TORCH_CHECK(scales[i].numel() == int8_blocks(params[i].numel()), op, ": ", name, "[", i, "] has ",
+                scales[i].numel(), " elements, expected ", int8_blocks(params[i].numel()), " (one per ", kInt8Block,
+                "-element block of params[", i, "])");
+  }
+}
+
 }  // namespace pytrain

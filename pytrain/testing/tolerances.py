@@ -1,0 +1,71 @@
+"""Tolerances for comparing a backend's results with the reference, per storage dtype.
+
+Backends compute in float32 like the reference but may contract multiply-adds into FMAs, sum
+norms in a different order or precision, and so differ from it by rounding: about 1e-7 relative
+in float32, which can flip a final rounding to bfloat16 / float16 by one unit in the last place
+(ulp).  The tolerances below allow one ulp of the storage dtype (bfloat16: 2^-7 relative,
+float16: 2^-10) and a small absolute slack for values near zero.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+#: dtype -> (atol, rtol) for ``|actual - expected| <= atol + rtol * |expected|``.
+TOLERANCES: Dict[torch.dtype, Tuple[float, float]] = {
+    torch.float64: (1e-12, 1e-10),
+    torch.float32: (1e-6, 1e-5),
+    torch.bfloat16: (1e-5, 2.0**-7),
+    torch.float16: (1e-5, 2.0**-10),
+}
+
+
+def tolerance(dtype: torch.dtype) -> Tuple[float, float]:
+    """(atol, rtol) for results stored in ``dtype``."""
+    if dtype not in TOLERANCES:
+        raise KeyError(f"no tolerance for {dtype}; known: {', '.join(str(d) for d in TOLERANCES)}")
+    return TOLERANCES[dtype]
+
+
+def assert_close(actual: Tensor, expected: Tensor, dtype: Optional[torch.dtype] = None, msg: str = "") -> None:
+    """Assert ``actual`` matches ``expected`` within the tolerance of ``dtype`` (default: expected's dtype).
+
+    Shapes must match; values are compared in float64 on the CPU, NaN equal to NaN.
+    """
+    atol, rtol = tolerance(dtype or expected.dtype)
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected.detach().to("cpu", torch.float64)
+    torch.testing.assert_close(a, e, atol=atol, rtol=rtol, equal_nan=True,
+                               msg=lambda default: f"{msg}: {default}" if msg else default)
+
+
+def assert_codes_close(actual: Tensor, expected: Tensor, max_fraction: float = 1e-2, msg: str = "") -> None:
+    """Assert two int8 / uint8 code tensors are equal except at rounding ties.
+
+    A value within rounding of a half-way point between two codes may round either way (a backend
+    may multiply by the reciprocal scale where the reference divides), so codes may differ by one
+    in at most ``max(2, max_fraction * numel)`` places.  Ties are not rare with bfloat16 gradients,
+    whose few mantissa bits often put value / scale exactly half-way.
+    """
+    a = actual.detach().to("cpu", torch.int32)
+    e = expected.detach().to("cpu", torch.int32)
+    if a.shape != e.shape:
+        raise AssertionError(f"{msg}: shapes differ: {tuple(a.shape)} vs {tuple(e.shape)}")
+    diff = (a - e).abs()
+    allowed = max(2, int(max_fraction * e.numel()))
+    worst, count = int(diff.max()) if diff.numel() else 0, int((diff > 0).sum())
+    if worst > 1 or count > allowed:
+        raise AssertionError(f"{msg}: {count} of {e.numel()} codes differ (allowed {allowed}), by up to {worst} "
+                             f"(allowed 1); first at flat index {int((diff > 0).flatten().nonzero()[0])}")
+
+
+#: Attention: absolute slack added to "at most 2x PyTorch's own same-dtype error" (FlashAttention's rule),
+#: for outputs and gradients whose torch error happens to be tiny.
+ATTENTION_ATOL: Dict[torch.dtype, float] = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.bfloat16: 1e-2,
+    torch.float16: 2e-3,
+}
