@@ -1,0 +1,1138 @@
+// pytrain::attention_fwd and pytrain::attention_bwd for CPU tensors: FlashAttention-2 (Dao 2023).
+//
+// Maths, masks and dropout hash: pytrain/testing/attention_ref.py (the contract).  With c = scale * log2(e),
+// per query i (rows allowed by the causal / sliding-window band, aligned bottom-right):
+//   forward   S = q k^T;  m = max_j c S;  l = sum_j 2^(c S - m);  out = sum_j 2^(c S - m) keep / (1 - p) v / l
+//             lse = ln2 (m + log2 l)   (-inf, out = 0 for rows without keys)
+//   backward  P = 2^(c S - log2(e) lse);  dV = (P keep / (1 - p))^T dO;  dP = dO v^T
+//             delta = rowsum(dO * out);  dS = P (dP keep / (1 - p) - delta);  dQ = scale dS k;  dK = scale dS^T q
+// The forward walks the key blocks of the band with an online softmax (running max m and sum l) and
+// stores only out and lse; the backward recomputes P tile by tile from q, k and lse.
+//
+// Layout: tiles hold queries in SIMD lanes.  A q block of kBQ = 64 queries is packed transposed
+// (q^T: D x 64), so the score tile S^T (keys x queries) = k q^T is a GEMM whose A operand is read
+// row-major from k (broadcasts) and whose B rows are 64-lane vectors; the softmax statistics are then
+// per lane (vertical max / sum, no horizontal reductions), and out^T += v^T P^T, dQ^T += k^T dS^T,
+// dV += P^T dO and dK += dS^T q are the same GEMM form with other strides.  One micro-kernel
+// (register-blocked MR rows x NV 16-lane vectors, fp32 accumulators) serves all of them:
+//   * float32 (and float16, converted to float32 up front): FMAs with broadcast scalars;
+//   * bfloat16 on CPUs with AVX512_BF16: vdpbf16ps, operands packed as bf16 pairs along the reduction
+//     dimension (P and dS are rounded to bf16 for their GEMMs, as FlashAttention does on GPUs); other
+//     CPUs (or odd head dims) take the float32 path.
+// Tiles outside the band are never visited (loop bounds come from the band); tiles cut by its edges
+// are masked element by element.  2^x is a vectorized polynomial (Cephes exp2f, ~1-2 ulp).
+//
+// Parallelism and determinism: the forward runs (batch, head, q block) items; the backward either
+// runs one item per (batch, kv head) doing dQ, dK and dV in a single sweep (key blocks outer, the GQA
+// group's heads and q blocks inner; the group's q side packed in per-thread buffers, dQ^T accumulated
+// there in fp32), or, when there are too few (batch, kv head) pairs for the threads, separate
+// (batch, kv head, key block) items for dK / dV and (batch, head, q block) items for dQ (recomputing
+// S and dP once more) over q sides packed up front.  Every accumulator is owned by one item and summed
+// in the same order (key blocks ascending for dQ; heads of the group, then q blocks ascending for
+// dK / dV) in both schemes, so results are bit-identical run to run, across schemes and thread counts.
+// Items are handed out dynamically, costliest first.
+//
+// Memory: O(B H L D), never L x L: the forward allocates out, lse and (bf16) v repacked; the backward
+// dq, dk, dv, (bf16) k repacked, and the packed q side (q, dO twice, dQ^T: ~5 fp32 copies of q for the
+// heads in flight).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "cpu/multi_tensor.h"
+
+#pragma GCC diagnostic ignored "-Wpsabi"  // 64-byte vectors only cross inlined helpers
+
+namespace pytrain::cpu {
+namespace {
+
+constexpr const char* kFwd = "attention_fwd";
+constexpr const char* kBwd = "attention_bwd";
+constexpr int64_t kLanes = 16;   // fp32 lanes of one vector
+constexpr int64_t kBQ = 64;      // queries per block (4 vectors)
+constexpr int64_t kBK = 64;      // keys per block
+constexpr int64_t kQV = kBQ / kLanes;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr int64_t kUnbounded = int64_t{1} << 40;  // band side without limit
+
+// GCC vector extensions: 16 fp32 / int32 lanes; each target_clones clone lowers them to its ISA.
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+
+inline __attribute__((always_inline)) vf loadv(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline __attribute__((always_inline)) void storev(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+// For loop-invariant values only: GCC builds it with an add and a broadcast (0 + x does not fold, since
+// 0 + -0 = +0); in hot loops write scalar * vector, which becomes a single vbroadcastss.
+inline __attribute__((always_inline)) vf splat(float x) { return vf{} + x; }
+
+// 2^x for x <= 128, NaN propagating.  x is clamped at -127, where 2^n (n = round(x)) has a zero
+// exponent field and so gives exactly 0: 2^-inf = 0, what masked scores need.  On [-0.5, 0.5] the
+// fraction goes through the Cephes exp2f polynomial (relative error ~2e-7).
+inline __attribute__((always_inline)) vf exp2v(vf x) {
+  x = x < -127.0f ? splat(-127.0f) : x;  // NaN compares false and stays NaN
+  const vf n = (x + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23 trick)
+  const vf f = x - n;
+  vf p = splat(1.535336188319500e-4f);
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+  return p * (vf)e;
+}
+
+// The lowbias32 hash of C. Wellons (attention_ref.lowbias32), on 16 lanes or one value.
+template <class T>
+inline __attribute__((always_inline)) T lowbias32(T x) {
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  x ^= x >> 16;
+  return x;
+}
+
+// float32 -> bfloat16 bits, round to nearest even (finite values), in the low 16 bits of each lane.
+inline __attribute__((always_inline)) vu bf16_bits(vf x) {
+  const vu u = (vu)x;
+  return (u + 0x7fffU + ((u >> 16) & 1U)) >> 16;
+}
+
+// ------------------------------------------------------------------------------------ problem
+struct Problem {
+  int64_t B, H, Hkv, group, Lq, Lk, D, Dp, nqb, nkb;
+  int64_t off;          // Lk - Lq: query i is aligned with key i + off (bottom-right)
+  int64_t left, right;  // allowed: -left <= j - i - off <= right (kUnbounded: no limit)
+  float scale, c;       // c = scale * log2(e)
+  bool dropout;
+  float keep_scale;     // 1 / (1 - p)
+  uint32_t threshold, s0, s1;
+  bool bf16dot;         // bf16 inputs through vdpbf16ps
+
+  // Keys [lo, hi) allowed for some query of [i0, i0 + nq).
+  std::pair<int64_t, int64_t> key_range(int64_t i0, int64_t nq) const {
+    return {std::max<int64_t>(0, i0 + off - left), std::min<int64_t>(Lk, i0 + nq - 1 + off + right + 1)};
+  }
+  // Queries [lo, hi) that allow some key of [j0, j0 + nk).
+  std::pair<int64_t, int64_t> query_range(int64_t j0, int64_t nk) const {
+    return {std::max<int64_t>(0, j0 - off - right), std::min<int64_t>(Lq, j0 + nk - 1 - off + left + 1)};
+  }
+  std::pair<int64_t, int64_t> key_blocks(int64_t qb) const {
+    const auto [lo, hi] = key_range(qb * kBQ, std::min(kBQ, Lq - qb * kBQ));
+    return lo < hi ? std::make_pair(lo / kBK, (hi + kBK - 1) / kBK) : std::make_pair(int64_t{0}, int64_t{0});
+  }
+  std::pair<int64_t, int64_t> query_blocks(int64_t kb) const {
+    const auto [lo, hi] = query_range(kb * kBK, std::min(kBK, Lk - kb * kBK));
+    return lo < hi ? std::make_pair(lo / kBQ, (hi + kBQ - 1) / kBQ) : std::make_pair(int64_t{0}, int64_t{0});
+  }
+};
+
+// What the element-wise tile code needs to know about one (q block, key block) tile.
+struct Tile {
+  int64_t nk;         // key rows
+  bool masked;        // some (query, key) pair of the tile lies outside the band
+  int32_t dbase;      // j - i - off at (row 0, lane 0)
+  int32_t left, right;
+  float c;
+  bool c_pos;         // c > 0: max(c S) = c max(S)
+  bool dropout;
+  float keep_scale;
+  uint32_t threshold, s0, bh_s1, j0, i0;
+};
+
+Tile make_tile(const Problem& p, int64_t bh, int64_t i0, int64_t nq, int64_t j0, int64_t nk) {
+  Tile t;
+  t.nk = nk;
+  const int64_t lo = j0 - (i0 + nq - 1) - p.off, hi = j0 + nk - 1 - i0 - p.off;  // extremes of j - i - off
+  t.masked = hi > p.right || lo < -p.left;
+  t.dbase = static_cast<int32_t>(j0 - i0 - p.off);
+  t.left = static_cast<int32_t>(std::min<int64_t>(p.left, int64_t{1} << 30));
+  t.right = static_cast<int32_t>(std::min<int64_t>(p.right, int64_t{1} << 30));
+  t.c = p.c;
+  t.c_pos = p.c > 0.0f;
+  t.dropout = p.dropout;
+  t.keep_scale = p.keep_scale;
+  t.threshold = p.threshold;
+  t.s0 = p.s0;
+  t.bh_s1 = static_cast<uint32_t>(bh) ^ p.s1;
+  t.j0 = static_cast<uint32_t>(j0);
+  t.i0 = static_cast<uint32_t>(i0);
+  return t;
+}
+
+inline __attribute__((always_inline)) vi lane_index(int64_t v) {
+  vi idx;
+  for (int l = 0; l < kLanes; ++l) idx[l] = static_cast<int32_t>(v * kLanes + l);
+  return idx;
+}
+
+// Lanes of row jj, vector v, inside the band (all ones) or not (zeros).
+inline __attribute__((always_inline)) vi band_mask(const Tile& t, int64_t jj, vi lanes) {
+  const vi d = (static_cast<int32_t>(t.dbase + jj)) - lanes;
+  return (d <= t.right) & (d >= -t.left);
+}
+
+// Lanes of row jj kept by dropout: hash(seed, bh, i, j) >= threshold.
+inline __attribute__((always_inline)) vi keep_mask(const Tile& t, uint32_t row_hash, vi lanes) {
+  const vu i = (vu)lanes + t.i0;
+  const vu x = lowbias32<vu>(lowbias32<vu>(row_hash ^ i) ^ t.bh_s1);
+  return x >= t.threshold;  // -1 where kept
+}
+
+// ----------------------------------------------------------------------------- micro-kernels
+// C[M x N] (=, +=) A[M x K] B[K x N]: A(r, k) = A[r * sar + k * sak] broadcast, B row k = 16-lane vectors
+// at B + k * ldb, C row r at C + r * ldc; N a multiple of 16.  With accumulate, C is first multiplied
+// lane-wise by cscale (if given): the online-softmax rescale of out^T rides on the load.
+template <int MR, int NV>
+inline __attribute__((always_inline)) void f32_block(int64_t K, const float* A, int64_t sar, int64_t sak,
+                                                     const float* B, int64_t ldb, float* C, int64_t ldc,
+                                                     const float* cscale, bool accumulate) {
+  vf acc[MR][NV];
+  if (accumulate && cscale) {
+    vf cs[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) cs[v] = loadv(cscale + v * kLanes);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = loadv(C + r * ldc + v * kLanes) * cs[v];
+  } else if (accumulate) {
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = loadv(C + r * ldc + v * kLanes);
+  } else {
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = vf{};
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const float* b = B + k * ldb;
+    const float* a = A + k * sak;
+    vf bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = loadv(b + v * kLanes);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const float ar = a[r * sar];  // scalar * vector: one vbroadcastss (a splat() here would not be)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] += ar * bv[v];
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) storev(C + r * ldc + v * kLanes, acc[r][v]);
+}
+
+// The last `rest` (< R + 1) rows of a row-blocked loop, as one block of exactly `rest` rows.
+template <int R, class Block>
+inline __attribute__((always_inline)) void tail_rows(int64_t rest, int64_t r, const Block& block) {
+  if constexpr (R > 0) {
+    if (rest == R) {
+      block(std::integral_constant<int, R>{}, r);
+    } else {
+      tail_rows<R - 1>(rest, r, block);
+    }
+  }
+}
+
+// Rows [0, M) in blocks of MR, the remainder with one smaller block.
+template <int MR, class Block>
+inline __attribute__((always_inline)) void row_blocks(int64_t M, const Block& block) {
+  int64_t r = 0;
+  for (; r + MR <= M; r += MR) block(std::integral_constant<int, MR>{}, r);
+  tail_rows<MR - 1>(M - r, r, block);
+}
+
+constexpr int rows_for(int nv) { return nv == 4 ? 6 : nv == 3 ? 8 : 12; }
+
+// Columns in chunks of up to 4 vectors (64 lanes), each chunk's rows in blocks of rows_for(vectors):
+// 24 fp32 accumulators (of 32 zmm registers) for the wide chunks.
+template <int NV, class BlockFn>
+inline __attribute__((always_inline)) void column_chunk(int64_t M, int64_t n0, const BlockFn& fn) {
+  row_blocks<rows_for(NV)>(M, [&](auto mr, int64_t r) { fn(mr, std::integral_constant<int, NV>{}, r, n0); });
+}
+
+template <class BlockFn>
+inline __attribute__((always_inline)) void gemm_driver(int64_t M, int64_t N, const BlockFn& fn) {
+  for (int64_t n0 = 0; n0 < N; n0 += 4 * kLanes) {
+    switch (std::min<int64_t>(4, (N - n0) / kLanes)) {
+      case 4: column_chunk<4>(M, n0, fn); break;
+      case 3: column_chunk<3>(M, n0, fn); break;
+      case 2: column_chunk<2>(M, n0, fn); break;
+      default: column_chunk<1>(M, n0, fn); break;
+    }
+  }
+}
+
+// flatten: the driver's lambdas must be compiled inside each clone, not for the default target.
+PYTRAIN_SIMD __attribute__((flatten)) void gemm_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t sar,
+                                                    int64_t sak, const float* B, int64_t ldb, float* C, int64_t ldc,
+                                                    const float* cscale, bool accumulate) {
+  gemm_driver(M, N, [&](auto mr, auto nv, int64_t r, int64_t n0) {
+    f32_block<decltype(mr)::value, decltype(nv)::value>(K, A + r * sar, sar, sak, B + n0, ldb, C + r * ldc + n0,
+                                                        ldc, cscale ? cscale + n0 : nullptr, accumulate);
+  });
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PYTRAIN_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")  // for the lambda in gemm_bf16
+
+// The same GEMM on bf16 pairs: K counts pairs; A(r, k) is the 32-bit pair at A + r * sar + k * sak
+// (bf16 units), B row k holds 16 lanes of pairs (uint32) at B + k * ldb.  vdpbf16ps adds both products
+// of a pair into the fp32 lane.
+template <int MR, int NV>
+PYTRAIN_BF16_TARGET inline __attribute__((always_inline)) void bf16_block(
+    int64_t K, const uint16_t* A, int64_t sar, int64_t sak, const uint32_t* B, int64_t ldb, float* C,
+    int64_t ldc, const float* cscale, bool accumulate) {
+  __m512 acc[MR][NV];
+  if (accumulate && cscale) {
+    __m512 cs[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) cs[v] = _mm512_loadu_ps(cscale + v * kLanes);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_mul_ps(_mm512_loadu_ps(C + r * ldc + v * kLanes), cs[v]);
+  } else if (accumulate) {
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_loadu_ps(C + r * ldc + v * kLanes);
+  } else {
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const uint32_t* b = B + k * ldb;
+    const uint16_t* a = A + k * sak;
+    __m512i bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_si512(b + v * kLanes);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      uint32_t pair;
+      std::memcpy(&pair, a + r * sar, sizeof pair);
+      const __m512i ar = _mm512_set1_epi32(static_cast<int>(pair));
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)ar, (__m512bh)bv[v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + r * ldc + v * kLanes, acc[r][v]);
+}
+
+PYTRAIN_BF16_TARGET __attribute__((flatten)) void gemm_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* A,
+                                                             int64_t sar, int64_t sak, const uint32_t* B, int64_t ldb,
+                                                             float* C, int64_t ldc, const float* cscale,
+                                                             bool accumulate) {
+  gemm_driver(M, N, [&](auto mr, auto nv, int64_t r, int64_t n0) {
+    bf16_block<decltype(mr)::value, decltype(nv)::value>(K, A + r * sar, sar, sak, B + n0, ldb, C + r * ldc + n0,
+                                                         ldc, cscale ? cscale + n0 : nullptr, accumulate);
+  });
+}
+
+#pragma GCC pop_options
+
+// Chosen at run time: the bf16 path needs AVX512_BF16 (Zen 4, Sapphire Rapids and later).
+bool cpu_has_bf16dot() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
+  }();
+  return has;
+}
+#else
+bool cpu_has_bf16dot() { return false; }
+void gemm_bf16(int64_t, int64_t, int64_t, const uint16_t*, int64_t, int64_t, const uint32_t*, int64_t, float*,
+               int64_t, const float*, bool) {
+  TORCH_CHECK(false, "attention: bf16 dot products are not compiled in");
+}
+#endif
+
+// ---------------------------------------------------------------------------- element-wise tiles
+typedef uint16_t vh __attribute__((vector_size(32)));  // 16 bf16
+
+inline __attribute__((always_inline)) void store_bf16(uint16_t* dst, vf x) {
+  const vh h = __builtin_convertvector(bf16_bits(x), vh);
+  std::memcpy(dst, &h, sizeof h);
+}
+// Two fp32 rows as bf16 pairs (lo, hi) per lane, the layout of a vdpbf16ps B operand.
+inline __attribute__((always_inline)) void store_pair(uint32_t* dst, vf lo, vf hi) {
+  const vu pair = bf16_bits(lo) | (bf16_bits(hi) << 16);
+  std::memcpy(dst, &pair, sizeof pair);
+}
+
+// The element-wise tile code comes in two instances: kGeneral handles masked tiles, dropout and c <= 0
+// (flags read at run time); the other is the tight loop for interior tiles without dropout.
+template <bool kGeneral>
+inline __attribute__((always_inline)) uint32_t row_hash(const Tile& t, int64_t jj) {
+  return kGeneral && t.dropout ? lowbias32<uint32_t>((t.j0 + static_cast<uint32_t>(jj)) ^ t.s0) : 0;
+}
+
+// 2^(S ce - base) of one row vector, dropout applied (e), its value before dropout added to sum.
+template <bool kGeneral>
+inline __attribute__((always_inline)) vf softmax_entry(const Tile& t, const float* row, int v, vi lanes, float ce,
+                                                       vf base, uint32_t hash, vf& sum) {
+  vf e = exp2v(loadv(row + v * kLanes) * ce - base);
+  sum += e;
+  if (kGeneral && t.dropout) e = keep_mask(t, hash, lanes) ? e * t.keep_scale : vf{};
+  return e;
+}
+
+// Forward, one tile of scores st (nk x kBQ): probabilities 2^(c S - m) with dropout applied, as fp32
+// in st or (kPairs) as bf16 row pairs in `pairs`; updates the running max m (of c S) and sum l and
+// writes alpha = 2^(m_old - m_new), the factor out^T is rescaled by.
+template <bool kPairs, bool kGeneral>
+inline __attribute__((always_inline)) void fwd_softmax_body(const Tile& t, float* __restrict st,
+                                                            float* __restrict m, float* __restrict l,
+                                                            float* __restrict alpha, uint32_t* __restrict pairs) {
+  const vf ninf = splat(-kInf);
+  vi lanes[kQV];
+  vf mx[kQV];
+  for (int v = 0; v < kQV; ++v) lanes[v] = lane_index(v), mx[v] = ninf;
+  // With c > 0 this pass only reads (max c S = c max S) unless it must mask; else it stores c S, c = 1 after.
+  const bool prescale = kGeneral && !t.c_pos, masked = kGeneral && t.masked, rewrite = prescale || masked;
+  for (int64_t jj = 0; jj < t.nk; ++jj) {
+    float* row = st + jj * kBQ;
+#pragma GCC unroll 4
+    for (int v = 0; v < kQV; ++v) {
+      vf s = loadv(row + v * kLanes);
+      if (prescale) s = s * t.c;
+      if (masked) s = band_mask(t, jj, lanes[v]) ? s : ninf;
+      if (rewrite) storev(row + v * kLanes, s);
+      mx[v] = s > mx[v] ? s : mx[v];
+    }
+  }
+  const float ce = prescale ? 1.0f : t.c;
+  vf base[kQV], sum[kQV];
+  for (int v = 0; v < kQV; ++v) {
+    const vf m_old = loadv(m + v * kLanes);
+    vf m_new = mx[v] * ce;
+    m_new = m_new > m_old ? m_new : m_old;
+    base[v] = m_new == ninf ? vf{} : m_new;  // rows without keys so far: 2^(-inf - 0) = 0, no NaN
+    storev(alpha + v * kLanes, exp2v(m_old - base[v]));
+    storev(m + v * kLanes, m_new);
+    sum[v] = vf{};
+  }
+  for (int64_t jj = 0; jj < t.nk; jj += 2) {
+    const bool two = jj + 1 < t.nk;
+    const float* row0 = st + jj * kBQ;
+    const float* row1 = row0 + kBQ;
+    const uint32_t h0 = row_hash<kGeneral>(t, jj), h1 = row_hash<kGeneral>(t, jj + 1);
+#pragma GCC unroll 4
+    for (int v = 0; v < kQV; ++v) {
+      const vf e0 = softmax_entry<kGeneral>(t, row0, v, lanes[v], ce, base[v], h0, sum[v]);
+      const vf e1 = two ? softmax_entry<kGeneral>(t, row1, v, lanes[v], ce, base[v], h1, sum[v]) : vf{};
+      if constexpr (kPairs) {
+        store_pair(pairs + (jj / 2) * kBQ + v * kLanes, e0, e1);
+      } else {
+        storev(st + jj * kBQ + v * kLanes, e0);
+        if (two) storev(st + (jj + 1) * kBQ + v * kLanes, e1);
+      }
+    }
+  }
+  for (int v = 0; v < kQV; ++v) storev(l + v * kLanes, loadv(l + v * kLanes) * loadv(alpha + v * kLanes) + sum[v]);
+}
+
+inline bool general_tile(const Tile& t) { return t.masked || t.dropout || !t.c_pos; }
+
+PYTRAIN_SIMD void fwd_softmax_f32(const Tile& t, float* st, float* m, float* l, float* alpha) {
+  if (general_tile(t)) {
+    fwd_softmax_body<false, true>(t, st, m, l, alpha, nullptr);
+  } else {
+    fwd_softmax_body<false, false>(t, st, m, l, alpha, nullptr);
+  }
+}
+PYTRAIN_SIMD void fwd_softmax_pairs(const Tile& t, float* st, float* m, float* l, float* alpha, uint32_t* pairs) {
+  if (general_tile(t)) {
+    fwd_softmax_body<true, true>(t, st, m, l, alpha, pairs);
+  } else {
+    fwd_softmax_body<true, false>(t, st, m, l, alpha, pairs);
+  }
+}
+
+// Backward, one row vector: pd = P keep / (1 - p) (for dV) and ds = P (dP keep / (1 - p) - delta)
+// (for dQ and dK, which get the softmax scale when written), with P = 2^(c S - lse log2 e).
+template <bool kGeneral>
+inline __attribute__((always_inline)) void ds_entry(const Tile& t, const float* srow, const float* drow, int64_t jj,
+                                                    int v, vi lanes, vf lse2, vf delta, uint32_t hash, vf& pd,
+                                                    vf& ds) {
+  vf x = loadv(srow + v * kLanes) * t.c - lse2;
+  if (kGeneral && t.masked) x = band_mask(t, jj, lanes) ? x : splat(-kInf);
+  const vf pr = exp2v(x);
+  vf dp = loadv(drow + v * kLanes);
+  pd = pr;
+  if (kGeneral && t.dropout) {
+    const vi keep = keep_mask(t, hash, lanes);
+    pd = keep ? pr * t.keep_scale : vf{};
+    dp = keep ? dp * t.keep_scale : vf{};
+  }
+  ds = pr * (dp - delta);
+}
+
+// fp32: st (scores) -> pd and dpt (dO v^T) -> ds, in place.
+template <bool kGeneral>
+inline __attribute__((always_inline)) void bwd_ds_f32_body(const Tile& t, float* __restrict st,
+                                                           float* __restrict dpt, const float* __restrict lse2,
+                                                           const float* __restrict delta) {
+  vi lanes[kQV];
+  vf l2[kQV], dl[kQV];
+  for (int v = 0; v < kQV; ++v) {
+    lanes[v] = lane_index(v), l2[v] = loadv(lse2 + v * kLanes), dl[v] = loadv(delta + v * kLanes);
+  }
+  for (int64_t jj = 0; jj < t.nk; ++jj) {
+    float* srow = st + jj * kBQ;
+    float* drow = dpt + jj * kBQ;
+    const uint32_t h = row_hash<kGeneral>(t, jj);
+#pragma GCC unroll 4
+    for (int v = 0; v < kQV; ++v) {
+      vf pd, ds;
+      ds_entry<kGeneral>(t, srow, drow, jj, v, lanes[v], l2[v], dl[v], h, pd, ds);
+      storev(srow + v * kLanes, pd);
+      storev(drow + v * kLanes, ds);
+    }
+  }
+}
+
+PYTRAIN_SIMD void bwd_ds_f32(const Tile& t, float* st, float* dpt, const float* lse2, const float* delta) {
+  if (t.masked || t.dropout) {
+    bwd_ds_f32_body<true>(t, st, dpt, lse2, delta);
+  } else {
+    bwd_ds_f32_body<false>(t, st, dpt, lse2, delta);
+  }
+}
+
+// bf16: pd and ds straight into the GEMM operands: rows (nk x kBQ bf16; A of dV += pd dO and
+// dK += ds q) and row pairs (ceil(nk / 2) x kBQ; B of dQ^T += k^T ds).
+template <bool kGeneral, bool kRows, bool kPairs>
+inline __attribute__((always_inline)) void bwd_ds_bf16_body(const Tile& t, const float* __restrict st,
+                                                            const float* __restrict dpt, const float* __restrict lse2,
+                                                            const float* __restrict delta, uint16_t* __restrict p_rows,
+                                                            uint16_t* __restrict ds_rows,
+                                                            uint32_t* __restrict ds_pairs) {
+  vi lanes[kQV];
+  vf l2[kQV], dl[kQV];
+  for (int v = 0; v < kQV; ++v) {
+    lanes[v] = lane_index(v), l2[v] = loadv(lse2 + v * kLanes), dl[v] = loadv(delta + v * kLanes);
+  }
+  for (int64_t jj = 0; jj < t.nk; jj += 2) {
+    const bool two = jj + 1 < t.nk;
+    const uint32_t h0 = row_hash<kGeneral>(t, jj), h1 = row_hash<kGeneral>(t, jj + 1);
+#pragma GCC unroll 4
+    for (int v = 0; v < kQV; ++v) {
+      vf pd0, ds0, pd1 = vf{}, ds1 = vf{};
+      ds_entry<kGeneral>(t, st + jj * kBQ, dpt + jj * kBQ, jj, v, lanes[v], l2[v], dl[v], h0, pd0, ds0);
+      if (two) {
+        ds_entry<kGeneral>(t, st + (jj + 1) * kBQ, dpt + (jj + 1) * kBQ, jj + 1, v, lanes[v], l2[v], dl[v], h1, pd1,
+                           ds1);
+      }
+      if constexpr (kRows) {
+        store_bf16(p_rows + jj * kBQ + v * kLanes, pd0);
+        store_bf16(ds_rows + jj * kBQ + v * kLanes, ds0);
+        if (two) {
+          store_bf16(p_rows + (jj + 1) * kBQ + v * kLanes, pd1);
+          store_bf16(ds_rows + (jj + 1) * kBQ + v * kLanes, ds1);
+        }
+      }
+      if constexpr (kPairs) store_pair(ds_pairs + (jj / 2) * kBQ + v * kLanes, ds0, ds1);
+    }
+  }
+}
+
+// rows / pairs: which outputs are needed (the general instance writes both).
+PYTRAIN_SIMD void bwd_ds_bf16(const Tile& t, const float* st, const float* dpt, const float* lse2, const float* delta,
+                              uint16_t* p_rows, uint16_t* ds_rows, uint32_t* ds_pairs, bool rows, bool pairs) {
+  if (t.masked || t.dropout) {
+    bwd_ds_bf16_body<true, true, true>(t, st, dpt, lse2, delta, p_rows, ds_rows, ds_pairs);
+  } else if (rows && pairs) {
+    bwd_ds_bf16_body<false, true, true>(t, st, dpt, lse2, delta, p_rows, ds_rows, ds_pairs);
+  } else if (rows) {
+    bwd_ds_bf16_body<false, true, false>(t, st, dpt, lse2, delta, p_rows, ds_rows, ds_pairs);
+  } else {
+    bwd_ds_bf16_body<false, false, true>(t, st, dpt, lse2, delta, p_rows, ds_rows, ds_pairs);
+  }
+}
+
+// ---------------------------------------------------------------------------------- packing
+// q block (nq rows of D floats) -> q^T (D x kBQ), lanes >= nq zero.
+void transpose_f32(const float* __restrict src, int64_t nq, int64_t D, float* __restrict dst) {
+  for (int64_t i = 0; i < nq; ++i)
+    for (int64_t d = 0; d < D; ++d) dst[d * kBQ + i] = src[i * D + d];
+  if (nq < kBQ)
+    for (int64_t d = 0; d < D; ++d) std::fill(dst + d * kBQ + nq, dst + (d + 1) * kBQ, 0.0f);
+}
+
+// nq rows of D floats -> kBQ rows of Dp floats, zero padded.
+void pad_rows_f32(const float* src, int64_t nq, int64_t D, int64_t Dp, float* dst) {
+  for (int64_t i = 0; i < kBQ; ++i) {
+    if (i < nq) std::memcpy(dst + i * Dp, src + i * D, sizeof(float) * D);
+    std::fill(dst + i * Dp + (i < nq ? D : 0), dst + (i + 1) * Dp, 0.0f);
+  }
+}
+
+// bf16 q block -> pairs along d with queries in lanes: dst[(d / 2) * kBQ + i] = (q[i, d], q[i, d + 1]).
+void transpose_pairs_bf16(const uint16_t* src, int64_t nq, int64_t D, uint32_t* dst) {
+  for (int64_t i = 0; i < nq; ++i)
+    for (int64_t d = 0; d < D; d += 2) std::memcpy(dst + (d / 2) * kBQ + i, src + i * D + d, sizeof(uint32_t));
+  if (nq < kBQ)
+    for (int64_t d = 0; d < D; d += 2) std::fill(dst + (d / 2) * kBQ + nq, dst + (d / 2 + 1) * kBQ, 0u);
+}
+
+// Row pair (lo, hi) of bf16 -> dst[d] = (lo[d], hi[d]) for d < D (hi may be null: zeros), 0 up to ld.
+PYTRAIN_SIMD void interleave_pair(const uint16_t* __restrict lo, const uint16_t* __restrict hi, int64_t D, int64_t ld,
+                                  uint32_t* __restrict dst) {
+  if (hi) {
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) dst[d] = uint32_t{lo[d]} | (uint32_t{hi[d]} << 16);
+  } else {
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) dst[d] = uint32_t{lo[d]};
+  }
+  std::fill(dst + D, dst + ld, 0u);
+}
+
+// n rows of bf16 (D columns) -> out_pairs pairs of rows with columns in lanes (row stride ld), zero padded.
+void interleave_rows_bf16(const uint16_t* src, int64_t n, int64_t D, int64_t ld, int64_t out_pairs, uint32_t* dst) {
+  for (int64_t r = 0; r < 2 * out_pairs; r += 2) {
+    if (r < n) {
+      interleave_pair(src + r * D, r + 1 < n ? src + (r + 1) * D : nullptr, D, ld, dst + (r / 2) * ld);
+    } else {
+      std::fill(dst + (r / 2) * ld, dst + (r / 2 + 1) * ld, 0u);
+    }
+  }
+}
+
+// Dot products of fp32 / bf16 rows (order fixed by the code: deterministic).
+PYTRAIN_SIMD float dot_f32(const float* __restrict a, const float* __restrict b, int64_t n) {
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+PYTRAIN_SIMD float dot_bf16(const uint16_t* __restrict a, const uint16_t* __restrict b, int64_t n) {
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += bits_to_f32(uint32_t{a[i]} << 16) * bits_to_f32(uint32_t{b[i]} << 16);
+  return acc;
+}
+
+// vals[0, n) * mul -> dst[offset, offset + n) in dtype dt (vals is overwritten).
+void store_row(float* vals, int64_t n, float mul, void* dst, at::ScalarType dt, int64_t offset) {
+  if (mul != 1.0f)
+    for (int64_t i = 0; i < n; ++i) vals[i] *= mul;
+  if (dt == at::kFloat) {
+    std::memcpy(static_cast<float*>(dst) + offset, vals, sizeof(float) * n);
+  } else if (dt == at::kBFloat16) {
+    f32_to_bf16(vals, static_cast<uint16_t*>(dst) + offset, n);
+  } else {
+    f32_to_f16(vals, static_cast<uint16_t*>(dst) + offset, n);
+  }
+}
+
+// ------------------------------------------------------------------------------- scheduling
+// Per-thread scratch, 64-byte aligned.
+class Scratch {
+ public:
+  explicit Scratch(int64_t floats) : buf_(at::empty({std::max<int64_t>(floats, 1)}, at::kFloat)) {}
+  float* data() { return buf_.data_ptr<float>(); }
+
+ private:
+  at::Tensor buf_;
+};
+
+// Runs f(item, scratch) for items [0, n), handed out dynamically to at::get_num_threads() threads
+// (each item's result must not depend on which thread runs it).
+template <class F>
+void run_items(int64_t n, int64_t scratch_floats, const F& f) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::clamp<int64_t>(at::get_num_threads(), 1, n);
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    Scratch scratch(scratch_floats);
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
+         i = next.fetch_add(1, std::memory_order_relaxed)) {
+      f(i, scratch.data());
+    }
+  });
+}
+
+// Block indices [0, n) by decreasing cost (stable), for longest-first scheduling.
+template <class Cost>
+std::vector<int64_t> by_cost(int64_t n, const Cost& cost) {
+  std::vector<int64_t> order(n), c(n);
+  for (int64_t i = 0; i < n; ++i) order[i] = i, c[i] = cost(i);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return c[a] > c[b]; });
+  return order;
+}
+
+inline int64_t align16(int64_t n) { return (n + 15) / 16 * 16; }
+
+// ------------------------------------------------------------------------------------ inputs
+void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"q", q}, {"k", k}, {"v", v}}) {
+    TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+    TORCH_CHECK(t.device().is_cpu(), op, ": the CPU kernel got ", name, " on ", t.device());
+    TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a dense tensor, got layout ", t.layout());
+    TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D (batch, heads, seqlen, headdim), got shape ", t.sizes());
+    TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous (shape ", t.sizes(), ", strides ",
+                t.strides(), ")");
+  }
+  const at::ScalarType dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op, ": q has dtype ", dt,
+              "; the CPU kernel supports float32, bfloat16 and float16");
+  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, op, ": q, k, v must share a dtype, got ", dt, ", ",
+              k.scalar_type(), ", ", v.scalar_type());
+  TORCH_CHECK(k.sizes() == v.sizes(), op, ": k and v must have the same shape, got ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(q.size(0) == k.size(0), op, ": batch sizes differ: q has ", q.size(0), ", k/v have ", k.size(0));
+  TORCH_CHECK(q.size(3) == k.size(3), op, ": head dims differ: q has ", q.size(3), ", k/v have ", k.size(3));
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op, ": q heads (", q.size(1),
+              ") must be a multiple of k/v heads (", k.size(1), ") (GQA/MQA)");
+  TORCH_CHECK(q.size(3) >= 16 && q.size(3) <= 256, op, ": head dim ", q.size(3), " out of range [16, 256]");
+}
+
+void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like,
+                at::ScalarType dtype, at::IntArrayRef shape) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), " but q is on ", like.device());
+  TORCH_CHECK(t.layout() == at::kStrided && t.is_contiguous(), op, ": ", name,
+              " must be a dense contiguous tensor (shape ", t.sizes(), ", strides ", t.strides(), ")");
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " has dtype ", t.scalar_type(), ", expected ", dtype);
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " has shape ", t.sizes(), ", expected ", shape);
+}
+
+Problem make_problem(const char* op, const at::Tensor& q, const at::Tensor& k, double scale, bool causal,
+                     int64_t window_left, int64_t window_right, double dropout_p, int64_t seed) {
+  TORCH_CHECK(window_left >= -1 && window_right >= -1, op, ": window sides must be >= 0 or -1 (unbounded), got (",
+              window_left, ", ", window_right, ")");
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  Problem p;
+  p.B = q.size(0);
+  p.H = q.size(1);
+  p.Hkv = k.size(1);
+  p.group = p.H / p.Hkv;
+  p.Lq = q.size(2);
+  p.Lk = k.size(2);
+  p.D = q.size(3);
+  p.Dp = align16(p.D);
+  p.nqb = (p.Lq + kBQ - 1) / kBQ;
+  p.nkb = (p.Lk + kBK - 1) / kBK;
+  p.off = p.Lk - p.Lq;
+  p.left = window_left < 0 ? kUnbounded : window_left;
+  const int64_t right = causal ? 0 : window_right;
+  p.right = right < 0 ? kUnbounded : right;
+  p.scale = static_cast<float>(scale);
+  p.c = static_cast<float>(scale * 1.4426950408889634);
+  p.dropout = dropout_p > 0.0;
+  p.keep_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
+  p.threshold = static_cast<uint32_t>(std::min<double>(std::floor(dropout_p * 4294967296.0), 4294967295.0));
+  p.s0 = static_cast<uint32_t>(static_cast<uint64_t>(seed) & 0xffffffffU);
+  p.s1 = static_cast<uint32_t>((seed >> 32) & 0xffffffff);
+  p.bf16dot = q.scalar_type() == at::kBFloat16 && p.D % 2 == 0 && cpu_has_bf16dot();
+  return p;
+}
+
+// Float32 view of an input for the float32 path (converted once; float32 tensors as they are).
+at::Tensor as_f32(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
+const uint16_t* bf16_ptr(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); }
+
+// k or v of every (batch, kv head) -> bf16 pairs along keys: [(j / 2) * D + d] (rows padded to nkb * kBK).
+at::Tensor key_pairs(const Problem& p, const at::Tensor& x) {
+  const int64_t pairs = p.nkb * kBK / 2;
+  at::Tensor out = at::empty({p.B * p.Hkv, pairs * p.D}, at::kInt);
+  const uint16_t* src = bf16_ptr(x);
+  uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr());
+  at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t bk = lo; bk < hi; ++bk)
+      interleave_rows_bf16(src + bk * p.Lk * p.D, p.Lk, p.D, p.D, pairs, dst + bk * pairs * p.D);
+  });
+  return out;
+}
+
+// ------------------------------------------------------------------------------------ forward
+struct FwdArgs {
+  Problem p;
+  const float* qf = nullptr;  // float32 path
+  const float* kf = nullptr;
+  const float* vf = nullptr;
+  const uint16_t* qb = nullptr;  // bf16 path
+  const uint16_t* kb = nullptr;
+  const uint16_t* vpairs = nullptr;  // v as bf16 pairs along keys
+  void* out = nullptr;               // (B, H, Lq, D) in dtype
+  at::ScalarType dtype;
+  float* lse = nullptr;
+};
+
+int64_t fwd_scratch_floats(const Problem& p) {
+  return p.D * kBQ /* q^T */ + kBK * kBQ /* S */ + kBK / 2 * kBQ /* P pairs */ + p.D * kBQ /* out^T */ +
+         3 * kBQ /* m, l, alpha */ + 256 /* output row */;
+}
+
+void fwd_block(const FwdArgs& a, int64_t bh, int64_t qb, float* ws) {
+  const Problem& p = a.p;
+  const int64_t b = bh / p.H, h = bh % p.H, bkv = b * p.Hkv + h / p.group;
+  const int64_t i0 = qb * kBQ, nq = std::min(kBQ, p.Lq - i0), D = p.D;
+  float* qt = ws;
+  float* st = qt + D * kBQ;
+  uint32_t* pp = reinterpret_cast<uint32_t*>(st + kBK * kBQ);
+  float* ot = st + kBK * kBQ + kBK / 2 * kBQ;
+  float* m = ot + D * kBQ;
+  float* l = m + kBQ;
+  float* alpha = l + kBQ;
+  float* row = alpha + kBQ;
+  std::fill(m, m + kBQ, -kInf);
+  std::fill(l, l + kBQ, 0.0f);
+  std::fill(ot, ot + D * kBQ, 0.0f);
+  if (p.bf16dot) {
+    transpose_pairs_bf16(a.qb + (bh * p.Lq + i0) * D, nq, D, reinterpret_cast<uint32_t*>(qt));
+  } else {
+    transpose_f32(a.qf + (bh * p.Lq + i0) * D, nq, D, qt);
+  }
+  const auto [kb_lo, kb_hi] = p.key_blocks(qb);
+  for (int64_t kb = kb_lo; kb < kb_hi; ++kb) {
+    const int64_t j0 = kb * kBK, nk = std::min(kBK, p.Lk - j0), kv_row = bkv * p.Lk + j0;
+    const Tile t = make_tile(p, bh, i0, nq, j0, nk);
+    if (p.bf16dot) {
+      gemm_bf16(nk, kBQ, D / 2, a.kb + kv_row * D, D, 2, reinterpret_cast<const uint32_t*>(qt), kBQ, st, kBQ,
+                nullptr, false);
+      fwd_softmax_pairs(t, st, m, l, alpha, pp);
+      const uint16_t* vp = a.vpairs + bkv * (p.nkb * kBK * D) + j0 * D;
+      gemm_bf16(D, kBQ, (nk + 1) / 2, vp, 2, 2 * D, pp, kBQ, ot, kBQ, alpha, true);
+    } else {
+      gemm_f32(nk, kBQ, D, a.kf + kv_row * D, D, 1, qt, kBQ, st, kBQ, nullptr, false);
+      fwd_softmax_f32(t, st, m, l, alpha);
+      gemm_f32(D, kBQ, nk, a.vf + kv_row * D, 1, D, st, kBQ, ot, kBQ, alpha, true);
+    }
+  }
+  for (int64_t i = 0; i < nq; ++i) {
+    const bool empty = l[i] == 0.0f;  // NaN sums stay NaN
+    const float inv = empty ? 0.0f : 1.0f / l[i];
+    a.lse[bh * p.Lq + i0 + i] = empty ? -kInf : (m[i] + std::log2(l[i])) * kLn2;
+    for (int64_t d = 0; d < D; ++d) row[d] = ot[d * kBQ + i] * inv;
+    store_row(row, D, 1.0f, a.out, a.dtype, (bh * p.Lq + i0 + i) * D);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 double scale, bool causal, int64_t window_left,
+                                                 int64_t window_right, double dropout_p, int64_t seed) {
+  check_qkv(kFwd, q, k, v);
+  FwdArgs a;
+  a.p = make_problem(kFwd, q, k, scale, causal, window_left, window_right, dropout_p, seed);
+  const Problem& p = a.p;
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({p.B, p.H, p.Lq}, q.options().dtype(at::kFloat));
+  at::Tensor qf, kf, vf, vpairs;
+  if (p.bf16dot) {
+    a.qb = bf16_ptr(q);
+    a.kb = bf16_ptr(k);
+    vpairs = key_pairs(p, v);
+    a.vpairs = reinterpret_cast<const uint16_t*>(vpairs.data_ptr());
+  } else {
+    qf = as_f32(q), kf = as_f32(k), vf = as_f32(v);
+    a.qf = qf.data_ptr<float>(), a.kf = kf.data_ptr<float>(), a.vf = vf.data_ptr<float>();
+  }
+  a.out = out.data_ptr();
+  a.dtype = q.scalar_type();
+  a.lse = lse.data_ptr<float>();
+  const std::vector<int64_t> order = by_cost(p.nqb, [&](int64_t qb) {
+    const auto [lo, hi] = p.key_blocks(qb);
+    return hi - lo;
+  });
+  const int64_t BH = p.B * p.H;
+  run_items(p.nqb * BH, fwd_scratch_floats(p), [&](int64_t item, float* ws) {
+    fwd_block(a, item % BH, order[item / BH], ws);
+  });
+  return {out, lse};
+}
+
+// ----------------------------------------------------------------------------------- backward
+// The q side of one (batch, head, q block), packed once: q^T and dO^T with queries in lanes (fp32
+// D x kBQ, or bf16 pairs along d), q and dO rows with d in lanes (fp32 kBQ x Dp, or bf16 pairs of
+// rows), lse log2(e) (+inf for rows without keys and padding), delta = rowsum(dO * out), and the fp32
+// dQ^T accumulator.
+struct QBlock {
+  float* qt;
+  float* dot;
+  float* qr;
+  float* dor;
+  float* lse2;
+  float* delta;
+  float* dqt;
+};
+
+struct QLayout {
+  int64_t qt, row, total;  // floats
+  explicit QLayout(const Problem& p)
+      : qt(p.bf16dot ? p.D / 2 * kBQ : p.D * kBQ),
+        row(p.bf16dot ? kBQ / 2 * p.Dp : kBQ * p.Dp),
+        total(2 * qt + 2 * row + 2 * kBQ + p.D * kBQ) {}
+  QBlock at(float* base) const {
+    float* lse2 = base + 2 * qt + 2 * row;
+    return {base, base + qt, base + 2 * qt, base + 2 * qt + row, lse2, lse2 + kBQ, lse2 + 2 * kBQ};
+  }
+};
+
+struct BwdArgs {
+  Problem p;
+  QLayout lay;
+  const float* kf = nullptr;  // float32 path
+  const float* vf = nullptr;
+  const uint16_t* kb = nullptr;  // bf16 path
+  const uint16_t* vb = nullptr;
+  const uint16_t* kpairs = nullptr;  // k as bf16 pairs along keys
+  const void* q = nullptr;           // float32 (float32 path) or bf16
+  const void* grad = nullptr;
+  const void* out = nullptr;
+  const float* lse = nullptr;
+  void* dq = nullptr;  // outputs in dtype
+  void* dk = nullptr;
+  void* dv = nullptr;
+  at::ScalarType dtype;
+  explicit BwdArgs(const Problem& prob) : p(prob), lay(prob) {}
+};
+
+// Tile scratch: S, dP (fp32), bf16 P rows, dS rows, dS pairs, dK and dV accumulators, one output row.
+int64_t bwd_scratch_floats(const Problem& p) { return 2 * kBK * kBQ + 3 * kBK * kBQ / 2 + 2 * kBK * p.Dp + 256; }
+
+void bwd_prepare(const BwdArgs& a, int64_t bh, int64_t qb, const QBlock& blk) {
+  const Problem& p = a.p;
+  const int64_t i0 = qb * kBQ, nq = std::min(kBQ, p.Lq - i0), D = p.D, row0 = bh * p.Lq + i0;
+  for (int64_t i = 0; i < kBQ; ++i) {
+    const float s = i < nq ? a.lse[row0 + i] : -kInf;
+    blk.lse2[i] = s == -kInf ? kInf : s * kLog2e;
+  }
+  std::fill(blk.delta, blk.delta + kBQ, 0.0f);
+  if (p.bf16dot) {
+    const uint16_t* qs = static_cast<const uint16_t*>(a.q) + row0 * D;
+    const uint16_t* gs = static_cast<const uint16_t*>(a.grad) + row0 * D;
+    const uint16_t* os = static_cast<const uint16_t*>(a.out) + row0 * D;
+    transpose_pairs_bf16(qs, nq, D, reinterpret_cast<uint32_t*>(blk.qt));
+    transpose_pairs_bf16(gs, nq, D, reinterpret_cast<uint32_t*>(blk.dot));
+    interleave_rows_bf16(qs, nq, D, p.Dp, kBQ / 2, reinterpret_cast<uint32_t*>(blk.qr));
+    interleave_rows_bf16(gs, nq, D, p.Dp, kBQ / 2, reinterpret_cast<uint32_t*>(blk.dor));
+    for (int64_t i = 0; i < nq; ++i) blk.delta[i] = dot_bf16(gs + i * D, os + i * D, D);
+  } else {
+    const float* qs = static_cast<const float*>(a.q) + row0 * D;
+    const float* gs = static_cast<const float*>(a.grad) + row0 * D;
+    const float* os = static_cast<const float*>(a.out) + row0 * D;
+    transpose_f32(qs, nq, D, blk.qt);
+    transpose_f32(gs, nq, D, blk.dot);
+    pad_rows_f32(qs, nq, D, p.Dp, blk.qr);
+    pad_rows_f32(gs, nq, D, p.Dp, blk.dor);
+    for (int64_t i = 0; i < nq; ++i) blk.delta[i] = dot_f32(gs + i * D, os + i * D, D);
+  }
+  std::fill(blk.dqt, blk.dqt + D * kBQ, 0.0f);
+}
+
+// dQ^T of a finished block -> dq rows (times the softmax scale).
+void bwd_store_dq(const BwdArgs& a, int64_t bh, int64_t qb, const QBlock& blk, float* row) {
+  const Problem& p = a.p;
+  const int64_t i0 = qb * kBQ, nq = std::min(kBQ, p.Lq - i0);
+  for (int64_t i = 0; i < nq; ++i) {
+    for (int64_t d = 0; d < p.D; ++d) row[d] = blk.dqt[d * kBQ + i];
+    store_row(row, p.D, p.scale, a.dq, a.dtype, (bh * p.Lq + i0 + i) * p.D);
+  }
+}
+
+// One tile (head bh, q block qb, key block kb): rows of the key block's dK / dV accumulators
+// (kBK x Dp) += and / or the q block's dQ^T +=.
+void bwd_tile(const BwdArgs& a, const QBlock& blk, int64_t bh, int64_t qb, int64_t kb, float* ws, bool do_kv,
+              bool do_q) {
+  const Problem& p = a.p;
+  const int64_t b = bh / p.H, h = bh % p.H, bkv = b * p.Hkv + h / p.group;
+  const int64_t i0 = qb * kBQ, nq = std::min(kBQ, p.Lq - i0), j0 = kb * kBK, nk = std::min(kBK, p.Lk - j0);
+  const int64_t D = p.D, Dp = p.Dp, kv_row = bkv * p.Lk + j0;
+  float* st = ws;
+  float* dpt = st + kBK * kBQ;
+  uint16_t* p_rows = reinterpret_cast<uint16_t*>(dpt + kBK * kBQ);
+  uint16_t* ds_rows = p_rows + kBK * kBQ;
+  uint32_t* ds_pairs = reinterpret_cast<uint32_t*>(ds_rows + kBK * kBQ);
+  float* dk_acc = reinterpret_cast<float*>(ds_pairs + kBK / 2 * kBQ);
+  float* dv_acc = dk_acc + kBK * Dp;
+  const Tile t = make_tile(p, bh, i0, nq, j0, nk);
+  if (p.bf16dot) {
+    gemm_bf16(nk, kBQ, D / 2, a.kb + kv_row * D, D, 2, reinterpret_cast<const uint32_t*>(blk.qt), kBQ, st, kBQ,
+              nullptr, false);
+    gemm_bf16(nk, kBQ, D / 2, a.vb + kv_row * D, D, 2, reinterpret_cast<const uint32_t*>(blk.dot), kBQ, dpt, kBQ,
+              nullptr, false);
+    bwd_ds_bf16(t, st, dpt, blk.lse2, blk.delta, p_rows, ds_rows, ds_pairs, do_kv, do_q);
+    if (do_kv) {
+      const int64_t q_pairs = (nq + 1) / 2;
+      gemm_bf16(nk, Dp, q_pairs, p_rows, kBQ, 2, reinterpret_cast<const uint32_t*>(blk.dor), Dp, dv_acc, Dp,
+                nullptr, true);
+      gemm_bf16(nk, Dp, q_pairs, ds_rows, kBQ, 2, reinterpret_cast<const uint32_t*>(blk.qr), Dp, dk_acc, Dp,
+                nullptr, true);
+    }
+    if (do_q) {
+      const uint16_t* kp = a.kpairs + bkv * (p.nkb * kBK * D) + j0 * D;
+      gemm_bf16(D, kBQ, (nk + 1) / 2, kp, 2, 2 * D, ds_pairs, kBQ, blk.dqt, kBQ, nullptr, true);
+    }
+  } else {
+    gemm_f32(nk, kBQ, D, a.kf + kv_row * D, D, 1, blk.qt, kBQ, st, kBQ, nullptr, false);
+    gemm_f32(nk, kBQ, D, a.vf + kv_row * D, D, 1, blk.dot, kBQ, dpt, kBQ, nullptr, false);
+    bwd_ds_f32(t, st, dpt, blk.lse2, blk.delta);
+    if (do_kv) {
+      gemm_f32(nk, Dp, nq, st, kBQ, 1, blk.dor, Dp, dv_acc, Dp, nullptr, true);
+      gemm_f32(nk, Dp, nq, dpt, kBQ, 1, blk.qr, Dp, dk_acc, Dp, nullptr, true);
+    }
+    if (do_q) gemm_f32(D, kBQ, nk, a.kf + kv_row * D, 1, D, dpt, kBQ, blk.dqt, kBQ, nullptr, true);
+  }
+}
+
+// dK and dV of key block kb of (batch, kv head) bkv: every head of the GQA group, every q block of the
+// band (block_of(bh, qb) gives the packed q side), in that order; with do_q also their dQ^T.
+template <class BlockOf>
+void bwd_key_block(const BwdArgs& a, int64_t bkv, int64_t kb, float* ws, bool do_q, const BlockOf& block_of) {
+  const Problem& p = a.p;
+  const int64_t j0 = kb * kBK, nk = std::min(kBK, p.Lk - j0), Dp = p.Dp;
+  float* dk_acc = ws + 2 * kBK * kBQ + 3 * kBK * kBQ / 2;
+  float* dv_acc = dk_acc + kBK * Dp;
+  float* row = dv_acc + kBK * Dp;
+  std::fill(dk_acc, dk_acc + 2 * kBK * Dp, 0.0f);
+  const auto [qb_lo, qb_hi] = p.query_blocks(kb);
+  const int64_t b = bkv / p.Hkv, hkv = bkv % p.Hkv;
+  for (int64_t g = 0; g < p.group; ++g) {
+    const int64_t bh = b * p.H + hkv * p.group + g;
+    for (int64_t qb = qb_lo; qb < qb_hi; ++qb) bwd_tile(a, block_of(bh, qb), bh, qb, kb, ws, true, do_q);
+  }
+  for (int64_t jj = 0; jj < nk; ++jj) {
+    const int64_t offset = (bkv * p.Lk + j0 + jj) * p.D;
+    std::memcpy(row, dk_acc + jj * Dp, sizeof(float) * p.D);
+    store_row(row, p.D, p.scale, a.dk, a.dtype, offset);
+    std::memcpy(row, dv_acc + jj * Dp, sizeof(float) * p.D);
+    store_row(row, p.D, 1.0f, a.dv, a.dtype, offset);
+  }
+}
+
+// One sweep per (batch, kv head) doing dQ, dK and dV, when there are enough of them for the threads.
+bool fused_backward(const Problem& p) {
+  const int64_t units = p.B * p.Hkv, threads = std::max<int64_t>(1, at::get_num_threads());
+  if (units < threads) return false;
+  const int64_t rounds = (units + threads - 1) / threads;
+  return 4 * units >= 3 * rounds * threads;  // at least 75% of the thread-rounds busy
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& grad_out, const at::Tensor& q,
+                                                             const at::Tensor& k, const at::Tensor& v,
+                                                             const at::Tensor& out, const at::Tensor& lse,
+                                                             double scale, bool causal, int64_t window_left,
+                                                             int64_t window_right, double dropout_p, int64_t seed) {
+  check_qkv(kBwd, q, k, v);
+  check_like(kBwd, "grad_out", grad_out, q, q.scalar_type(), q.sizes());
+  check_like(kBwd, "out", out, q, q.scalar_type(), q.sizes());
+  check_like(kBwd, "lse", lse, q, at::kFloat, {q.size(0), q.size(1), q.size(2)});
+  BwdArgs a(make_problem(kBwd, q, k, scale, causal, window_left, window_right, dropout_p, seed));
+  const Problem& p = a.p;
+  at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()),
+             dv = at::empty(v.sizes(), v.options());
+  a.dq = dq.data_ptr(), a.dk = dk.data_ptr(), a.dv = dv.data_ptr();
+  a.dtype = q.scalar_type();
+  a.lse = lse.data_ptr<float>();
+  at::Tensor qf, kf, vf, gf, of, kpairs;
+  if (p.bf16dot) {
+    a.q = q.data_ptr(), a.grad = grad_out.data_ptr(), a.out = out.data_ptr();
+    a.kb = bf16_ptr(k), a.vb = bf16_ptr(v);
+    kpairs = key_pairs(p, k);
+    a.kpairs = reinterpret_cast<const uint16_t*>(kpairs.data_ptr());
+  } else {
+    qf = as_f32(q), kf = as_f32(k), vf = as_f32(v), gf = as_f32(grad_out), of = as_f32(out);
+    a.q = qf.data_ptr(), a.grad = gf.data_ptr(), a.out = of.data_ptr();
+    a.kf = kf.data_ptr<float>(), a.vf = vf.data_ptr<float>();
+  }
+  const int64_t BKV = p.B * p.Hkv, BH = p.B * p.H, tile_ws = bwd_scratch_floats(p);
+  const QLayout& lay = a.lay;
+  if (fused_backward(p)) {
+    // Per thread: tile scratch, then the packed q side of the group's heads (reused across items).
+    const int64_t local_blocks = p.group * p.nqb;
+    run_items(BKV, tile_ws + local_blocks * lay.total, [&](int64_t bkv, float* ws) {
+      float* local = ws + tile_ws;
+      const int64_t h0 = (bkv / p.Hkv) * p.H + (bkv % p.Hkv) * p.group;  // first head of the group (b * H + h)
+      auto block_of = [&](int64_t bh, int64_t qb) { return lay.at(local + ((bh - h0) * p.nqb + qb) * lay.total); };
+      for (int64_t g = 0; g < p.group; ++g)
+        for (int64_t qb = 0; qb < p.nqb; ++qb) bwd_prepare(a, h0 + g, qb, block_of(h0 + g, qb));
+      for (int64_t kb = 0; kb < p.nkb; ++kb) bwd_key_block(a, bkv, kb, ws, /*do_q=*/true, block_of);
+      float* row = ws + tile_ws - 256;
+      for (int64_t g = 0; g < p.group; ++g)
+        for (int64_t qb = 0; qb < p.nqb; ++qb) bwd_store_dq(a, h0 + g, qb, block_of(h0 + g, qb), row);
+    });
+    return {dq, dk, dv};
+  }
+  // Split: dK / dV items (batch, kv head, key block) and dQ items (batch, head, q block), costliest
+  // first, over q sides packed up front.
+  at::Tensor packed = at::empty({BH * p.nqb * lay.total}, q.options().dtype(at::kFloat));
+  float* base = packed.data_ptr<float>();
+  auto block_of = [&](int64_t bh, int64_t qb) { return lay.at(base + (bh * p.nqb + qb) * lay.total); };
+  at::parallel_for(0, BH * p.nqb, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) bwd_prepare(a, i / p.nqb, i % p.nqb, block_of(i / p.nqb, i % p.nqb));
+  });
+  const std::vector<int64_t> kb_order = by_cost(p.nkb, [&](int64_t kb) {
+    const auto [lo, hi] = p.query_blocks(kb);
+    return hi - lo;
+  });
+  const std::vector<int64_t> qb_order = by_cost(p.nqb, [&](int64_t qb) {
+    const auto [lo, hi] = p.key_blocks(qb);
+    return hi - lo;
+  });
+  const int64_t kv_items = p.nkb * BKV;
+  run_items(kv_items + p.nqb * BH, tile_ws, [&](int64_t item, float* ws) {
+    if (item < kv_items) {
+      bwd_key_block(a, item % BKV, kb_order[item / BKV], ws, /*do_q=*/false, block_of);
+    } else {
+      item -= kv_items;
+      const int64_t bh = item % BH, qb = qb_order[item / BH];
+      const auto [kb_lo, kb_hi] = p.key_blocks(qb);
+      for (int64_t kb = kb_lo; kb < kb_hi; ++kb) bwd_tile(a, block_of(bh, qb), bh, qb, kb, ws, false, true);
+    }
+  });
+  at::parallel_for(0, BH * p.nqb, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> row(p.D);
+    for (int64_t i = lo; i < hi; ++i) bwd_store_dq(a, i / p.nqb, i % p.nqb, block_of(i / p.nqb, i % p.nqb), row.data());
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pytrain, CPU, m) {
+  m.impl("attention_fwd", &attention_fwd);
+  m.impl("attention_bwd", &attention_bwd);
+}
+
+}  // namespace pytrain::cpu
