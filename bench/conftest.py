@@ -176,7 +176,7 @@ def measure_ceilings(device: torch.device) -> Dict[str, float]:
     out = {"copy_GBps": 2 * src.nbytes / _best_seconds(lambda: dst.copy_(src), device, 20) / 1e9}
     del src, dst
     n = 8192 if cuda else 2048
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))[:2 if cuda else 1]:
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
         out[f"{name}_matmul_TFLOPs"] = 2 * n**3 / _best_seconds(lambda: torch.mm(a, b), device, 5) / 1e12
     return out
@@ -207,10 +207,20 @@ class Row:
     flops: float
     state_bytes: Optional[int]
     target: str
+    ceiling: str = "copy_GBps"  # the measured ceiling this case is set against (compute-bound: a matmul)
 
     @property
     def gbps(self) -> float:
         return self.bytes_moved / self.median_s / 1e9
+
+    def throughput(self, ceilings: Dict[str, float]) -> Tuple[str, str]:
+        """(rate, % of its ceiling): GB/s against the copy ceiling, or GFLOP/s against a matmul ceiling."""
+        if self.ceiling == "copy_GBps":
+            rate, unit, ceiling = self.gbps, "GB/s", ceilings.get("copy_GBps")
+        else:
+            rate, unit = self.flops / self.median_s / 1e9, "GFLOP/s"
+            ceiling = ceilings[self.ceiling] * 1e3 if self.ceiling in ceilings else None
+        return f"{rate:.1f} {unit}", f"{100 * rate / ceiling:.0f}% of {self.ceiling}" if ceiling else "-"
 
 
 @dataclass
@@ -220,6 +230,7 @@ class Results:
     ceilings: Dict[str, Dict[str, float]] = field(default_factory=dict)
     param_set: str = ""
     load_at_start: float = 0.0  # 1-minute load average before the suite: other work skews the numbers
+    memory: List[str] = field(default_factory=list)  # peak-memory lines (bench_attention), shown under the table
 
     def cases(self) -> Dict[Tuple[str, str], Dict[str, Row]]:
         out: Dict[Tuple[str, str], Dict[str, Row]] = {}
@@ -228,17 +239,16 @@ class Results:
         return out
 
     def table(self) -> List[List[str]]:
-        copy = self.ceilings.get(self.device, {}).get("copy_GBps")
-        lines = [["case", "torch ms", "pytrain ms", "ratio (pytrain/torch)", "pytrain GB/s", "% of copy ceiling",
+        ceilings = self.ceilings.get(self.device, {})
+        lines = [["case", "torch ms", "pytrain ms", "ratio (pytrain/torch)", "pytrain rate", "of measured ceiling",
                   "notes"]]
         for (_, case), by_provider in self.cases().items():
             base, ours = by_provider.get("torch"), by_provider.get("pytrain")
+            rate, fraction = ours.throughput(ceilings) if ours else ("-", "-")
             lines.append([
                 case, _ms(base), _ms(ours),
                 f"{ours.median_s / base.median_s:.2f}x" if base and ours else "-",
-                f"{ours.gbps:.1f}" if ours else "-",
-                f"{100 * ours.gbps / copy:.0f}%" if ours and copy else "-",
-                _notes(by_provider),
+                rate, fraction, _notes(by_provider),
             ])
         return lines
 
@@ -256,13 +266,15 @@ class Results:
             "",
             f"measured ceilings: {ceil}",
             "",
-            f"param set: {self.param_set}; times are medians; GB/s = the case's byte model (see each "
-            "bench file) / pytrain's median",
+            (f"param set: {self.param_set}; " if self.param_set else "")
+            + "times are medians; GB/s = the case's byte model (see each bench file) / pytrain's median; "
+            "GFLOP/s = the case's FLOP count / pytrain's median",
             "",
         ]
         rows = ["| " + " | ".join(r) + " |" for r in table]
         rows.insert(1, "|" + "|".join("---" for _ in table[0]) + "|")
-        return "\n".join(head + rows) + "\n"
+        memory = ["", "peak memory:", ""] + [f"- {line}" for line in self.memory] if self.memory else []
+        return "\n".join(head + rows + memory) + "\n"
 
     def append_csv(self, path: Path, machine: Dict[str, str]) -> None:
         ceil = {f"{dev}_{k}": f"{v:.4g}" for dev, c in self.ceilings.items() for k, v in c.items()}
@@ -377,7 +389,7 @@ def measure(request, bench_device, ceilings, results):
 
     def run(step: Callable[[], object], *, case: str, provider: str, bytes_moved: float, op: str,
             optimizer: Optional[torch.optim.Optimizer] = None, impl: Optional[str] = None, baseline: str = "",
-            target: str = "", flops: float = 0.0) -> None:
+            target: str = "", flops: float = 0.0, ceiling: str = "copy_GBps") -> None:
         def target_fn():
             step()
             if bench_device.type == "cuda":
@@ -393,7 +405,7 @@ def measure(request, bench_device, ceilings, results):
         runs = baseline if provider == "torch" else backend_name(op, bench_device, impl)
         results.rows.append(Row(suite, case, provider, runs, timing.median, timing.min, timing.max, timing.rounds,
                                 bytes_moved, flops, state_bytes(optimizer) if optimizer is not None else None,
-                                target))
+                                target, ceiling))
 
     yield run
     gc.collect()  # each case holds ~1 GB (params, grads, states): free it before the next
@@ -454,7 +466,7 @@ def machine_description(device: str, load_at_start: float) -> Dict[str, str]:
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """Print the one table last, append the rows to bench/out/results.csv, write bench/out/latest.md."""
     results = config.stash[RESULTS]
-    if not results.rows:
+    if not results.rows and not results.memory:
         return
     machine = machine_description(results.device, results.load_at_start)
     text = results.markdown(machine)
