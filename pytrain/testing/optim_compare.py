@@ -57,3 +57,23 @@ def run_side_by_side(
             worst = max(worst, float(diff / ref.abs().max().clamp_min(1e-30)))
         on_step(step)
     return worst
+
+
+def resumed_run_difference(make_optimizer: Callable[[List[Tensor]], torch.optim.Optimizer], steps_before: int = 5,
+                           steps_after: int = 5) -> float:
+    """Train ``steps_before`` steps, copy params and ``state_dict`` into a fresh optimizer, then step both.
+
+    Returns the largest relative difference between the original and the resumed run (0.0 when the
+    checkpoint captures everything the optimizer needs).
+    """
+    params = make_params(ODD_SHAPES)
+    grads = list(random_grads(params, steps_before + steps_after))
+    opt = make_optimizer(params)
+    for gs in grads[:steps_before]:
+        for p, g in zip(params, gs):
+            p.grad = g.float()
+        opt.step()
+    resumed_params = clone_params(params)
+    resumed = make_optimizer(resumed_params)
+    resumed.load_state_dict(opt.state_dict())
+    return run_side_by_side(resumed_params, resumed, params, opt, iter(grads[steps_before:]))
