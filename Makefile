@@ -15,7 +15,7 @@ $(VENV)/.deps-installed:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH)
-	$(PIP) install --quiet ninja numpy pytest pytest-benchmark timm
+	$(PIP) install --quiet ninja numpy pytest pytest-benchmark timm transformers
 	touch $@
 
 $(STAMP): $(VENV)/.deps-installed setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/* csrc/cuda/*)
