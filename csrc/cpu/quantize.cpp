@@ -1,0 +1,305 @@
+// pytrain::quantize and pytrain::dequantize for CPU tensors: 8-bit codes (int8, fp8 e4m3 / e5m2) with one
+// float32 scale per group of `group_size` consecutive elements (the last group partial).
+//
+// Per group (contract: pytrain/testing/quant_ref.py):
+//   amax = max |x|;  non-finite group -> scale NaN, codes 0;  amax < qmax * 2^-126 -> scale 0, codes 0;
+//   else scale = amax / qmax, inv = qmax / amax, y = x * inv,
+//   int8: code = clamp(rint(y), -127, 127)  (or stochastic: r = rint(y), d = y - r,
+//         code = r + sign(d) * (u24 < |d| 2^24), u24 from the lowbias32 hash of (index, seed));
+//   fp8:  code = round-to-nearest-even saturating cast of y, in integer arithmetic (below).
+// dequantize: out = decode(code) * scale, rounded to the output dtype.
+//
+// One pass over memory: a group of up to kChunk elements is read once from memory for its absmax
+// (integer max of the magnitude bits: NaN and inf sort above every finite value, so one max also
+// flags non-finite groups), then cast while still in cache.  Larger groups (per-tensor scales) are
+// cut into chunk-sized pieces: absmax of all pieces in parallel, then the casts.
+// The fp8 cast: normal results round the fp32 significand to M bits by adding half an ulp minus one
+// plus the kept lsb (ties to even) and shifting; results below the smallest normal add a "magic"
+// power of two whose ulp is the fp8 subnormal step, so the float adder rounds to nearest even there.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <string_view>
+
+#include "cpu/multi_tensor.h"
+#include "quantize.h"
+
+namespace pytrain::cpu {
+namespace {
+
+constexpr uint32_t kAbsMask = 0x7fffffffu;
+constexpr uint32_t kInfBits = 0x7f800000u;
+
+// An fp8 format with M mantissa bits and exponent bias B; codes at or above kSpecial (magnitude) are
+// inf/NaN: e4m3fn has only NaN (0x7f), e5m2 has inf (0x7c) and NaNs.
+template <int M, int B, uint32_t kMaxCode, uint32_t kSpecial>
+struct Fp8 {
+  static constexpr uint32_t kShift = 23 - M;
+  static constexpr uint32_t kMinNormalBits = uint32_t{127 - B + 1} << 23;
+  static constexpr uint32_t kMaxBits = ((uint32_t{127 - B} + (kMaxCode >> M)) << 23) | ((kMaxCode & ((1u << M) - 1)) << kShift);
+  static constexpr uint32_t kMagicBits = uint32_t{127 - B + 23 - M + 1} << 23;  // ulp = 2^(1 - B - M)
+  static constexpr float kSubnormalStep = __builtin_bit_cast(float, uint32_t{127 + 1 - B - M} << 23);
+
+  // |y| (as fp32 bits, finite) -> fp8 magnitude code, round to nearest even, saturating at kMaxCode.
+  static inline uint32_t encode(uint32_t a) {
+    const uint32_t normal = ((a + ((1u << (kShift - 1)) - 1u) + ((a >> kShift) & 1u)) >> kShift) - (uint32_t{127 - B} << M);
+    const uint32_t subnormal = f32_to_bits(bits_to_f32(a) + bits_to_f32(kMagicBits)) - kMagicBits;
+    return select_bits(a >= kMaxBits, kMaxCode, select_bits(a >= kMinNormalBits, normal, subnormal));
+  }
+
+  static inline float decode(uint8_t code) {
+    const uint32_t sign = uint32_t{code & 0x80u} << 24;
+    const uint32_t mag = code & 0x7fu;
+    const uint32_t normal = (mag << kShift) + (uint32_t{127 - B} << 23);
+    const uint32_t special = kSpecial == 0x7fu ? 0x7fc00000u : (mag << kShift) | kInfBits;
+    const uint32_t subnormal = f32_to_bits(static_cast<float>(static_cast<int32_t>(mag)) * kSubnormalStep);
+    return bits_to_f32(sign | select_bits(mag >= kSpecial, special, select_bits(mag >= (1u << M), normal, subnormal)));
+  }
+};
+using E4M3 = Fp8<3, 7, 0x7eu, 0x7fu>;   // max 448
+using E5M2 = Fp8<2, 15, 0x7bu, 0x7cu>;  // max 57344
+
+using quant::Format;
+
+float format_max(Format f) { return f == quant::kInt8 ? 127.0f : f == quant::kE4M3 ? 448.0f : 57344.0f; }
+
+// ------------------------------------------------------------------------------- element loops
+PYTRAIN_SIMD uint32_t absmax_bits(const float* __restrict x, int64_t n) {
+  uint32_t m = 0;
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t a = f32_to_bits(x[i]) & kAbsMask;
+    m = a > m ? a : m;
+  }
+  return m;
+}
+
+// No clamp needed: |x| <= amax, so |y| <= 127 (1 + 2^-24)^2 < 127.5 and rint(y) is in [-127, 127].
+PYTRAIN_SIMD void cast_int8(const float* __restrict x, int8_t* __restrict q, int64_t n, float inv) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) q[i] = static_cast<int8_t>(static_cast<int32_t>(std::rint(x[i] * inv)));
+}
+
+inline uint32_t lowbias32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  return x ^ (x >> 16);
+}
+
+// `first`: flat index of x[0], the counter of the hash.  y = x * inv goes through a buffer so that
+// d = y - r uses the rounded product: GCC contracts x * inv - r into an FMA in C++ otherwise.
+PYTRAIN_SIMD void cast_int8_stochastic(const float* __restrict x, int8_t* __restrict q, int64_t n, float inv,
+                                       int64_t first, uint32_t s0, uint32_t s1) {
+  alignas(64) float y[kTile];
+  for (int64_t base = 0; base < n; base += kTile) {
+    const int64_t m = std::min(kTile, n - base);
+#pragma omp simd
+    for (int64_t i = 0; i < m; ++i) y[i] = x[base + i] * inv;
+#pragma omp simd
+    for (int64_t i = 0; i < m; ++i) {
+      const uint64_t idx = static_cast<uint64_t>(first + base + i);
+      const uint32_t u24 = lowbias32(lowbias32(static_cast<uint32_t>(idx) ^ s0) ^ static_cast<uint32_t>(idx >> 32) ^ s1) >> 8;
+      const float r = std::rint(y[i]);
+      const float d = y[i] - r;
+      const float up = static_cast<float>(static_cast<int32_t>(static_cast<float>(static_cast<int32_t>(u24)) < std::fabs(d) * 0x1p24f));
+      const int32_t c = static_cast<int32_t>(r + std::copysign(up, d));  // 127 + 1 possible: clamp
+      q[base + i] = static_cast<int8_t>(std::min(std::max(c, -127), 127));
+    }
+  }
+}
+
+template <class F>
+PYTRAIN_SIMD void cast_fp8(const float* __restrict x, uint8_t* __restrict q, int64_t n, float inv) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = f32_to_bits(x[i] * inv);
+    q[i] = static_cast<uint8_t>(((u >> 24) & 0x80u) | F::encode(u & kAbsMask));
+  }
+}
+
+template <class F>
+PYTRAIN_SIMD void decode_fp8(const uint8_t* __restrict q, float* __restrict out, int64_t n, float scale) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = F::decode(q[i]) * scale;
+}
+
+PYTRAIN_SIMD void decode_int8(const int8_t* __restrict q, float* __restrict out, int64_t n, float scale) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(q[i]) * scale;
+}
+
+// ------------------------------------------------------------------------------- groups
+struct GroupScale {
+  float scale;  // stored scale: amax / qmax, 0 (zero / tiny group) or NaN (non-finite group)
+  float inv;    // qmax / amax, or 0 when the codes are all 0
+};
+
+GroupScale group_scale(uint32_t amax_bits, float qmax) {
+  if (amax_bits >= kInfBits) return {std::numeric_limits<float>::quiet_NaN(), 0.0f};
+  const float amax = bits_to_f32(amax_bits);
+  if (amax < qmax * 0x1p-126f) return {0.0f, 0.0f};
+  return {amax / qmax, qmax / amax};
+}
+
+struct QuantizeJob {
+  F32Tiles src;
+  Format fmt;
+  bool stochastic;
+  uint32_t s0, s1;
+  char* codes;
+  float* scales;
+  int64_t numel, group;
+
+  // Calls f(fp32 values, first element, count) for elements [begin, begin + n), a tile at a time
+  // unless the input is float32 (then in one piece, in place).
+  template <class F>
+  void tiles(int64_t begin, int64_t n, const F& f) const {
+    alignas(64) float buf[kTile];
+    const int64_t step = tile_size(n, src.in_place());
+    for (int64_t off = 0; off < n; off += step) {
+      const int64_t m = std::min(step, n - off);
+      f(src.load(begin + off, m, buf), begin + off, m);
+    }
+  }
+
+  uint32_t absmax(int64_t begin, int64_t n) const {
+    uint32_t m = 0;
+    tiles(begin, n, [&](const float* x, int64_t, int64_t k) { m = std::max(m, absmax_bits(x, k)); });
+    return m;
+  }
+
+  void cast(int64_t begin, int64_t n, float inv) const {
+    if (inv == 0.0f) {
+      std::memset(codes + begin, 0, n);
+      return;
+    }
+    tiles(begin, n, [&](const float* x, int64_t first, int64_t k) {
+      void* q = codes + first;
+      switch (fmt) {
+        case quant::kInt8:
+          if (stochastic) {
+            cast_int8_stochastic(x, static_cast<int8_t*>(q), k, inv, first, s0, s1);
+          } else {
+            cast_int8(x, static_cast<int8_t*>(q), k, inv);
+          }
+          break;
+        case quant::kE4M3: cast_fp8<E4M3>(x, static_cast<uint8_t*>(q), k, inv); break;
+        case quant::kE5M2: cast_fp8<E5M2>(x, static_cast<uint8_t*>(q), k, inv); break;
+      }
+    });
+  }
+
+  int64_t group_end(int64_t g) const { return std::min(numel, (g + 1) * group); }
+
+  // Groups of at most kChunk elements: absmax, scale and cast of each group in one visit.
+  void run_fused() const {
+    const int64_t groups = quant::num_groups(numel, group);
+    const float qmax = format_max(fmt);
+    at::parallel_for(0, groups, std::max<int64_t>(1, kChunk / group), [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t begin = g * group, n = group_end(g) - begin;
+        const GroupScale s = group_scale(absmax(begin, n), qmax);
+        scales[g] = s.scale;
+        cast(begin, n, s.inv);
+      }
+    });
+  }
+
+  // Larger groups: pieces of kChunk elements (a group's last piece may be shorter), absmax of every
+  // piece in parallel, one scale per group, then every piece cast in parallel.
+  void run_pieces() const {
+    const int64_t groups = quant::num_groups(numel, group), per_group = quant::num_groups(group, kChunk);
+    auto piece = [&](int64_t p, int64_t& begin, int64_t& n) {
+      const int64_t g = p / per_group;
+      begin = g * group + (p % per_group) * kChunk;
+      n = std::max<int64_t>(0, std::min(kChunk, group_end(g) - begin));
+    };
+    std::vector<uint32_t> piece_max(groups * per_group, 0);
+    at::parallel_for(0, groups * per_group, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0, begin, n; p < p1; ++p) {
+        piece(p, begin, n);
+        piece_max[p] = absmax(begin, n);
+      }
+    });
+    std::vector<float> inv(groups);
+    for (int64_t g = 0; g < groups; ++g) {
+      const auto first = piece_max.begin() + g * per_group;
+      const GroupScale s = group_scale(*std::max_element(first, first + per_group), format_max(fmt));
+      scales[g] = s.scale;
+      inv[g] = s.inv;
+    }
+    at::parallel_for(0, groups * per_group, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0, begin, n; p < p1; ++p) {
+        piece(p, begin, n);
+        cast(begin, n, inv[p / per_group]);
+      }
+    });
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& x, c10::string_view fmt_name, int64_t group_size,
+                                                bool stochastic, int64_t seed) {
+  const Format fmt = quant::parse_format(std::string_view(fmt_name.data(), fmt_name.size()));
+  TORCH_CHECK(x.device().is_cpu(), "quantize: the CPU kernel got x on ", x.device());
+  check_float_dtype("quantize", "x", x.scalar_type());
+  quant::check_quantize_args(x, fmt, group_size, stochastic, seed);
+  const int64_t numel = x.numel(), groups = quant::num_groups(numel, group_size);
+  at::Tensor codes = at::empty(x.sizes(), x.options().dtype(quant::code_dtype(fmt)));
+  at::Tensor scales = at::empty({groups}, x.options().dtype(at::kFloat));
+  if (numel == 0) return {codes, scales};
+  const uint64_t s = static_cast<uint64_t>(seed);
+  const QuantizeJob job{F32Tiles(x), fmt, stochastic, static_cast<uint32_t>(s), static_cast<uint32_t>(s >> 32),
+                        static_cast<char*>(codes.data_ptr()), scales.data_ptr<float>(), numel, group_size};
+  if (group_size <= kChunk) {
+    job.run_fused();
+  } else {
+    job.run_pieces();
+  }
+  return {codes, scales};
+}
+
+// Decodes elements [begin, begin + n) of one group into fp32 `out`.
+void decode_range(const at::Tensor& data, int64_t begin, int64_t n, float scale, float* out) {
+  const void* q = static_cast<const char*>(data.data_ptr()) + begin;
+  switch (data.scalar_type()) {
+    case at::kChar: decode_int8(static_cast<const int8_t*>(q), out, n, scale); break;
+    case at::kFloat8_e4m3fn: decode_fp8<E4M3>(static_cast<const uint8_t*>(q), out, n, scale); break;
+    default: decode_fp8<E5M2>(static_cast<const uint8_t*>(q), out, n, scale); break;
+  }
+}
+
+at::Tensor dequantize_cpu(const at::Tensor& data, const at::Tensor& scales, int64_t group_size, at::ScalarType dtype) {
+  quant::check_dequantize_args(data, scales, group_size);
+  TORCH_CHECK(data.device().is_cpu(), "dequantize: the CPU kernel got data on ", data.device());
+  check_float_dtype("dequantize", "outputs", dtype);
+  const int64_t numel = data.numel();
+  at::Tensor out = at::empty(data.sizes(), data.options().dtype(dtype));
+  const F32Tiles dst(out);
+  const float* scale = scales.data_ptr<float>();
+  float* out_f32 = dtype == at::kFloat ? out.data_ptr<float>() : nullptr;
+  at::parallel_for(0, numel, kChunk, [&](int64_t lo, int64_t hi) {
+    alignas(64) float buf[kTile];
+    for (int64_t begin = lo; begin < hi;) {
+      const int64_t g = begin / group_size;
+      const int64_t end = std::min({hi, (g + 1) * group_size, out_f32 ? hi : begin + kTile});
+      float* vals = out_f32 ? out_f32 + begin : buf;
+      decode_range(data, begin, end - begin, scale[g], vals);
+      dst.store(begin, end - begin, vals);
+      begin = end;
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pytrain, CPU, m) {
+  m.impl("quantize", &quantize_cpu);
+  m.impl("dequantize", &dequantize_cpu);
+}
+
+}  // namespace pytrain::cpu
