@@ -4,6 +4,7 @@ See ``pytrain.ops.registry`` for how a backend is chosen and ``pytrain.info()``
 for which backends this process can use.
 """
 from .attention import flash_attention
+from . import compress_ops  # noqa: F401 (registers the gradient-compression ops)
 from .optim_ops import adamw_step, global_norm, lamb_step, lars_step
 from . import quant_ops  # noqa: F401 (registers the quantize / dequantize ops)
 from .registry import REGISTRIES, NoImplementationError, registry

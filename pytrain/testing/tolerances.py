@@ -71,6 +71,24 @@ ATTENTION_ATOL: Dict[torch.dtype, float] = {
 }
 
 
+def assert_product_close(actual: Tensor, expected: Tensor, magnitude: Tensor, inner: int, dtype: torch.dtype,
+                         msg: str = "") -> None:
+    """Assert a matrix product computed in ``dtype`` matches its float64 value ``expected``.
+
+    A dot product of ``inner`` terms summed in any order errs by at most about inner * u * sum |a_i b_i| (Higham,
+    Accuracy and Stability of Numerical Algorithms, 2002, section 3.1; u = eps / 2): so the bound is
+    inner * eps(dtype) * magnitude, where magnitude = |A| @ |B| in float64, plus a tiny absolute slack.
+    """
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected.detach().to("cpu", torch.float64)
+    bound = inner * torch.finfo(dtype).eps * magnitude.detach().to("cpu", torch.float64) + 1e-30
+    excess = (a - e).abs() - bound
+    if a.shape != e.shape or bool((excess > 0).any()) or bool(a.isnan().any()):
+        worst = int(excess.flatten().argmax()) if a.shape == e.shape else -1
+        raise AssertionError(f"{msg}: product differs beyond {inner} * eps({dtype}) * |A||B| (shapes "
+                             f"{tuple(a.shape)} / {tuple(e.shape)}; worst flat index {worst})")
+
+
 #: Quantization round trips: minimum SQNR in dB, 10 log10(sum x^2 / sum (x - dequantize(quantize(x)))^2), per
 #: (format, granularity, data) on 256 x 256 float32 samples (seeded): "gaussian" N(0, 1), "student_t3" Student-t
 #: with 3 degrees of freedom (heavy tails: per-tensor int8 loses most of its levels to the outliers).
