@@ -217,6 +217,8 @@ class Row:
 
     def throughput(self, ceilings: Dict[str, float]) -> Tuple[str, str]:
         """(rate, % of its ceiling): GB/s against the copy ceiling, or GFLOP/s against a matmul ceiling."""
+        if self.ceiling == "wire":  # multi-process cases (bench_hooks): bytes_moved = bytes on the wire per step
+            return f"{self.bytes_moved / 1e6:.3g} MB/step on the wire", "-"
         if self.ceiling == "copy_GBps":  # memory-bound: the better of the copy and in-place update bandwidths
             rate, unit = self.gbps, "GB/s"
             ceiling = max(ceilings.get("copy_GBps", 0.0), ceilings.get("update_GBps", 0.0)) or None

@@ -1,0 +1,79 @@
+"""Top-k sparsified gradient averaging as a DDP communication hook, with error feedback.
+
+Per bucket x (flattened) on each of W ranks, with r the residual of the previous step:
+
+    x <- x + r                                     (error feedback)
+    (v, i) = topk(x, ratio)                        pytrain.comm.topk: exact, or approximate (k to 1.25 k entries)
+    all-gather the counts, then the (v, i) pairs padded to the largest count (one int32 buffer: value bits, index)
+    x_hat = (1/W) sum_ranks scatter_add(i, v)      the same on every rank (same gather order)
+    r <- x with the sent entries zeroed
+
+Bytes per rank: (W - 1) * 8 * max count (+ 8 for the count), against 2 (W - 1) / W * 4 * numel for a plain
+all-reduce: ratio 0.01 on 2 ranks sends ~50x less.  The first iteration runs a plain all-reduce (DDP rebuilds
+its buckets after it).  Non-finite entries sort above every number in ``topk``, so a NaN / inf is always sent
+and lands in the average; the residual is zeroed after such a step.  Buckets need fewer than 2^31 elements.
+"""
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..topk import topk
+from ._common import HookState, allgather_bytes, allreduce_bytes, submit
+
+INDEX_LIMIT = 1 << 31  # indices travel as int32
+
+
+class TopKState(HookState):
+    """State of ``topk_hook``: ratio in (0, 1] of each bucket's entries sent; error_feedback keeps the unsent
+    rest for the next step; exact=False uses the approximate (threshold) selection of ``pytrain.comm.topk``."""
+
+    memory_names = ("residual",)
+
+    def __init__(self, process_group=None, ratio: float = 0.01, error_feedback: bool = True, exact: bool = False):
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio <= 1.0:
+            raise ValueError(f"TopKState: ratio must be in (0, 1], got {ratio!r}")
+        super().__init__(process_group)
+        self.ratio = float(ratio)
+        self.error_feedback = bool(error_feedback)
+        self.exact = bool(exact)
+
+    def config(self) -> dict:
+        return {"ratio": self.ratio, "error_feedback": self.error_feedback, "exact": self.exact}
+
+    def compress(self, bucket: dist.GradBucket, x: Tensor) -> None:
+        if x.numel() >= INDEX_LIMIT:
+            raise ValueError(f"topk_hook: a bucket of {x.numel()} elements is too large (< 2^31; lower bucket_cap_mb)")
+        res = self.residual(bucket.index(), x, x.dtype) if self.error_feedback else None
+        if res is not None:
+            x.add_(res)
+        values, indices = topk(x, self.ratio, exact=self.exact)
+        vals, idx, sent = self.gather(values, indices)
+        if res is not None:
+            res.copy_(x).index_fill_(0, indices, 0)
+            if not bool(torch.isfinite(vals).all()):
+                res.zero_()
+        x.zero_().index_add_(0, idx, vals.div_(self.world_size).to(x.dtype))
+        self.count(sent, allreduce_bytes(x.nbytes, self.world_size))
+
+    def gather(self, values: Tensor, indices: Tensor):
+        """All ranks' (values float32, indices int64), padded with zeros at index 0; and the bytes sent."""
+        world, group = self.world_size, self.process_group
+        counts = torch.empty(world, dtype=torch.int64, device=values.device)
+        count = torch.full((1,), values.numel(), dtype=torch.int64, device=values.device)
+        dist.all_gather_into_tensor(counts, count, group=group, async_op=True).wait()
+        send = torch.zeros(2, int(counts.max()), dtype=torch.int32, device=values.device)
+        send[0, :values.numel()] = values.float().view(torch.int32)
+        send[1, :values.numel()] = indices
+        recv = torch.empty((world * 2, send.shape[1]), dtype=torch.int32, device=values.device)
+        dist.all_gather_into_tensor(recv, send, group=group, async_op=True).wait()
+        sent = allgather_bytes(count.nbytes + send.nbytes, world)
+        return recv[0::2].reshape(-1).view(torch.float32), recv[1::2].reshape(-1).long(), sent
+
+
+def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP comm hook: top-k sparsified averaged gradients (``DDP.register_comm_hook(state, topk_hook)``).
+
+    The returned future holds the bucket's buffer: the average over ranks of each rank's selected entries.
+    """
+    return submit("topk_hook", state, TopKState, bucket)
