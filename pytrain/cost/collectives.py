@@ -1,0 +1,155 @@
+"""Alpha-beta (Hockney) cost model of the collectives, in seconds for messages of ``n_bytes``.
+
+A point-to-point message of ``n`` bytes costs ``alpha + n * beta`` (alpha: latency in s, beta: inverse
+bandwidth in s/byte; Hockney 1994).  With ``p`` processes (Thakur, Rabenseifner & Gropp 2005,
+"Optimization of Collective Communication Operations in MPICH"; Patarasuk & Yuan 2009 for the ring):
+
+    ring all-reduce            2 (p-1) (alpha + n beta / p)        reduce-scatter + all-gather
+    reduce-scatter, all-gather   (p-1) (alpha + n beta / p)        n = the full (unsharded) buffer
+    Rabenseifner all-reduce    2 log2(p) alpha + 2 (p-1)/p n beta   recursive halving + doubling
+    tree all-reduce            2 log2(p) (alpha + n beta)           reduce up a binary tree, broadcast down
+    all-to-all (pairwise)        (p-1) (alpha + n beta / p)        every rank sends n/p to each other rank
+    hierarchical all-reduce    RS intra + AR inter (n/g) + AG intra (g ranks per node; Jia et al. 2018)
+
+The reduction arithmetic is not modelled separately (gamma = 0): on a calibrated link it is part of
+the fitted beta.  nccl-tests' reporting (PERFORMANCE.md): ``algbw = n / t``;
+``busbw = algbw * 2 (p-1)/p`` for all-reduce, ``(p-1)/p`` for reduce-scatter / all-gather /
+all-to-all, ``1`` for broadcast, reduce and p2p.  With one process every collective costs 0.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict
+
+
+@dataclass(frozen=True)
+class Link:
+    """A link of the alpha-beta model: ``alpha`` latency (s) per message, ``beta`` s/byte (1 / bandwidth)."""
+
+    alpha: float
+    beta: float
+
+    def __post_init__(self):
+        for name in ("alpha", "beta"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                unit = "s/byte" if name == "beta" else "s"
+                raise ValueError(f"Link.{name} must be a finite number >= 0 ({unit}), got {value!r}")
+
+    @classmethod
+    def from_bandwidth(cls, latency_s: float, bytes_per_s: float) -> "Link":
+        """A link from its latency (s) and bandwidth (bytes/s), e.g. ``Link.from_bandwidth(5e-6, 400e9 / 8)``."""
+        if not bytes_per_s > 0:
+            raise ValueError(f"bandwidth must be > 0 bytes/s, got {bytes_per_s!r}")
+        return cls(latency_s, 1.0 / bytes_per_s)
+
+    @property
+    def bandwidth(self) -> float:
+        """Bytes per second (inf for beta = 0)."""
+        return math.inf if self.beta == 0 else 1.0 / self.beta
+
+
+def _check(n_bytes: float, p: int, link: Link) -> None:
+    if not (isinstance(n_bytes, (int, float)) and math.isfinite(n_bytes) and n_bytes >= 0):
+        raise ValueError(f"n_bytes must be a finite number >= 0, got {n_bytes!r}")
+    if not (isinstance(p, int) and p >= 1):
+        raise ValueError(f"the number of processes p must be an int >= 1, got {p!r}")
+    if not isinstance(link, Link):
+        raise TypeError(f"link must be a pytrain.cost.Link, got {type(link).__name__}")
+
+
+def ring_allreduce(n_bytes: float, p: int, link: Link) -> float:
+    """Ring all-reduce of ``n_bytes`` on ``p`` ranks: ``2 (p-1) (alpha + n beta / p)`` s (Patarasuk & Yuan 2009)."""
+    _check(n_bytes, p, link)
+    return 2 * (p - 1) * (link.alpha + n_bytes * link.beta / p)
+
+
+def reduce_scatter(n_bytes: float, p: int, link: Link) -> float:
+    """Ring reduce-scatter of an ``n_bytes`` buffer (each rank keeps n/p): ``(p-1) (alpha + n beta / p)`` s."""
+    _check(n_bytes, p, link)
+    return (p - 1) * (link.alpha + n_bytes * link.beta / p)
+
+
+def all_gather(n_bytes: float, p: int, link: Link) -> float:
+    """Ring all-gather into an ``n_bytes`` buffer (each rank contributes n/p): ``(p-1) (alpha + n beta / p)`` s."""
+    _check(n_bytes, p, link)
+    return (p - 1) * (link.alpha + n_bytes * link.beta / p)
+
+
+def rabenseifner_allreduce(n_bytes: float, p: int, link: Link) -> float:
+    """Recursive halving reduce-scatter + recursive doubling all-gather (Rabenseifner 2004; Thakur et al. 2005):
+    ``2 log2(p) alpha + 2 (p-1)/p n beta`` s (p a power of two; other p round log2 up)."""
+    _check(n_bytes, p, link)
+    return 2 * math.ceil(math.log2(p)) * link.alpha + 2 * (p - 1) / p * n_bytes * link.beta
+
+
+def tree_allreduce(n_bytes: float, p: int, link: Link) -> float:
+    """Binary-tree reduce then broadcast of the whole message: ``2 ceil(log2 p) (alpha + n beta)`` s
+    (Thakur et al. 2005, unpipelined tree)."""
+    _check(n_bytes, p, link)
+    return 2 * math.ceil(math.log2(p)) * (link.alpha + n_bytes * link.beta)
+
+
+def all_to_all(n_bytes: float, p: int, link: Link) -> float:
+    """Pairwise-exchange all-to-all, ``n_bytes`` sent per rank in total (n/p to each peer):
+    ``(p-1) (alpha + n beta / p)`` s (Thakur et al. 2005)."""
+    _check(n_bytes, p, link)
+    return (p - 1) * (link.alpha + n_bytes * link.beta / p)
+
+
+def hierarchical_allreduce(n_bytes: float, gpus_per_node: int, nodes: int, intra: Link, inter: Link) -> float:
+    """Two-level all-reduce (Jia et al. 2018, "Highly Scalable Deep Learning Training System with Mixed-Precision"):
+    ring reduce-scatter inside each node over ``gpus_per_node`` ranks, ring all-reduce of the n/g shard across
+    ``nodes`` (g concurrent rings on separate NICs), ring all-gather inside the node:
+    ``RS_intra(n, g) + AR_inter(n/g, N) + AG_intra(n, g)`` s."""
+    _check(n_bytes, gpus_per_node, intra)
+    _check(n_bytes, nodes, inter)
+    return (reduce_scatter(n_bytes, gpus_per_node, intra) + ring_allreduce(n_bytes / gpus_per_node, nodes, inter)
+            + all_gather(n_bytes, gpus_per_node, intra))
+
+
+# bus-bandwidth factor per collective (nccl-tests PERFORMANCE.md)
+_BUS_FACTOR: Dict[str, Callable[[int], float]] = {
+    "all_reduce": lambda p: 2 * (p - 1) / p,
+    "reduce_scatter": lambda p: (p - 1) / p,
+    "all_gather": lambda p: (p - 1) / p,
+    "all_to_all": lambda p: (p - 1) / p,
+    "broadcast": lambda p: 1.0,
+    "reduce": lambda p: 1.0,
+    "send_recv": lambda p: 1.0,
+}
+
+
+def algbw(n_bytes: float, seconds: float) -> float:
+    """Algorithm bandwidth in bytes/s: ``n / t`` (nccl-tests PERFORMANCE.md)."""
+    if not seconds > 0:
+        raise ValueError(f"seconds must be > 0, got {seconds!r}")
+    return n_bytes / seconds
+
+
+def busbw(n_bytes: float, seconds: float, p: int, op: str = "all_reduce") -> float:
+    """Bus bandwidth in bytes/s, comparable across p with the hardware peak: ``algbw * factor(op, p)``,
+    factor ``2(p-1)/p`` for all-reduce, ``(p-1)/p`` for reduce-scatter / all-gather / all-to-all, 1 otherwise."""
+    if op not in _BUS_FACTOR:
+        raise ValueError(f"unknown collective {op!r}; one of {sorted(_BUS_FACTOR)}")
+    if not (isinstance(p, int) and p >= 1):
+        raise ValueError(f"p must be an int >= 1, got {p!r}")
+    return algbw(n_bytes, seconds) * _BUS_FACTOR[op](p)
+
+
+# ops whose cost is linear in (alpha, beta) as ``a(p) alpha + b(p) n beta``: used by calibrate to fit a Link
+COLLECTIVES: Dict[str, Callable[[float, int, Link], float]] = {
+    "all_reduce": ring_allreduce,
+    "reduce_scatter": reduce_scatter,
+    "all_gather": all_gather,
+    "all_to_all": all_to_all,
+}
+
+
+def coefficients(op: str, p: int) -> tuple:
+    """(a, b) with ``cost(n) = a alpha + b n beta`` for the collective ``op`` on ``p`` ranks."""
+    if op not in COLLECTIVES:
+        raise ValueError(f"unknown collective {op!r}; one of {sorted(COLLECTIVES)}")
+    model = COLLECTIVES[op]
+    return model(0, p, Link(1.0, 0.0)), model(1.0, p, Link(0.0, 1.0))

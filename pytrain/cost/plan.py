@@ -1,0 +1,156 @@
+"""Planner: enumerate DP x PP x TP layouts, micro-batching, recompute, ZeRO and gradient compression for a
+transformer on a cluster; predict step time and memory per device; rank.
+
+For a layout (d, p, t) with d p t = devices, micro-batch b and m = B / (d b) micro-batches per step:
+
+    FLOPs per step   F = 6 N B s + 12 L B s^2 h   (Kaplan et al. 2020: 6 per parameter per token, forward
+                     + backward; plus attention scores and values), x 4/3 with full recompute
+    compute          c = F / (d p t) / (flops * efficiency);  pipeline (1F1B): c (1 + (p-1)/m)
+    tensor parallel  m * (L/p) * tp_layer_comm(s, b, h, t)       on the intra-node link (t <= GPUs per node)
+    pipeline p2p     (m + p - 1) * 2 (alpha + s b h e / t * beta)  per boundary slot (scatter/gather of the
+                     activation over t: Narayanan et al. 2021), inter-node when p t spans nodes
+    data parallel    ddp_step's bucketed all-reduce of N/(p t) gradients (e bytes, x compression ratio)
+                     overlapped with the backward: ring on the intra link when d p t fits a node, ring on the
+                     inter link when p t fills a node, else hierarchical (g = GPUs per node / (p t))
+    memory           memory_per_device(N/(p t), bf16 params and grads, fp32 masters, optimizer state,
+                     ZeRO over d) + activation_memory(s, b, h, a, L/p) / t x in-flight micro-batches
+
+Configurations that do not fit in device memory are dropped; the rest are sorted by predicted step time
+(equal to 3 significant digits: less compression first, as compression costs accuracy, then less memory).
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Sequence
+
+from .clusters import Cluster
+from .collectives import Link, hierarchical_allreduce, ring_allreduce
+from .ddp import ddp_step
+from .memory import MemoryEstimate, activation_memory, memory_per_device
+from .pipeline import bubble_fraction, inflight_microbatches
+from .tensor_parallel import tp_layer_comm
+
+BYTES = 2  # bf16 parameters, gradients and activations (mixed precision)
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """One layout and its predictions: seconds per step and its parts, memory per device (bytes)."""
+
+    dp: int
+    pp: int
+    tp: int
+    micro_batch: int
+    microbatches: int
+    recompute: str
+    zero_stage: int
+    compression: float
+    step_s: float
+    compute_s: float
+    tp_comm_s: float
+    pp_comm_s: float
+    dp_exposed_s: float
+    bubble: float
+    memory: MemoryEstimate
+    tokens_per_s: float
+
+    def describe(self) -> str:
+        """One line naming the layout and its options."""
+        return (f"dp={self.dp} pp={self.pp} tp={self.tp} b={self.micro_batch} m={self.microbatches} "
+                f"recompute={self.recompute} zero={self.zero_stage} compression={self.compression:g}")
+
+
+def training_flops(n_params: float, layers: int, hidden: int, seq: int, batch: int, recompute: str = "none") -> float:
+    """FLOPs of one training step: ``6 N B s + 12 L B s^2 h``, x 4/3 with full recompute (one more forward)."""
+    flops = 6 * n_params * batch * seq + 12 * layers * batch * seq * seq * hidden
+    return flops * (4 / 3 if recompute == "full" else 1.0)
+
+
+def _dp_allreduce(cluster: Cluster, dp: int, pp: int, tp: int):
+    """(allreduce cost function, link) for the data-parallel ring given the rank layout (tp fastest, then pp)."""
+    inner, g = pp * tp, cluster.gpus_per_node
+    if dp * inner <= g:
+        return ring_allreduce, cluster.intra
+    if inner >= g:
+        return ring_allreduce, cluster.inter
+    per_node = g // inner
+    return (lambda n, p, link: hierarchical_allreduce(n, per_node, p // per_node, cluster.intra, cluster.inter),
+            cluster.inter)
+
+
+def _evaluate(n_params, layers, hidden, heads, seq, global_batch, cluster, dp, pp, tp, b, recompute, zero,
+              compression, optimizer, state_dtype) -> PlanConfig:
+    m = global_batch // (dp * b)
+    rate = cluster.flops * cluster.efficiency
+    compute = training_flops(n_params, layers, hidden, seq, global_batch, recompute) / (dp * pp * tp) / rate
+    pipe_compute = compute * (1 + (pp - 1) / m)
+    tp_comm = m * (layers // pp) * tp_layer_comm(seq, b, hidden, tp, cluster.intra) if tp > 1 else 0.0
+    p2p_link: Link = cluster.inter if pp * tp > cluster.gpus_per_node else cluster.intra
+    pp_comm = (m + pp - 1) * 2 * (p2p_link.alpha + seq * b * hidden * BYTES / tp * p2p_link.beta) if pp > 1 else 0.0
+    allreduce, link = _dp_allreduce(cluster, dp, pp, tp)
+    shard = int(n_params // (pp * tp))
+    dp_est = ddp_step(shard, compute_s=pipe_compute + tp_comm + pp_comm, world_size=dp, link=link,
+                      bytes_per_element=BYTES, compression_ratio=compression, allreduce=allreduce)
+    acts = activation_memory(seq, b, hidden, heads, layers // pp, bytes_per_element=BYTES, dropout=False,
+                             recompute=recompute, flash=recompute != "full") / tp
+    inflight = inflight_microbatches(pp, m, "1f1b") if pp > 1 else 1.0
+    mem = memory_per_device(shard, param_bytes=BYTES, master_weights=True, optimizer=optimizer,
+                            state_dtype=state_dtype, zero_stage=zero, dp=dp, activations=acts * inflight)
+    step = dp_est.step_s
+    return PlanConfig(dp, pp, tp, b, m, recompute, zero, compression, step, pipe_compute, tp_comm, pp_comm,
+                      dp_est.exposed_comm_s, bubble_fraction(pp, m, "1f1b") if pp > 1 else 0.0, mem,
+                      global_batch * seq / step)
+
+
+def _divisors(n: int) -> List[int]:
+    """The divisors of n, ascending."""
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def plan(model_params: float, layers: int, hidden: int, seq: int, global_batch: int, cluster: Cluster, *,
+         heads: Optional[int] = None, micro_batches: Sequence[int] = (1, 2, 4, 8),
+         recompute: Iterable[str] = ("none", "full"), zero_stages: Iterable[int] = (0, 1),
+         compression: Iterable[float] = (1.0, 0.5, 0.25), optimizer: str = "adamw", state_dtype: str = "fp32",
+         include_oom: bool = False) -> List[PlanConfig]:
+    """Every valid configuration ranked by predicted step time (fastest first); see the module docstring.
+
+    Valid: dp pp tp = cluster devices, tp <= GPUs per node and divides heads and hidden, pp divides layers,
+    the global batch splits into dp x micro_batch x m with m >= pp.  ``heads`` defaults to hidden / 128.
+    Configurations over the device memory are left out unless ``include_oom`` (then listed after the
+    fitting ones).  Raises ValueError when nothing is valid."""
+    heads = heads or max(1, hidden // 128)
+    for name, value in (("layers", layers), ("hidden", hidden), ("seq", seq), ("global_batch", global_batch),
+                        ("heads", heads)):
+        if not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if not model_params > 0:
+        raise ValueError(f"model_params must be > 0, got {model_params!r}")
+    if not isinstance(cluster, Cluster):
+        raise TypeError(f"cluster must be a pytrain.cost.Cluster (see get_cluster), got {type(cluster).__name__}")
+    n = cluster.devices
+    configs = []
+    for tp, pp in itertools.product(_divisors(n), _divisors(n)):
+        dp = n // (tp * pp)
+        if (dp * pp * tp != n or tp > cluster.gpus_per_node or heads % tp or hidden % tp or layers % pp):
+            continue
+        for b, rc, zero, comp in itertools.product(micro_batches, recompute, zero_stages, compression):
+            if global_batch % (dp * b) or global_batch // (dp * b) < pp or (zero and dp == 1):
+                continue
+            if comp < 1 and dp == 1:
+                continue
+            configs.append(_evaluate(model_params, layers, hidden, heads, seq, global_batch, cluster, dp, pp, tp, b,
+                                     rc, zero, comp, optimizer, state_dtype))
+    if not configs:
+        raise ValueError(f"no valid layout for {n} devices: global_batch={global_batch} must split into "
+                         f"dp x micro_batch x m (m >= pp) with pp dividing layers={layers} and tp dividing "
+                         f"heads={heads} and hidden={hidden}")
+    ranked = sorted(configs, key=_rank_key)
+    fits = [c for c in ranked if c.memory.total <= cluster.memory_bytes]
+    return fits + [c for c in ranked if c.memory.total > cluster.memory_bytes] if include_oom else fits
+
+
+def _rank_key(c: PlanConfig) -> tuple:
+    """Fastest first (to 3 significant digits: closer is within the model's error); on a tie the less
+    lossy compression, then the smaller memory."""
+    return float(f"{c.step_s:.3g}"), -c.compression, c.memory.total

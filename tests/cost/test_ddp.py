@@ -1,0 +1,72 @@
+"""DDP step model: buckets, overlap with the backward pass, compression; hand-computed cases and limits."""
+import pytest
+
+from pytrain.cost import Link, bucket_sizes, ddp_step, ring_allreduce
+
+MiB = 2**20
+LINK = Link(alpha=100e-6, beta=1e-9)
+
+
+def test_bucket_sizes():
+    assert bucket_sizes(60 * MiB) == [MiB, 25 * MiB, 25 * MiB, 9 * MiB]
+    assert bucket_sizes(MiB // 2) == [MiB // 2]
+    assert bucket_sizes(0) == []
+
+
+def test_one_process_has_no_communication():
+    est = ddp_step(10**6, compute_s=0.1, world_size=1, link=LINK, optimizer_s=0.01, copy_s=0.002)
+    assert est.comm_s == 0 and est.exposed_comm_s == 0
+    assert est.step_s == pytest.approx(0.112) and est.compute_s == pytest.approx(0.112)
+
+
+def test_single_bucket_is_fully_exposed():
+    # one bucket: it is ready only when the backward ends, so none of its all-reduce hides
+    n = 10**6
+    est = ddp_step(n, compute_s=0.3, world_size=4, link=LINK, first_bucket_bytes=4 * n)
+    comm = ring_allreduce(4 * n, 4, LINK)
+    assert est.comm_s == pytest.approx(comm) and est.exposed_comm_s == pytest.approx(comm)
+    assert est.step_s == pytest.approx(0.3 + comm) and est.comm_compute_ratio == pytest.approx(comm / 0.3)
+
+
+def test_hand_computed_two_buckets():
+    # 2 equal buckets of 8 MB; compute 0.3 s = forward 0.1 + backward 0.2; each all-reduce (p=2) 0.1 + 8 ms
+    n = 4 * 10**6
+    est = ddp_step(n, compute_s=0.3, world_size=2, link=Link(0.05, 1e-9), bucket_bytes=8e6, first_bucket_bytes=8e6)
+    t = 2 * 0.05 + 8e6 * 1e-9
+    # bucket 0 ready at 0.2, ends 0.2 + t; bucket 1 ready at 0.3, starts at max(0.3, 0.2 + t), ends + t
+    end = max(0.3, 0.2 + t) + t
+    assert est.exposed_comm_s == pytest.approx(end - 0.3)
+    assert ddp_step(n, compute_s=0.3, world_size=2, link=Link(0.05, 1e-9), bucket_bytes=8e6, first_bucket_bytes=8e6,
+                    overlap=False).exposed_comm_s == pytest.approx(2 * t)
+
+
+def test_overlap_hides_small_communication():
+    est = ddp_step(25 * 10**6, compute_s=10.0, world_size=8, link=Link(5e-6, 1 / 50e9))
+    last = ring_allreduce(est.buckets[-1], 8, Link(5e-6, 1 / 50e9))
+    assert est.exposed_comm_s == pytest.approx(last, rel=1e-6)  # only the last bucket sticks out
+    assert est.exposed_comm_s < est.comm_s
+
+
+def test_monotonic():
+    base = dict(compute_s=0.05, world_size=8, link=LINK)
+    steps = [ddp_step(50 * 10**6, compression_ratio=r, **base).step_s for r in (1.0, 0.5, 0.25, 0.01)]
+    assert steps == sorted(steps, reverse=True)  # less to send, never slower
+    by_p = [ddp_step(50 * 10**6, compute_s=0.05, world_size=p, link=LINK).comm_s for p in (2, 4, 16)]
+    assert by_p == sorted(by_p)
+    assert ddp_step(10**7, overlap=False, **base).step_s >= ddp_step(10**7, **base).step_s
+    codec = ddp_step(10**7, codec_s=0.01, **base)
+    assert codec.comm_s == pytest.approx(ddp_step(10**7, **base).comm_s + 0.01)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(world_size=0), "world_size"),
+    (dict(compute_s=-1.0), "times"),
+    (dict(compression_ratio=0.0), "compression_ratio"),
+    (dict(compression_ratio=1.5), "compression_ratio"),
+    (dict(backward_fraction=2.0), "backward_fraction"),
+    (dict(bucket_bytes=0), "bucket"),
+])
+def test_bad_input(kwargs, match):
+    args = {**dict(compute_s=0.1, world_size=2, link=LINK), **kwargs}
+    with pytest.raises(ValueError, match=match):
+        ddp_step(10**6, **args)
