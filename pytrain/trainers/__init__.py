@@ -6,6 +6,7 @@ from .checkpoint import CheckpointError, atomic_save, load_checkpoint
 from .ddp import DDPTrainer
 from .launch import DistInfo, SpawnError, init_distributed, spawn
 from .metrics import JsonLogger, ProgressBar
+from .pipeline import PipelineTrainer  # noqa: F401 -- pipeline parallel (GPipe, 1F1B, interleaved)
 
 __all__ = ["CheckpointError", "atomic_save", "load_checkpoint", "DDPTrainer", "DistInfo", "SpawnError",
            "init_distributed", "spawn", "JsonLogger", "ProgressBar"]
