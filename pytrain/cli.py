@@ -1,4 +1,4 @@
-"""The ``pytrain`` command: ``pytrain info | train [options] | bench [names]``."""
+"""The ``pytrain`` command: ``pytrain info | train [options] | bench [names] | cost | plan``."""
 from __future__ import annotations
 
 import sys
@@ -10,6 +10,8 @@ commands:
   info            versions, CPU/GPU features, and which backend serves each op (and why not)
   train [opts]    the main job: train a small transformer on the embedded corpus (pytrain train --help)
   bench [names]   run the benchmark suites (bench/bench_<name>.py; all when no names) and print one table
+  cost [opts]     the cost model of a described model and cluster (pytrain cost --help)
+  plan [opts]     DP/PP/TP configurations ranked by predicted step time (pytrain plan --help)
 """
 
 
@@ -29,6 +31,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .train import main as train_main
 
         return train_main(rest)
+    if command in ("cost", "plan"):
+        from .cost.cli import main as cost_main
+
+        return cost_main(rest, command=command)
     if command == "bench":
         from .bench import main as bench_main
 

@@ -1,0 +1,62 @@
+"""The ``pytrain`` command line: the main job end to end on 2 real processes (small and fast), and its
+clear errors for bad flags."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pytrain.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytrain(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "pytrain", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_train_smoke_two_processes(tmp_path):
+    log = tmp_path / "log.jsonl"
+    out = pytrain("train", "--steps", "6", "--nproc", "2", "--size", "tiny", "--batch", "8", "--eval-every", "3",
+                  "--hook", "allreduce", "--checkpoint-dir", str(tmp_path / "ckpt"), "--log-file", str(log),
+                  "--no-progress")
+    assert out.returncode == 0, out.stdout + out.stderr
+    summary = json.loads(out.stdout.splitlines()[-1].removeprefix("summary: "))
+    assert summary["steps"] == 6 and summary["world_size"] == 2
+    assert summary["final_loss"] < summary["first_loss"]
+    assert summary["tokens_per_s"] > 0 and summary["bytes_sent"] == summary["bytes_uncompressed"] > 0
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 7))
+    assert {"lr", "grad_norm", "tokens_per_s", "samples_per_s", "bytes_sent"} <= set(steps[0])
+    assert [r["step"] for r in records if "val_loss" in r] == [3, 6]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-00000006.pt"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch", "7", "--nproc", "2"], "--batch 7 is not divisible by 2 processes"),
+    (["--hidden", "100", "--heads", "3"], "--hidden 100 is not divisible by --heads 3"),
+    (["--resume"], "--resume needs --checkpoint-dir"),
+    (["--hook", "gzip"], "invalid choice: 'gzip'"),
+])
+def test_train_bad_flags(capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *args])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_command(capsys):
+    assert main(["frobnicate"]) == 2
+    assert "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+def test_cost_and_plan_commands(capsys):
+    assert main(["plan", "--params", "1e9", "--layers", "16", "--hidden", "2048", "--top", "2"]) == 0
+    assert "configurations fit" in capsys.readouterr().out
+    assert main(["cost", "--collective", "25e6"]) == 0
+    assert capsys.readouterr().out.strip()
