@@ -12,6 +12,7 @@ _extension.load_extension()  # registers the C++ kernels if the extension is bui
 
 from . import nn, ops, optim  # noqa: E402,F401
 from .info import info  # noqa: E402,F401
+from .swap import patch_sdpa, swap, unswap  # noqa: E402,F401
 
 __version__ = "0.1.0"
-__all__ = ["nn", "ops", "optim", "info", "__version__"]
+__all__ = ["nn", "ops", "optim", "info", "swap", "unswap", "patch_sdpa", "__version__"]

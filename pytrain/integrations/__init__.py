@@ -1,0 +1,1 @@
+"""Optional integrations with other libraries; each submodule imports its library (import it explicitly)."""
