@@ -10,9 +10,9 @@ from . import _extension
 
 _extension.load_extension()  # registers the C++ kernels if the extension is built
 
-from . import nn, ops, optim  # noqa: E402,F401
+from . import comm, cost, nn, ops, optim, quant  # noqa: E402,F401
 from .info import info  # noqa: E402,F401
 from .swap import patch_sdpa, swap, unswap  # noqa: E402,F401
 
 __version__ = "0.1.0"
-__all__ = ["nn", "ops", "optim", "info", "swap", "unswap", "patch_sdpa", "__version__"]
+__all__ = ["comm", "cost", "nn", "ops", "optim", "quant", "info", "swap", "unswap", "patch_sdpa", "__version__"]

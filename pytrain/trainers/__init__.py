@@ -1,4 +1,5 @@
-"""Trainers on torch.distributed: data parallel (``DDPTrainer``), launch helpers and checkpoints.
+"""Trainers on torch.distributed: data parallel (``DDPTrainer``), pipeline parallel (``PipelineTrainer``),
+launch helpers and checkpoints.
 
     from pytrain.trainers import DDPTrainer, spawn, init_distributed
 """
@@ -6,7 +7,7 @@ from .checkpoint import CheckpointError, atomic_save, load_checkpoint
 from .ddp import DDPTrainer
 from .launch import DistInfo, SpawnError, init_distributed, spawn
 from .metrics import JsonLogger, ProgressBar
-from .pipeline import PipelineTrainer  # noqa: F401 -- pipeline parallel (GPipe, 1F1B, interleaved)
+from .pipeline import PipelineTrainer
 
 __all__ = ["CheckpointError", "atomic_save", "load_checkpoint", "DDPTrainer", "DistInfo", "SpawnError",
-           "init_distributed", "spawn", "JsonLogger", "ProgressBar"]
+           "init_distributed", "spawn", "JsonLogger", "ProgressBar", "PipelineTrainer"]

@@ -43,20 +43,30 @@ class JsonLogger:
 
 
 class ProgressBar:
-    """``[#####.....] 12/100 loss 3.21 ...`` redrawn in place on stderr (rank 0 only)."""
+    """``[#####.....] 12/100 loss 3.21 ...`` redrawn in place on stderr (rank 0 only).
+
+    When the stream is not a terminal (a log file, CI), the bar is written as a plain line
+    at every tenth of the run instead, so logs stay readable.
+    """
 
     def __init__(self, total: int, enabled: bool = True, width: int = 30, stream: IO[str] = sys.stderr):
         self.total, self.width, self.stream = max(1, total), width, stream
         self.enabled = enabled and is_main_rank()
         self._drawn = False
+        self._interactive = getattr(stream, "isatty", lambda: False)()
+        self._every = max(1, self.total // 10)
 
     def update(self, done: int, text: str = "") -> None:
         if not self.enabled:
             return
         filled = min(self.width, self.width * done // self.total)
-        self.stream.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} {text}\033[K")
+        line = f"[{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} {text}"
+        if self._interactive:
+            self.stream.write(f"\r{line}\033[K")
+            self._drawn = True
+        elif done % self._every == 0 or done == self.total:
+            self.stream.write(line + "\n")
         self.stream.flush()
-        self._drawn = True
 
     def close(self) -> None:
         if self.enabled and self._drawn:
