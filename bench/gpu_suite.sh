@@ -122,7 +122,9 @@ if ((!SKIP_TESTS)); then
     "$PY" -m pytest tests -m "not gpu" -q -p no:cacheprovider "${xdist[@]}"
 fi
 
-stage "benchmarks (--device cuda)" "${BENCH_S:-120}" bench "$PY" -m pytrain bench --device cuda
+# the single-device kernel suites (hooks, cost and pipeline start gloo processes on the CPU: not GPU work)
+GPU_SUITES=(adamw lars lamb attention quantize topk powersgd models)
+stage "benchmarks (--device cuda)" "${BENCH_S:-120}" bench "$PY" -m pytrain bench --device cuda "${GPU_SUITES[@]}"
 
 if [[ -n "${OUT:-}" ]]; then
   mkdir -p "$OUT"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "bench"
 # pytest-benchmark's options: no GC pauses inside timed rounds, a short per-case table by name
 BENCHMARK_ARGS = ["--benchmark-disable-gc", "--benchmark-columns=min,median,max,rounds", "--benchmark-sort=name"]
+# torch backs large CPU tensors with transparent huge pages: without it, every freshly allocated
+# output (quantize / dequantize, top-k) is page-faulted in 4 KiB pages inside the timed region.
+BENCH_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
 
 
 def suites() -> List[str]:
@@ -61,7 +65,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if importlib.util.find_spec("pytest_benchmark") is None:
         print("pytrain bench: pytest-benchmark is not installed; timing with bench/conftest.py's plain loop",
               file=sys.stderr)
-    return subprocess.call(pytest_command(opts.names, opts.device, opts.scale, extra), cwd=ROOT)
+    return subprocess.call(pytest_command(opts.names, opts.device, opts.scale, extra), cwd=ROOT,
+                           env={**BENCH_ENV, **os.environ})
 
 
 if __name__ == "__main__":
