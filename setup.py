@@ -139,7 +139,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark"],
+        "test": ["pytest", "pytest-benchmark", "timm", "transformers"],
         "bench": ["pytest-benchmark", "timm"],
     },
     entry_points={"console_scripts": ["pytrain=pytrain.cli:main"]},
