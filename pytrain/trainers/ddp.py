@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from ..comm.hooks import HookState
 from . import checkpoint as ckpt
 from .launch import init_distributed
 from .metrics import JsonLogger, ProgressBar, is_main_rank
@@ -497,9 +498,10 @@ class DDPTrainer:
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         if local["hook"] is not None:
-            self.hook_state.load_state_dict(local["hook"])
-            if self._primed and hasattr(self.hook_state, "plain_until"):
-                self.hook_state.plain_until = 0  # buckets already rebuilt: the memories fit the next step
+            if self._primed and isinstance(self.hook_state, HookState):  # buckets already rebuilt by the warm-up
+                self.hook_state.load_state_dict(local["hook"], buckets_rebuilt=True)
+            else:
+                self.hook_state.load_state_dict(local["hook"])
         _set_rng_state(local["rng"])
 
     def load_state_dict(self, state: dict, source: str = "checkpoint") -> None:

@@ -35,5 +35,5 @@ def register_comm_hook(model: torch.nn.parallel.DistributedDataParallel, state: 
     model.register_comm_hook(state, HOOKS[type(state)])
 
 
-__all__ = ["CommStats", "AllReduceState", "allreduce_hook", "PowerSGDState", "powersgd_hook", "TopKState",
+__all__ = ["CommStats", "HookState", "AllReduceState", "allreduce_hook", "PowerSGDState", "powersgd_hook", "TopKState",
            "topk_hook", "QuantState", "quantized_allreduce_hook", "register_comm_hook"]

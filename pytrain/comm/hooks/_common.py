@@ -225,10 +225,12 @@ class HookState:
                              for name, m in self.memories.items()},
                 **self.extra_state()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, *, buckets_rebuilt: bool = False) -> None:
         """Restore a ``state_dict``.  The next iteration runs a plain all-reduce and keeps the memories: a
         resumed run wraps its model in a new DDP, whose first-iteration buckets differ from the rebuilt ones
-        the memories belong to (DDP rebuilds them after that iteration)."""
+        the memories belong to (DDP rebuilds them after that iteration).  ``buckets_rebuilt=True`` says the
+        caller has already run one iteration of the new DDP (e.g. a zero-loss backward), so the memories fit
+        the next iteration and it compresses at once: the resumed run then matches an uninterrupted one."""
         name = type(self).__name__
         if state.get("kind") != name:
             raise ValueError(f"{name}.load_state_dict: got the state of a {state.get('kind')}")
@@ -238,7 +240,7 @@ class HookState:
         if state["config"] != self.config():
             raise ValueError(f"{name}.load_state_dict: saved with {state['config']}, this state has {self.config()}")
         self.iter = int(state["iter"])
-        self.plain_until = self.iter + 1
+        self.plain_until = 0 if buckets_rebuilt else self.iter + 1
         self.stats = CommStats(**state["stats"])
         self.memories = {name: {int(i): [t.clone() for t in ts] for i, ts in state["memories"][name].items()}
                          for name in self.memory_names}
