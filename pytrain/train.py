@@ -196,7 +196,7 @@ def _predicted_step(trainer, summary: dict) -> dict:
     if trainer.world_size < 2:
         return {"cost_model": "needs >= 2 processes (nothing is communicated on one)"}
     calibration = calibrate()
-    compute = torch.tensor(trainer.measure_compute())
+    compute = torch.tensor(trainer.measure_compute(repeats=10))
     dist.all_reduce(compute, op=dist.ReduceOp.MAX)  # the step waits for the slowest rank
     ratio = _steady_compression(trainer.history)
     n_params = sum(p.numel() for p in trainer.model.parameters())
