@@ -83,11 +83,12 @@ def pytest_collect_file(file_path, parent):
 
 
 def pytest_generate_tests(metafunc):
-    """Providers: the module's PROVIDERS (default torch, pytrain), plus pytrain's Triton backend on CUDA."""
+    """Providers: the module's PROVIDERS (default torch, pytrain), plus on CUDA its CUDA_PROVIDERS (default:
+    pytrain forced onto its Triton backend)."""
     if "provider" in metafunc.fixturenames:
         providers = list(getattr(metafunc.module, "PROVIDERS", BASE_PROVIDERS))
         if metafunc.config.getoption("device") == "cuda":
-            providers += CUDA_PROVIDERS
+            providers += getattr(metafunc.module, "CUDA_PROVIDERS", CUDA_PROVIDERS)
         metafunc.parametrize("provider", providers)
 
 

@@ -192,7 +192,11 @@ class HookState:
         return x
 
     def compress(self, bucket: dist.GradBucket, x: Tensor) -> None:
-        raise NotImplementedError
+        """Replace ``x`` (the flat bucket) in place by its average over the ranks, compressed on the wire.
+
+        Each compressing state (PowerSGD, top-k, quantized) defines it; ``AllReduceState`` has no
+        compressed path and its hook never calls it."""
+        raise NotImplementedError(f"{type(self).__name__} has no compressed path")
 
     def residual(self, bucket_index: int, like: Tensor, dtype: torch.dtype) -> Tensor:
         """The bucket's error-feedback residual (zeros at first), shaped like ``like``."""
