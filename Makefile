@@ -1,21 +1,26 @@
 # The README's two commands: `make train` (main job) and `make test` (test suite).
-# Both create .venv and build the extension on first use; `make install` rebuilds after C++/CUDA edits.
+# Both create .venv with the pinned package set (requirements-test.txt) and build the extension on
+# first use; `make install` rebuilds after C++/CUDA edits (only what changed is recompiled).
+# `make test-latest` runs the same tests against the newest releases, in a copy under build/latest.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
-TORCH  := torch==2.14.1 torchvision==0.29.1
+PINS   := requirements-test.txt
+# What the venv gets: the pinned set, or (test-latest) the newest releases of what the tests import.
+DEPS   ?= -r $(PINS)
+NEWEST := --upgrade pip setuptools torch torchvision triton numpy transformers timm pytest pytest-benchmark ninja
 STAMP  := $(VENV)/.pytrain-installed
+LATEST := build/latest
 
 CMAKE_BUILD := build/cmake
 
-.PHONY: train test pytest ctest install bench info clean
+.PHONY: train test pytest ctest install bench info clean test-latest pin
 
-$(VENV)/.deps-installed:
-	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet $(TORCH)
-	$(PIP) install --quiet ninja numpy pytest pytest-benchmark timm transformers
+$(VENV)/.deps-installed: $(PINS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet $$(grep '^pip==' $(PINS))
+	$(PIP) install --quiet $(DEPS)
 	touch $@
 
 $(STAMP): $(VENV)/.deps-installed setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/* csrc/cuda/*)
@@ -32,11 +37,24 @@ test: ctest pytest
 pytest: $(STAMP)
 	$(PY) -m pytest -q
 
-# C++ unit tests of the CPU kernels' machinery, built against libtorch (CUDA sources are covered by setup.py).
+# C++ unit tests of the kernels' header-level machinery, against libtorch. They need no kernel library,
+# so none is built here (setup.py built the extension already).
 ctest: $(STAMP)
-	cmake -S . -B $(CMAKE_BUILD) -DPYTRAIN_CUDA=OFF -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" > /dev/null
+	cmake -S . -B $(CMAKE_BUILD) -DPYTRAIN_KERNELS=OFF -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" > /dev/null
 	cmake --build $(CMAKE_BUILD) -j2
 	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
+
+# The test suite against the newest releases (opt-in: drift seen on purpose), in a copy of the tracked
+# files so the checkout's .venv and extension stay as they are.  `make pin` then records that set.
+test-latest:
+	rm -rf $(LATEST) && mkdir -p $(LATEST)
+	git ls-files -z | xargs -0 cp -P --parents -t $(LATEST)
+	$(MAKE) -C $(LATEST) test PYTHON=$(PYTHON) DEPS="$(NEWEST)"
+	$(LATEST)/$(PY) -m pip list --format=freeze | grep -E '^(torch|torchvision|triton|numpy|transformers|timm|kernels)=='
+
+pin:
+	test -x $(LATEST)/$(PY) || { echo "run make test-latest first"; exit 1; }
+	{ grep '^#' $(PINS); $(LATEST)/$(PIP) freeze --all --exclude pytrain; } > $(PINS).new && mv $(PINS).new $(PINS)
 
 bench: $(STAMP)
 	$(PY) -m pytrain bench

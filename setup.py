@@ -127,15 +127,29 @@ def _extensions(opts: BuildOptions):
                           extra_link_args=["-fopenmp"])]
 
 
+class BuildExt(BuildExtension.with_options(use_ninja=True)):
+    """Compiles into ``build/temp-<venv>`` of the checkout.  pip's editable installs would otherwise
+    compile in a new temporary folder every time; here ninja finds the objects of the last build for
+    this Python environment, so a rebuild after an edit, or a wheel built after an editable install,
+    recompiles only what changed."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.build_temp = os.path.join(ROOT, "build", "temp-" + os.path.basename(sys.prefix))
+
+
 setup(
     name="pytrain",
     version="0.1.0",
     description="Fast, exact training kernels for PyTorch on GPU and CPU",
+    # kernels/ has no __init__.py on purpose: a regular package there would shadow Hugging Face's
+    # top-level `kernels` in every process started in the checkout.  pytrain/kernels is a symlink to
+    # it, so the Triton kernels are the namespace subpackage `pytrain.kernels` in the checkout, in an
+    # editable install and in a wheel alike (`pytrain.kernels` is the only name they are imported by).
     packages=find_packages(include=["pytrain", "pytrain.*"]) + ["pytrain.kernels"],
-    package_dir={"pytrain.kernels": "kernels"},
     package_data={"pytrain.data": ["corpus.txt"]},
     ext_modules=_extensions(BuildOptions.from_env()),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt},
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy"],
     extras_require={
