@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ..comm.hooks import HookState
+from ..comm.hooks import HookState, make_hook
 from . import checkpoint as ckpt
 from .launch import init_distributed
 from .metrics import JsonLogger, ProgressBar, is_main_rank
@@ -45,7 +45,6 @@ from .schedules import build_scheduler
 
 CHECKPOINT_FORMAT = "pytrain.ddp/1"
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-HOOK_NAMES = ("allreduce", "powersgd", "topk", "int8")
 HookPair = Tuple[Any, Callable]
 
 
@@ -64,22 +63,6 @@ class ResumableSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples - self.skip
-
-
-def make_comm_hook(name: str, process_group=None) -> HookPair:
-    """(state, hook) for a hook name of ``pytrain.comm``: allreduce, powersgd, topk or int8."""
-    try:
-        from .. import comm
-    except ImportError as exc:
-        raise RuntimeError(f"comm_hook={name!r} needs pytrain.comm, which is not available ({exc})") from exc
-    group = process_group if process_group is not None else dist.group.WORLD
-    builders = {"allreduce": lambda: (comm.AllReduceState(group), comm.allreduce_hook),
-                "powersgd": lambda: (comm.PowerSGDState(group), comm.powersgd_hook),
-                "topk": lambda: (comm.TopKState(group), comm.topk_hook),
-                "int8": lambda: (comm.QuantState(group, fmt="int8"), comm.quantized_allreduce_hook)}
-    if name not in builders:
-        raise ValueError(f"unknown comm_hook {name!r}; expected one of {', '.join(HOOK_NAMES)} or a (state, hook) pair")
-    return builders[name]()
 
 
 def _rng_state() -> dict:
@@ -218,7 +201,7 @@ class DDPTrainer:
     def _register_hook(self, comm_hook):
         if comm_hook is None:
             return None
-        state, hook = make_comm_hook(comm_hook) if isinstance(comm_hook, str) else comm_hook
+        state, hook = make_hook(comm_hook) if isinstance(comm_hook, str) else comm_hook
         self.ddp.register_comm_hook(state, hook)
         return state
 
