@@ -92,22 +92,25 @@ def bytes_sent(op: str, n_bytes: float, p: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------ costs (seconds)
+def _ring(op: str, n_bytes: float, p: int, link: Link) -> float:
+    """``steps (alpha + n beta / p)``: the rounds of ``op``, each one message of n/p bytes."""
+    _check(n_bytes, p, link)
+    return ring_steps(op, p) * (link.alpha + n_bytes * link.beta / p)
+
+
 def ring_allreduce(n_bytes: float, p: int, link: Link) -> float:
     """Ring all-reduce of ``n_bytes`` on ``p`` ranks: ``2 (p-1) (alpha + n beta / p)`` s (Patarasuk & Yuan 2009)."""
-    _check(n_bytes, p, link)
-    return ring_steps("all_reduce", p) * (link.alpha + n_bytes * link.beta / p)
+    return _ring("all_reduce", n_bytes, p, link)
 
 
 def reduce_scatter(n_bytes: float, p: int, link: Link) -> float:
     """Ring reduce-scatter of an ``n_bytes`` buffer (each rank keeps n/p): ``(p-1) (alpha + n beta / p)`` s."""
-    _check(n_bytes, p, link)
-    return ring_steps("reduce_scatter", p) * (link.alpha + n_bytes * link.beta / p)
+    return _ring("reduce_scatter", n_bytes, p, link)
 
 
 def all_gather(n_bytes: float, p: int, link: Link) -> float:
     """Ring all-gather into an ``n_bytes`` buffer (each rank contributes n/p): ``(p-1) (alpha + n beta / p)`` s."""
-    _check(n_bytes, p, link)
-    return ring_steps("all_gather", p) * (link.alpha + n_bytes * link.beta / p)
+    return _ring("all_gather", n_bytes, p, link)
 
 
 def rabenseifner_allreduce(n_bytes: float, p: int, link: Link) -> float:
@@ -127,8 +130,7 @@ def tree_allreduce(n_bytes: float, p: int, link: Link) -> float:
 def all_to_all(n_bytes: float, p: int, link: Link) -> float:
     """Pairwise-exchange all-to-all, ``n_bytes`` sent per rank in total (n/p to each peer):
     ``(p-1) (alpha + n beta / p)`` s (Thakur et al. 2005)."""
-    _check(n_bytes, p, link)
-    return ring_steps("all_to_all", p) * (link.alpha + n_bytes * link.beta / p)
+    return _ring("all_to_all", n_bytes, p, link)
 
 
 def hierarchical_allreduce(n_bytes: float, gpus_per_node: int, nodes: int, intra: Link, inter: Link) -> float:
