@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .comm.hooks import HOOK_NAMES
 from .data import default_corpus
 from .ops import flash_attention
 from .optim import FusedAdamW, FusedLAMB, FusedLARS
@@ -34,7 +35,7 @@ from .optim import FusedAdamW, FusedLAMB, FusedLARS
 SIZES = {"tiny": dict(layers=2, hidden=128, heads=4, seq=64),
          "small": dict(layers=3, hidden=192, heads=6, seq=64),
          "base": dict(layers=6, hidden=384, heads=6, seq=128)}
-HOOKS = ("powersgd", "topk", "int8", "allreduce", "none")
+HOOKS = (*HOOK_NAMES, "none")  # --hook: pytrain.comm's hook names, or none (DDP's own all-reduce)
 
 
 @dataclass

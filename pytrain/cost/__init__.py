@@ -1,7 +1,8 @@
 """Analytical cost models of distributed training, in SI units (bytes, seconds, FLOP/s).
 
 * collectives: alpha-beta costs of ring / tree / Rabenseifner / hierarchical all-reduce, reduce-scatter,
-  all-gather, all-to-all; nccl-tests' algbw / busbw.
+  all-gather, all-to-all; the bytes each rank sends (``bytes_sent``, also counted by ``pytrain.comm``'s hooks);
+  nccl-tests' algbw / busbw.
 * calibrate: time collectives on a real ``torch.distributed`` group and fit the link's alpha and beta.
 * ddp: bucketed all-reduce overlapped with the backward pass, compression, comm/compute ratio.
 * pipeline: bubble fractions (GPipe, 1F1B, interleaved), in-flight activations, p2p bytes, step time.
@@ -11,8 +12,8 @@
 """
 from .calibrate import Calibration, calibrate, fit_link, measure_collective
 from .clusters import PRESETS, Cluster, get_cluster
-from .collectives import (Link, algbw, all_gather, all_to_all, busbw, hierarchical_allreduce, rabenseifner_allreduce,
-                          reduce_scatter, ring_allreduce, tree_allreduce)
+from .collectives import (Link, algbw, all_gather, all_to_all, busbw, bytes_sent, hierarchical_allreduce,
+                          rabenseifner_allreduce, reduce_scatter, ring_allreduce, tree_allreduce)
 from .ddp import DDPStepEstimate, bucket_sizes, ddp_step
 from .memory import MemoryEstimate, PeakMemory, activation_memory, memory_per_device, optimizer_state_bytes
 from .pipeline import bubble_fraction, inflight_microbatches, load_balance, p2p_bytes, pipeline_step
@@ -20,7 +21,7 @@ from .plan import PlanConfig, plan, training_flops
 from .tensor_parallel import tp_layer_bytes, tp_layer_comm
 
 __all__ = ["Calibration", "calibrate", "fit_link", "measure_collective", "PRESETS", "Cluster", "get_cluster", "Link",
-           "algbw", "all_gather", "all_to_all", "busbw", "hierarchical_allreduce", "rabenseifner_allreduce",
+           "algbw", "all_gather", "all_to_all", "busbw", "bytes_sent", "hierarchical_allreduce", "rabenseifner_allreduce",
            "reduce_scatter", "ring_allreduce", "tree_allreduce", "DDPStepEstimate", "bucket_sizes", "ddp_step",
            "MemoryEstimate", "PeakMemory", "activation_memory", "memory_per_device", "optimizer_state_bytes",
            "bubble_fraction", "inflight_microbatches", "load_balance", "p2p_bytes", "pipeline_step", "PlanConfig",

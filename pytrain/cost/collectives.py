@@ -11,6 +11,12 @@ bandwidth in s/byte; Hockney 1994).  With ``p`` processes (Thakur, Rabenseifner 
     all-to-all (pairwise)        (p-1) (alpha + n beta / p)        every rank sends n/p to each other rank
     hierarchical all-reduce    RS intra + AR inter (n/g) + AG intra (g ranks per node; Jia et al. 2018)
 
+Traffic model (the one pytrain uses, also for the bytes its DDP communication hooks count): the ring
+collectives and the pairwise all-to-all move a buffer of n bytes as ``steps`` rounds in each of which
+every rank sends one message of n/p bytes, ``steps`` = 2 (p-1) for all-reduce and p-1 for reduce-scatter,
+all-gather (n = the gathered buffer, p times each rank's share) and all-to-all; ``bytes_sent`` is
+``steps n / p`` per rank, and each cost above is ``steps (alpha + n beta / p)``.
+
 The reduction arithmetic is not modelled separately (gamma = 0): on a calibrated link it is part of
 the fitted beta.  nccl-tests' reporting (PERFORMANCE.md): ``algbw = n / t``;
 ``busbw = algbw * 2 (p-1)/p`` for all-reduce, ``(p-1)/p`` for reduce-scatter / all-gather /
@@ -59,22 +65,52 @@ def _check(n_bytes: float, p: int, link: Link) -> None:
         raise TypeError(f"link must be a pytrain.cost.Link, got {type(link).__name__}")
 
 
+# ------------------------------------------------------------------------------------------ traffic model
+#: rounds of the bandwidth-optimal algorithm on p ranks; in each, every rank sends one message of n/p bytes
+RING_STEPS: Dict[str, Callable[[int], int]] = {
+    "all_reduce": lambda p: 2 * (p - 1),  # reduce-scatter + all-gather
+    "reduce_scatter": lambda p: p - 1,
+    "all_gather": lambda p: p - 1,
+    "all_to_all": lambda p: p - 1,  # pairwise exchange
+}
+
+
+def ring_steps(op: str, p: int) -> int:
+    """Rounds of collective ``op`` on ``p`` ranks (module docstring): 2 (p-1) for all-reduce, else p-1."""
+    if op not in RING_STEPS:
+        raise ValueError(f"unknown collective {op!r}; one of {sorted(RING_STEPS)}")
+    return RING_STEPS[op](p)
+
+
+def bytes_sent(op: str, n_bytes: float, p: int) -> float:
+    """Bytes one rank sends in collective ``op`` over an ``n_bytes`` buffer on ``p`` ranks: ``steps n / p``,
+    i.e. 2 (p-1)/p n for all-reduce, (p-1)/p n for reduce-scatter and all-to-all, and (p-1) c for an
+    all-gather of c bytes per rank (n = p c, the gathered buffer).  An int ``n_bytes`` gives whole bytes
+    (rounded down), as the hooks count them."""
+    steps = ring_steps(op, p)
+    return steps * n_bytes // p if isinstance(n_bytes, int) else steps * n_bytes / p
+
+
+# ------------------------------------------------------------------------------------------ costs (seconds)
+def _ring(op: str, n_bytes: float, p: int, link: Link) -> float:
+    """``steps (alpha + n beta / p)``: the rounds of ``op``, each one message of n/p bytes."""
+    _check(n_bytes, p, link)
+    return ring_steps(op, p) * (link.alpha + n_bytes * link.beta / p)
+
+
 def ring_allreduce(n_bytes: float, p: int, link: Link) -> float:
     """Ring all-reduce of ``n_bytes`` on ``p`` ranks: ``2 (p-1) (alpha + n beta / p)`` s (Patarasuk & Yuan 2009)."""
-    _check(n_bytes, p, link)
-    return 2 * (p - 1) * (link.alpha + n_bytes * link.beta / p)
+    return _ring("all_reduce", n_bytes, p, link)
 
 
 def reduce_scatter(n_bytes: float, p: int, link: Link) -> float:
     """Ring reduce-scatter of an ``n_bytes`` buffer (each rank keeps n/p): ``(p-1) (alpha + n beta / p)`` s."""
-    _check(n_bytes, p, link)
-    return (p - 1) * (link.alpha + n_bytes * link.beta / p)
+    return _ring("reduce_scatter", n_bytes, p, link)
 
 
 def all_gather(n_bytes: float, p: int, link: Link) -> float:
     """Ring all-gather into an ``n_bytes`` buffer (each rank contributes n/p): ``(p-1) (alpha + n beta / p)`` s."""
-    _check(n_bytes, p, link)
-    return (p - 1) * (link.alpha + n_bytes * link.beta / p)
+    return _ring("all_gather", n_bytes, p, link)
 
 
 def rabenseifner_allreduce(n_bytes: float, p: int, link: Link) -> float:
@@ -94,8 +130,7 @@ def tree_allreduce(n_bytes: float, p: int, link: Link) -> float:
 def all_to_all(n_bytes: float, p: int, link: Link) -> float:
     """Pairwise-exchange all-to-all, ``n_bytes`` sent per rank in total (n/p to each peer):
     ``(p-1) (alpha + n beta / p)`` s (Thakur et al. 2005)."""
-    _check(n_bytes, p, link)
-    return (p - 1) * (link.alpha + n_bytes * link.beta / p)
+    return _ring("all_to_all", n_bytes, p, link)
 
 
 def hierarchical_allreduce(n_bytes: float, gpus_per_node: int, nodes: int, intra: Link, inter: Link) -> float:
@@ -109,12 +144,9 @@ def hierarchical_allreduce(n_bytes: float, gpus_per_node: int, nodes: int, intra
             + all_gather(n_bytes, gpus_per_node, intra))
 
 
-# bus-bandwidth factor per collective (nccl-tests PERFORMANCE.md)
+# bus-bandwidth factor per collective (nccl-tests PERFORMANCE.md): the ring collectives' bytes sent per byte
 _BUS_FACTOR: Dict[str, Callable[[int], float]] = {
-    "all_reduce": lambda p: 2 * (p - 1) / p,
-    "reduce_scatter": lambda p: (p - 1) / p,
-    "all_gather": lambda p: (p - 1) / p,
-    "all_to_all": lambda p: (p - 1) / p,
+    **{op: (lambda p, _steps=steps: _steps(p) / p) for op, steps in RING_STEPS.items()},
     "broadcast": lambda p: 1.0,
     "reduce": lambda p: 1.0,
     "send_recv": lambda p: 1.0,

@@ -32,7 +32,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..ops.attention import flash_attention
-from ..swap import attention_inputs, kernel_decline_reason, record_call
+from ._routing import attention_inputs, kernel_decline_reason, record_call
 
 NAME = "pytrain"
 _UNSUPPORTED_KWARGS = ("output_attentions", "softcap", "position_bias", "cache", "s_aux", "sinks")

@@ -15,37 +15,34 @@ Clipping: optimizers with ``max_grad_norm`` built in (``pytrain.optim.FusedAdamW
 Checkpoints (``checkpoint_dir``, every ``checkpoint_every`` steps and at the end, the last
 ``keep_last`` kept) hold the model, optimizer, scheduler, scaler, the sampler position
 (epoch and batch within it, so a run resumes mid-epoch), early-stopping state, and per
-rank the RNG states (torch, CUDA, Python, NumPy) and the hook state.  On CPU a run
-interrupted after a checkpoint and resumed with ``resume=True`` ends with parameters
-bit-identical to the uninterrupted run.
+rank the RNG states (torch, CUDA, Python, NumPy) and the hook state (``pytrain.trainers.state``).  On CPU
+a run interrupted after a checkpoint and resumed with ``resume=True`` ends with parameters bit-identical
+to the uninterrupted run.
 """
 from __future__ import annotations
 
-import copy
 import math
-import random
 import statistics
 import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ..comm.hooks import HookState
+from ..comm.hooks import HookState, make_hook
 from . import checkpoint as ckpt
+from . import state as st
 from .launch import init_distributed
 from .metrics import JsonLogger, ProgressBar, is_main_rank
 from .schedules import build_scheduler
 
 CHECKPOINT_FORMAT = "pytrain.ddp/1"
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-HOOK_NAMES = ("allreduce", "powersgd", "topk", "int8")
 HookPair = Tuple[Any, Callable]
 
 
@@ -64,45 +61,6 @@ class ResumableSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples - self.skip
-
-
-def make_comm_hook(name: str, process_group=None) -> HookPair:
-    """(state, hook) for a hook name of ``pytrain.comm``: allreduce, powersgd, topk or int8."""
-    try:
-        from .. import comm
-    except ImportError as exc:
-        raise RuntimeError(f"comm_hook={name!r} needs pytrain.comm, which is not available ({exc})") from exc
-    group = process_group if process_group is not None else dist.group.WORLD
-    builders = {"allreduce": lambda: (comm.AllReduceState(group), comm.allreduce_hook),
-                "powersgd": lambda: (comm.PowerSGDState(group), comm.powersgd_hook),
-                "topk": lambda: (comm.TopKState(group), comm.topk_hook),
-                "int8": lambda: (comm.QuantState(group, fmt="int8"), comm.quantized_allreduce_hook)}
-    if name not in builders:
-        raise ValueError(f"unknown comm_hook {name!r}; expected one of {', '.join(HOOK_NAMES)} or a (state, hook) pair")
-    return builders[name]()
-
-
-def _rng_state() -> dict:
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_as_tuples(state["python"]))
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuples(value):
-    """Python's RNG state is nested tuples; serialisers may hand back lists."""
-    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 class DDPTrainer:
@@ -218,7 +176,7 @@ class DDPTrainer:
     def _register_hook(self, comm_hook):
         if comm_hook is None:
             return None
-        state, hook = make_comm_hook(comm_hook) if isinstance(comm_hook, str) else comm_hook
+        state, hook = make_hook(comm_hook) if isinstance(comm_hook, str) else comm_hook
         self.ddp.register_comm_hook(state, hook)
         return state
 
@@ -417,15 +375,9 @@ class DDPTrainer:
         return out
 
     # ------------------------------------------------------------------------------------ checkpoints
-    def _local_state(self) -> dict:
-        hook = self.hook_state.state_dict() if hasattr(self.hook_state, "state_dict") else None
-        return {"rng": _rng_state(), "hook": hook}
-
     def state_dict(self) -> dict:
         """Everything a resume needs, with the per-rank parts of every rank (collective: call on every rank)."""
-        local = self._local_state()
-        ranks = [None] * self.world_size if is_main_rank() else None
-        dist.gather_object(local, ranks, dst=0)
+        ranks = st.gather_ranks(st.local_state(self.hook_state))
         return {"format": CHECKPOINT_FORMAT, "step": self.step, "epoch": self.epoch,
                 "batch_in_epoch": self.batch_in_epoch, "world_size": self.world_size, "batch_size": self.batch_size,
                 "grad_accum": self.grad_accum, "precision": self.precision, "hook": self.hook_name,
@@ -437,34 +389,20 @@ class DDPTrainer:
 
     def save_checkpoint(self) -> Optional[Path]:
         """Writes ``step-<step>.pt`` atomically from rank 0 and prunes to ``keep_last`` (collective)."""
-        state = self.state_dict()
-        path, error = self.checkpoint_dir / ckpt.checkpoint_name(self.step), None
-        if is_main_rank():
-            try:
-                ckpt.atomic_save(state, path)
-                ckpt.prune(self.checkpoint_dir, self.keep_last)
-            except Exception as exc:  # tell the other ranks before raising, so none waits forever
-                error = exc
-        flag = [None if error is None else f"{type(error).__name__}: {error}"]
-        dist.broadcast_object_list(flag, src=0)
-        if error is not None:
-            raise error
-        if flag[0] is not None:
-            raise ckpt.CheckpointError(f"rank 0 failed to write checkpoint {path}: {flag[0]}")
+        path = self.checkpoint_dir / ckpt.checkpoint_name(self.step)
+        st.save_collective(self.state_dict(), path, writer=is_main_rank(), keep_last=self.keep_last)
         self._saved_step = self.step
         return path
 
     def _resume(self, resume: Union[bool, str]) -> None:
-        path = ckpt.latest_checkpoint(self.checkpoint_dir) if resume is True else Path(resume)
+        path = st.resume_path(resume, self.checkpoint_dir)
         if path is None:
             self.log.log(note=f"resume: no checkpoint in {self.checkpoint_dir}, starting from scratch")
             return
         self.load_state_dict(ckpt.load_checkpoint(path), source=str(path))
 
     def _check_compatible(self, state: dict, source: str) -> None:
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise ckpt.CheckpointError(f"{source}: not a DDPTrainer checkpoint (format {state.get('format')!r}, "
-                                       f"expected {CHECKPOINT_FORMAT!r})")
+        st.check_format(state, CHECKPOINT_FORMAT, source, "DDPTrainer")
         for key, mine in (("world_size", self.world_size), ("batch_size", self.batch_size),
                           ("grad_accum", self.grad_accum), ("precision", self.precision), ("hook", self.hook_name)):
             if state.get(key) != mine:
@@ -486,11 +424,13 @@ class DDPTrainer:
                                        "LR scheduler state, this run does the opposite")
 
     def _snapshot(self) -> dict:
-        return copy.deepcopy({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                              "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-                              "scaler": self.scaler.state_dict(), "local": self._local_state()})
+        """What ``_apply`` restores, shaped like a checkpoint with only this rank's part."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "scaler": self.scaler.state_dict(), "ranks": {self.info.rank: st.local_state(self.hook_state)}}
 
-    def _apply(self, state: dict, local: dict) -> None:
+    def _apply(self, state: dict) -> None:
+        local = state["ranks"][self.info.rank]
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
@@ -502,7 +442,7 @@ class DDPTrainer:
                 self.hook_state.load_state_dict(local["hook"], buckets_rebuilt=True)
             else:
                 self.hook_state.load_state_dict(local["hook"])
-        _set_rng_state(local["rng"])
+        st.set_rng_state(local["rng"])
 
     def load_state_dict(self, state: dict, source: str = "checkpoint") -> None:
         """Restores a ``state_dict()``; all or nothing: on any error the trainer keeps its state."""
@@ -512,13 +452,7 @@ class DDPTrainer:
             raise ckpt.CheckpointError(f"{source}: malformed checkpoint ({type(exc).__name__}: {exc})") from exc
         if self.hook_state is not None and not self.history and not self._primed:
             self._prime_buckets()
-        snapshot = self._snapshot()
-        try:
-            self._apply(state, state["ranks"][self.info.rank])
-        except Exception as exc:
-            self._apply(snapshot, snapshot["local"])
-            raise ckpt.CheckpointError(f"{source}: could not be loaded ({type(exc).__name__}: {exc}); "
-                                       "nothing was changed") from exc
+        st.restore_all_or_nothing(self._snapshot, self._apply, state, source)
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self._saved_step = self.step
         self.best_val = state["early_stopping"]["best_val"]

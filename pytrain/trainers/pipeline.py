@@ -19,6 +19,10 @@ batch and the gradients are averaged across replicas before the optimizer step.
 
 The trainer times every stage's forward and backward compute; ``bubble_report()`` gives the
 measured idle fraction next to the cost model's prediction.
+
+Checkpoints (``save(directory)`` / ``load(directory)``): one file per pipeline rank, written atomically by
+replica 0, with that rank's stages, optimizer, step count and stage layout, and the RNG streams of every
+replica of the rank (``pytrain.trainers.state``, shared with ``DDPTrainer``).
 """
 from __future__ import annotations
 
@@ -33,9 +37,11 @@ from torch import Tensor, nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from pytrain.cost.pipeline import SCHEDULES, bubble_fraction, load_balance, pipeline_step
-from pytrain.trainers.checkpoint import CheckpointError, atomic_save, load_checkpoint
+from pytrain.trainers import state as st
+from pytrain.trainers.checkpoint import CheckpointError, load_checkpoint
 from pytrain.trainers.pipeline_balance import layer_times, partition
 
+CHECKPOINT_FORMAT = "pytrain.pipeline/1"
 Layers = List[Tuple[str, nn.Module]]
 
 
@@ -315,38 +321,49 @@ class PipelineTrainer:
 
     def state_dict(self) -> Dict[str, object]:
         """This rank's stages (module state dicts), optimizer, step count and stage layout."""
-        return {"layout": self._layout(), "stages": [m.state_dict() for m in self.stage_modules],
-                "optimizer": self.optimizer.state_dict(), "steps": self.steps}
+        return {"format": CHECKPOINT_FORMAT, "layout": self._layout(),
+                "stages": [m.state_dict() for m in self.stage_modules], "optimizer": self.optimizer.state_dict(),
+                "steps": self.steps}
 
-    def load_state_dict(self, state: Dict[str, object]) -> None:
-        """Restores ``state_dict()``; raises ``CheckpointError`` (nothing loaded) if the layout differs."""
+    def load_state_dict(self, state: Dict[str, object], source: str = "checkpoint") -> None:
+        """Restores ``state_dict()`` (or a file ``save`` wrote: also this replica's RNG streams); raises
+        ``CheckpointError`` and loads nothing if the layout differs or any part does not fit."""
+        st.check_format(state, CHECKPOINT_FORMAT, source, "PipelineTrainer", untagged_ok=True)
         if state.get("layout") != self._layout():
             raise CheckpointError(f"checkpoint stage layout {state.get('layout')} does not match this "
                                   f"trainer's {self._layout()}")
-        snapshot = [{k: v.clone() for k, v in m.state_dict().items()} for m in self.stage_modules]
-        try:
-            for module, stage_state in zip(self.stage_modules, state["stages"]):
-                module.load_state_dict(stage_state)
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (KeyError, RuntimeError, ValueError) as exc:
-            for module, stage_state in zip(self.stage_modules, snapshot):
-                module.load_state_dict(stage_state)
-            raise CheckpointError(f"checkpoint does not fit this pipeline stage: {exc}") from exc
+        st.restore_all_or_nothing(self._snapshot, self._apply, state, source)
         self.steps = int(state["steps"])
+
+    def _snapshot(self) -> Dict[str, object]:
+        """What ``_apply`` restores, shaped like a saved file with only this replica's part."""
+        return {"stages": [m.state_dict() for m in self.stage_modules], "optimizer": self.optimizer.state_dict(),
+                "ranks": {self.grid.dp_rank: st.local_state()}}
+
+    def _apply(self, state: Dict[str, object]) -> None:
+        if len(state["stages"]) != len(self.stage_modules):
+            raise ValueError(f"{len(state['stages'])} stage states for {len(self.stage_modules)} stages")
+        local = state["ranks"][self.grid.dp_rank] if "ranks" in state else None  # state_dict(): no RNG streams
+        for module, stage_state in zip(self.stage_modules, state["stages"]):
+            module.load_state_dict(stage_state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if local is not None:
+            st.set_rng_state(local["rng"])
 
     def _checkpoint_path(self, directory) -> Path:
         return Path(directory) / f"pipeline-stage{self.grid.pp_rank}-of{self.grid.pp}.pt"
 
     def save(self, directory) -> None:
         """Writes one file per pipeline rank (replica 0 writes, atomically); collective."""
-        if self.grid.dp_rank == 0:
-            Path(directory).mkdir(parents=True, exist_ok=True)
-            atomic_save(self.state_dict(), self._checkpoint_path(directory))
-        dist.barrier()
+        local = st.local_state()
+        ranks = [local] if self.grid.dp == 1 else st.gather_ranks(local, self.grid.dp_group)
+        state = {**self.state_dict(), "ranks": ranks} if self.grid.dp_rank == 0 else None
+        st.save_collective(state, self._checkpoint_path(directory), writer=self.grid.dp_rank == 0)
 
     def load(self, directory) -> None:
-        """Loads what ``save(directory)`` wrote into this rank's stages and optimizer."""
-        self.load_state_dict(load_checkpoint(self._checkpoint_path(directory)))
+        """Loads what ``save(directory)`` wrote into this rank's stages and optimizer, and this replica's RNG."""
+        path = self._checkpoint_path(directory)
+        self.load_state_dict(load_checkpoint(path), source=str(path))
 
     # ---- bubble --------------------------------------------------------------------------------
 

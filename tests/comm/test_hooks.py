@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pytrain.comm import PowerSGDState, QuantState, TopKState
+from pytrain.comm import HOOK_NAMES, PowerSGDState, QuantState, TopKState, make_hook
 from pytrain.testing.tolerances import tolerance
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -136,3 +136,9 @@ def test_needs_initialized_process_group():
     assert not torch.distributed.is_initialized(), "tests must not leave a default process group in the pytest process"
     with pytest.raises(RuntimeError, match="not initialized"):
         TopKState(None)
+
+
+def test_hook_names():
+    assert HOOK_NAMES == ("allreduce", "powersgd", "topk", "int8")
+    with pytest.raises(ValueError, match="unknown comm_hook 'gzip'; expected one of allreduce, powersgd, topk, int8"):
+        make_hook("gzip")

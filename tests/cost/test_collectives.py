@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from pytrain.cost import (Link, algbw, all_gather, all_to_all, busbw, hierarchical_allreduce, rabenseifner_allreduce,
-                          reduce_scatter, ring_allreduce, tree_allreduce)
+from pytrain.cost import (Link, algbw, all_gather, all_to_all, busbw, bytes_sent, hierarchical_allreduce,
+                          rabenseifner_allreduce, reduce_scatter, ring_allreduce, tree_allreduce)
 
 LINK = Link(alpha=10e-6, beta=1e-9)  # 10 us, 1 GB/s
 ALL = (ring_allreduce, reduce_scatter, all_gather, rabenseifner_allreduce, tree_allreduce, all_to_all)
@@ -18,6 +18,19 @@ def test_hand_computed():
     assert rabenseifner_allreduce(n, 8, LINK) == pytest.approx(6 * 10e-6 + 2 * 7 / 8 * 8e-3)
     assert tree_allreduce(n, 8, LINK) == pytest.approx(6 * (10e-6 + 8e-3))
     assert all_to_all(n, 4, LINK) == pytest.approx(3 * (10e-6 + 2e-3))
+
+
+def test_bytes_sent_is_the_beta_term():
+    """The traffic model the hooks count with: whole bytes for whole bytes, and the costs' bandwidth term."""
+    assert bytes_sent("all_reduce", 1000, 4) == 1500 and bytes_sent("all_reduce", 1000, 3) == 1333
+    assert bytes_sent("all_gather", 4 * 10, 4) == 30  # (p-1) c for c bytes per rank
+    assert bytes_sent("reduce_scatter", 1000, 4) == bytes_sent("all_to_all", 1000, 4) == 750
+    assert bytes_sent("all_reduce", 5, 1) == 0 and isinstance(bytes_sent("all_reduce", 7, 3), int)
+    for op, fn in (("all_reduce", ring_allreduce), ("reduce_scatter", reduce_scatter), ("all_gather", all_gather),
+                   ("all_to_all", all_to_all)):
+        assert fn(3e7, 8, Link(0, 1e-9)) == pytest.approx(bytes_sent(op, 3e7, 8) * 1e-9)
+    with pytest.raises(ValueError, match="unknown collective 'gather'"):
+        bytes_sent("gather", 10, 2)
 
 
 def test_identities_and_limits():

@@ -11,8 +11,14 @@
 
 Every hook issues its collectives in the same order on every rank, with any number of DDP buckets in flight
 (see ``_common`` for how and what it costs).
+
+By name (``HOOK_NAMES``: allreduce, powersgd, topk, int8), as trainers and the command line take them:
+
+    state, hook = make_hook("powersgd", process_group)       # a fresh state with the defaults, and its hook
+    model.register_comm_hook(state, hook)
 """
-from typing import Dict
+from functools import partial
+from typing import Callable, Dict, Tuple
 
 import torch
 
@@ -22,8 +28,26 @@ from ._powersgd import PowerSGDState, powersgd_hook
 from ._quant import QuantState, quantized_allreduce_hook
 from ._topk import TopKState, topk_hook
 
-HOOKS: Dict[type, object] = {AllReduceState: allreduce_hook, PowerSGDState: powersgd_hook, TopKState: topk_hook,
-                             QuantState: quantized_allreduce_hook}
+#: the one hook table: name -> (state factory taking the process group, hook)
+BY_NAME: Dict[str, Tuple[Callable[..., HookState], Callable]] = {
+    "allreduce": (AllReduceState, allreduce_hook),
+    "powersgd": (PowerSGDState, powersgd_hook),
+    "topk": (TopKState, topk_hook),
+    "int8": (partial(QuantState, fmt="int8"), quantized_allreduce_hook),
+}
+HOOK_NAMES: Tuple[str, ...] = tuple(BY_NAME)
+#: state type -> hook, for ``register_comm_hook`` (derived from ``BY_NAME``)
+HOOKS: Dict[type, Callable] = {(factory.func if isinstance(factory, partial) else factory): hook
+                               for factory, hook in BY_NAME.values()}
+
+
+def make_hook(name: str, process_group=None) -> Tuple[HookState, Callable]:
+    """(state, hook) for a hook name of ``HOOK_NAMES``: a new state with its defaults on ``process_group``
+    (None: the default group) and the hook to register with it."""
+    if name not in BY_NAME:
+        raise ValueError(f"unknown comm_hook {name!r}; expected one of {', '.join(HOOK_NAMES)} or a (state, hook) pair")
+    factory, hook = BY_NAME[name]
+    return factory(process_group), hook
 
 
 def register_comm_hook(model: torch.nn.parallel.DistributedDataParallel, state: HookState) -> None:
@@ -36,4 +60,4 @@ def register_comm_hook(model: torch.nn.parallel.DistributedDataParallel, state: 
 
 
 __all__ = ["CommStats", "HookState", "AllReduceState", "allreduce_hook", "PowerSGDState", "powersgd_hook", "TopKState",
-           "topk_hook", "QuantState", "quantized_allreduce_hook", "register_comm_hook"]
+           "topk_hook", "QuantState", "quantized_allreduce_hook", "register_comm_hook", "HOOK_NAMES", "make_hook"]

@@ -7,7 +7,8 @@ on the wire, so a trainer reports bytes the same way whichever hook it runs.
 import torch
 import torch.distributed as dist
 
-from ._common import HookState, allreduce_bytes
+from ...cost.collectives import bytes_sent
+from ._common import HookState
 
 #: any floating gradient dtype: the sum is exact in the gradients' own dtype, as DDP's default
 ALLREDUCE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -22,7 +23,7 @@ def allreduce_hook(state: AllReduceState, bucket: dist.GradBucket) -> torch.futu
     if not isinstance(state, AllReduceState):
         raise TypeError(f"allreduce_hook needs an AllReduceState, got {type(state).__name__}")
     x = state.check_bucket(bucket, ALLREDUCE_DTYPES)
-    nbytes = allreduce_bytes(x.nbytes, state.world_size)
+    nbytes = bytes_sent("all_reduce", x.nbytes, state.world_size)
     state.count(nbytes, nbytes)
     world = state.world_size
     fut = dist.all_reduce(x, group=state.process_group, async_op=True).get_future()

@@ -13,10 +13,11 @@ share one link anyway).  The alternative, blocking inside the hook, would stall 
 round trips.  Single-collective hooks (``allreduce_hook``) issue their collective directly in the hook, which
 is ordered already.
 
-Byte model (``CommStats``): bytes one rank sends with bandwidth-optimal algorithms over W ranks:
-all-reduce of B bytes 2 (W - 1) / W * B (ring reduce-scatter + all-gather); all-gather of c bytes per rank
-(W - 1) * c; all-to-all of B bytes (B / W per destination) (W - 1) / W * B.  ``bytes_uncompressed`` is what
-a plain all-reduce of the same bucket would send, so ``compression_ratio`` is 1 for ``allreduce_hook``.
+Byte model (``CommStats``): bytes one rank sends with bandwidth-optimal algorithms over W ranks, per
+``pytrain.cost.collectives.bytes_sent`` (the one traffic model): all-reduce of B bytes 2 (W - 1) / W * B (ring
+reduce-scatter + all-gather); all-gather of c bytes per rank (W - 1) * c; all-to-all of B bytes (B / W per
+destination) (W - 1) / W * B.  ``bytes_uncompressed`` is what a plain all-reduce of the same bucket would send,
+so ``compression_ratio`` is 1 for ``allreduce_hook``.
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from ...cost.collectives import bytes_sent
 
 #: gradient dtypes the compressing hooks accept (they compute in float32)
 COMPRESS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -46,18 +49,6 @@ class CommStats:
     def compression_ratio(self) -> float:
         """bytes a plain all-reduce would send / bytes sent (nan before any traffic)."""
         return self.bytes_uncompressed / self.bytes_sent if self.bytes_sent else float("nan")
-
-
-def allreduce_bytes(nbytes: int, world: int) -> int:
-    return 2 * (world - 1) * nbytes // world
-
-
-def allgather_bytes(nbytes_per_rank: int, world: int) -> int:
-    return (world - 1) * nbytes_per_rank
-
-
-def alltoall_bytes(nbytes: int, world: int) -> int:
-    return (world - 1) * nbytes // world
 
 
 def wait_allreduce(x: Tensor, group) -> Tensor:
@@ -174,7 +165,7 @@ class HookState:
 
     def average(self, x: Tensor) -> Tensor:
         """Plain blocking averaged all-reduce of ``x`` in place, counted (ordered worker only)."""
-        nbytes = allreduce_bytes(x.nbytes, self.world_size)
+        nbytes = bytes_sent("all_reduce", x.nbytes, self.world_size)
         self.count(nbytes, nbytes)
         return wait_allreduce(x, self.process_group).div_(self.world_size)
 

@@ -37,7 +37,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..powersgd import orthogonalize_, powersgd_p, powersgd_q
-from ._common import HookState, allreduce_bytes, submit, wait_allreduce
+from ...cost.collectives import bytes_sent
+from ._common import HookState, submit, wait_allreduce
 
 
 @dataclass(frozen=True)
@@ -195,8 +196,8 @@ class PowerSGDState(HookState):
             self.memories["q"][index] = qs
         else:
             self.memories["q"].pop(index, None)
-        self.count(allreduce_bytes(flat_p.nbytes + flat_q.nbytes, self.world_size),
-                   allreduce_bytes(x.nbytes, self.world_size))
+        self.count(bytes_sent("all_reduce", flat_p.nbytes + flat_q.nbytes, self.world_size),
+                   bytes_sent("all_reduce", x.nbytes, self.world_size))
 
     @staticmethod
     def decompress(grads: List[Tensor], plan: _Plan, mats: List[Tensor], ps: List[Tensor], qs: List[Tensor]) -> bool:

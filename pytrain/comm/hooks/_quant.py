@@ -27,7 +27,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ...quant import FORMATS, QTensor, dequantize, quantize
-from ._common import HookState, allgather_bytes, allreduce_bytes, alltoall_bytes, submit
+from ...cost.collectives import bytes_sent
+from ._common import HookState, submit
 
 SLICE = 1 << 20  # elements dequantized at a time: 4 MB of float32 temporaries, cache-sized and reused by the
 # allocator (whole-bucket temporaries are fresh pages every step, which costs more than the dequantization)
@@ -80,8 +81,8 @@ class QuantState(HookState):
             x[lo:lo + part.numel()].copy_(part)
         if res is not None:
             self.feed_back(res, padded, q, mine, x, rank * chunk, bool(torch.isfinite(final.scales).all()))
-        self.count(alltoall_bytes(send.nbytes, world) + allgather_bytes(one.nbytes, world),
-                   allreduce_bytes(x.nbytes, world))
+        self.count(bytes_sent("all_to_all", send.nbytes, world) + bytes_sent("all_gather", one.nbytes * world, world),
+                   bytes_sent("all_reduce", x.nbytes, world))
 
     def feed_back(self, res: Tensor, padded: Tensor, q: QTensor, mine: Tensor, x: Tensor, start: int,
                   finite: bool) -> None:

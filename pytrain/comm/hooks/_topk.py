@@ -19,7 +19,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..topk import topk
-from ._common import HookState, allgather_bytes, allreduce_bytes, submit
+from ...cost.collectives import bytes_sent
+from ._common import HookState, submit
 
 INDEX_LIMIT = 1 << 31  # indices travel as int32
 
@@ -54,7 +55,7 @@ class TopKState(HookState):
             if not bool(torch.isfinite(vals).all()):
                 res.zero_()
         x.zero_().index_add_(0, idx, vals.div_(self.world_size).to(x.dtype))
-        self.count(sent, allreduce_bytes(x.nbytes, self.world_size))
+        self.count(sent, bytes_sent("all_reduce", x.nbytes, self.world_size))
 
     def gather(self, values: Tensor, indices: Tensor):
         """All ranks' (values float32, indices int64), padded with zeros at index 0; and the bytes sent."""
@@ -67,7 +68,7 @@ class TopKState(HookState):
         send[1, :values.numel()] = indices
         recv = torch.empty((world * 2, send.shape[1]), dtype=torch.int32, device=values.device)
         dist.all_gather_into_tensor(recv, send, group=group, async_op=True).wait()
-        sent = allgather_bytes(count.nbytes + send.nbytes, world)
+        sent = bytes_sent("all_gather", (count.nbytes + send.nbytes) * world, world)
         return recv[0::2].reshape(-1).view(torch.float32), recv[1::2].reshape(-1).long(), sent
 
 
