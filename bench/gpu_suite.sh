@@ -97,7 +97,7 @@ fi
   exit 2
 }
 "$PY" -c "import pytest_benchmark" 2>/dev/null \
-  || echo "note: no pytest-benchmark: bench/conftest.py times with its plain perf_counter loop"
+  || echo "note: no pytest-benchmark: bench/harness/timing.py times with its plain perf_counter loop"
 "$PY" -c "import timm" 2>/dev/null || echo "note: no timm: the LARS/LAMB benchmarks against timm will be skipped"
 
 if ((!SKIP_BUILD)); then
