@@ -123,7 +123,7 @@ if ((!SKIP_TESTS)); then
 fi
 
 # the single-device kernel suites (hooks, cost and pipeline start gloo processes on the CPU: not GPU work)
-GPU_SUITES=(adamw lars lamb attention quantize topk powersgd models)
+GPU_SUITES=(adamw lars lamb global_norm attention quantize topk powersgd models)
 stage "benchmarks (--device cuda)" "${BENCH_S:-120}" bench "$PY" -m pytrain bench --device cuda "${GPU_SUITES[@]}"
 
 if [[ -n "${OUT:-}" ]]; then
