@@ -1,6 +1,6 @@
 """DDP step time with pytrain's comm hooks on 2 gloo processes, against plain all-reduce and torch's powerSGD_hook.
 
-    python -m pytest bench/bench_hooks.py        # rows in the one bench table (bench/conftest.py)
+    python -m pytest bench/bench_hooks.py        # rows in the one bench table (bench/harness/)
     python bench/bench_hooks.py                  # the same measurements, printed as their own table
 
 Model: an MLP 1024 -> 2048 -> (5 x 2048 x 2048) -> 1024, 25.2M fp32 params (100.7 MB of gradients), batch 16
@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as torch_psgd
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+from harness import Row  # bench/harness/ (on sys.path through bench/conftest.py, or as this script's folder)
 
 WARMUP, STEPS = 5, 10
 WIDTH, DEPTH, BATCH = 2048, 5, 16
@@ -148,8 +150,7 @@ def table(results: dict) -> str:
 
 
 def test_ddp_hooks(results):
-    """Rows for the one bench table (bench/conftest.py): step times; wire bytes in the notes."""
-    Row = sys.modules[type(results).__module__].Row  # bench/conftest.py's (its import name depends on pytest's mode)
+    """Rows for the one bench table (bench/harness/tables.py): step times; wire bytes in the notes."""
     measured = run()
     for case, (ours, base, runs, target) in CASES.items():
         for provider, key, name in (("pytrain", ours, f"pytrain {ours} hook, {wire(measured[ours])}"),

@@ -97,7 +97,7 @@ fi
   exit 2
 }
 "$PY" -c "import pytest_benchmark" 2>/dev/null \
-  || echo "note: no pytest-benchmark: bench/conftest.py times with its plain perf_counter loop"
+  || echo "note: no pytest-benchmark: bench/harness/timing.py times with its plain perf_counter loop"
 "$PY" -c "import timm" 2>/dev/null || echo "note: no timm: the LARS/LAMB benchmarks against timm will be skipped"
 
 if ((!SKIP_BUILD)); then
@@ -123,7 +123,7 @@ if ((!SKIP_TESTS)); then
 fi
 
 # the single-device kernel suites (hooks, cost and pipeline start gloo processes on the CPU: not GPU work)
-GPU_SUITES=(adamw lars lamb attention quantize topk powersgd models)
+GPU_SUITES=(adamw lars lamb global_norm attention quantize topk powersgd models)
 stage "benchmarks (--device cuda)" "${BENCH_S:-120}" bench "$PY" -m pytrain bench --device cuda "${GPU_SUITES[@]}"
 
 if [[ -n "${OUT:-}" ]]; then

@@ -1,9 +1,9 @@
 """``pytrain bench [names] [--device cpu|cuda] [--scale S] [-- pytest args]``: run the benchmark suites.
 
 Runs ``python -m pytest bench/bench_<name>.py ...`` (every suite when no names are given) from the
-repository root; bench/conftest.py times each case (pytest-benchmark), prints one table last and
-writes bench/out/latest.md and bench/out/results.csv.  The suites live in the source repository,
-not in the installed package: without bench/ next to the package this says so and stops.
+repository root; bench/conftest.py and its harness (bench/harness/) time each case (pytest-benchmark),
+print one table last and write bench/out/latest.md and bench/out/results.csv.  The suites live in the
+source repository, not in the installed package: without bench/ next to the package this says so and stops.
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def main(argv: Optional[List[str]] = None) -> int:
               "with it)", file=sys.stderr)
         return 2
     if importlib.util.find_spec("pytest_benchmark") is None:
-        print("pytrain bench: pytest-benchmark is not installed; timing with bench/conftest.py's plain loop",
+        print("pytrain bench: pytest-benchmark is not installed; timing with bench/harness/timing.py's plain loop",
               file=sys.stderr)
     return subprocess.call(pytest_command(opts.names, opts.device, opts.scale, extra), cwd=ROOT,
                            env={**BENCH_ENV, **os.environ})

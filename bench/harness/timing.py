@@ -1,0 +1,60 @@
+"""Timing one case: pytest-benchmark's ``benchmark.pedantic`` (warm-up rounds, then timed rounds; the
+median is reported), or without pytest-benchmark a perf_counter loop with the same rounds, so the
+suites also run where only pytest is.  Also what the notes name: state bytes and pytrain's backend."""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from pytrain.ops import NoImplementationError, registry
+
+ROUNDS = {"cpu": (2, 5), "cuda": (10, 50)}  # device -> (warm-up rounds, timed rounds)
+
+
+@dataclass
+class Timing:
+    median: float
+    min: float
+    max: float
+    rounds: int
+
+
+def time_rounds(request, target: Callable[[], None], group: str, warmup: int, rounds: int) -> Optional[Timing]:
+    """Median over ``rounds`` after ``warmup``; None when pytest-benchmark is disabled (--benchmark-disable).
+
+    request: the pytest request of the test being measured (its ``benchmark`` fixture, when the
+    plugin is loaded)."""
+    if request.config.pluginmanager.hasplugin("benchmark"):
+        benchmark = request.getfixturevalue("benchmark")
+        benchmark.group = group
+        benchmark.pedantic(target, rounds=rounds, warmup_rounds=warmup, iterations=1)
+        if benchmark.disabled:
+            return None
+        stats = benchmark.stats.stats
+        return Timing(stats.median, stats.min, stats.max, stats.rounds)
+    for _ in range(warmup):
+        target()
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        target()
+        times.append(time.perf_counter() - t0)
+    return Timing(statistics.median(times), min(times), max(times), rounds)
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of an optimizer's per-param state tensors (moments, codes, scales, masters; not the step count)."""
+    return sum(v.nbytes for state in optimizer.state.values() for k, v in state.items()
+               if torch.is_tensor(v) and k != "step")
+
+
+def backend_name(op: str, device: torch.device, impl: Optional[str]) -> str:
+    """The backend pytrain picks for fp32 tensors of ``op`` on ``device`` (or the forced ``impl``)."""
+    try:
+        return registry(op).select(device, torch.float32, impl).name
+    except NoImplementationError:
+        return f"{impl} (unavailable)"
