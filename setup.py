@@ -147,7 +147,7 @@ setup(
     # it, so the Triton kernels are the namespace subpackage `pytrain.kernels` in the checkout, in an
     # editable install and in a wheel alike (`pytrain.kernels` is the only name they are imported by).
     packages=find_packages(include=["pytrain", "pytrain.*"]) + ["pytrain.kernels"],
-    package_data={"pytrain.data": ["corpus.txt"]},
+    package_data={"pytrain.data": ["corpus.txt"], "pytrain.kernels": ["*.json"]},
     ext_modules=_extensions(BuildOptions.from_env()),
     cmdclass={"build_ext": BuildExt},
     python_requires=">=3.10",

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from pytrain.ops import flash_attention
-from pytrain.testing import attention_ref
+from pytrain.ops.attention import attention_fwd_reference
 
 B, H, L, D = 2, 8, 1024, 64
 CEILING = {torch.float32: "fp32_matmul_TFLOPs", torch.bfloat16: "bf16_matmul_TFLOPs"}
@@ -83,7 +83,7 @@ def _fwd_bwd(attend, q, k, v):
 
 
 def _materialised(q, k, v):
-    return attention_ref.attention_forward(q, k, v, 1 / math.sqrt(q.shape[-1]), True, -1, -1, 0.0, 0)[0]
+    return attention_fwd_reference(q, k, v, 1 / math.sqrt(q.shape[-1]), True, -1, -1, 0.0, 0)[0]
 
 
 def test_attention_memory(bench_device, results):

@@ -1,7 +1,7 @@
 """Triton fused AdamW step over all params in one launch (one pass over memory).
 
 Reference (the exact per-element formulas and the int8 state format): ``adamw_step`` in
-pytrain/testing/optim_ref.py; Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization".
+pytrain/ops/adamw.py; Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization".
 Per element, in float32::
 
     g = grad * grad_scale (negated if maximize);  w = w * (1 - lr * wd)
@@ -27,11 +27,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from pytrain.testing.optim_ref import INT8_BLOCK
-
 from .multi_tensor import block_coords, load, store, table, tensor_ptr, tl_dtype
 
-QBLOCK = tl.constexpr(INT8_BLOCK)  # elements per int8 scale
 ADAMW_CONFIG = {"ROWS": 4, "num_warps": 8}  # 1024 elements per program, 4 per thread
 
 # Rows of the address table: the op's tensor lists, in argument order.
@@ -51,7 +48,7 @@ def round_half_even(x):
 def _adamw_block(addrs, n_tensors, t, start, n, decay, step_size, beta1, one_minus_beta1, beta2, one_minus_beta2,
                  bc2_sqrt, eps, grad_scale, PARAM: tl.constexpr, STATE: tl.constexpr, MASTER_W: tl.constexpr,
                  AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, QUANT: tl.constexpr, ALIGNED: tl.constexpr,
-                 ROWS: tl.constexpr, MASKED: tl.constexpr):
+                 ROWS: tl.constexpr, QBLOCK: tl.constexpr, MASKED: tl.constexpr):
     rows = tl.arange(0, ROWS)
     offs = start + rows[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
     p_ptr = tensor_ptr(addrs, n_tensors, P, t, PARAM, ALIGNED)
@@ -118,28 +115,30 @@ def _adamw_block(addrs, n_tensors, t, start, n, decay, step_size, beta1, one_min
 def _adamw_kernel(addrs, blocks, numels, n_tensors, decay, step_size, beta1, one_minus_beta1, beta2,
                   one_minus_beta2, bc2_sqrt, eps, grad_scale, PARAM: tl.constexpr, STATE: tl.constexpr,
                   MASTER_W: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, QUANT: tl.constexpr,
-                  ALIGNED: tl.constexpr, ROWS: tl.constexpr):
+                  ALIGNED: tl.constexpr, ROWS: tl.constexpr, QBLOCK: tl.constexpr):
     t, start, n = block_coords(blocks, numels, ROWS * QBLOCK)
     if start + ROWS * QBLOCK <= n:
         _adamw_block(addrs, n_tensors, t, start, n, decay, step_size, beta1, one_minus_beta1, beta2,
                      one_minus_beta2, bc2_sqrt, eps, grad_scale, PARAM, STATE, MASTER_W, AMSGRAD, MAXIMIZE, QUANT,
-                     ALIGNED, ROWS, False)
+                     ALIGNED, ROWS, QBLOCK, False)
     else:
         _adamw_block(addrs, n_tensors, t, start, n, decay, step_size, beta1, one_minus_beta1, beta2,
                      one_minus_beta2, bc2_sqrt, eps, grad_scale, PARAM, STATE, MASTER_W, AMSGRAD, MAXIMIZE, QUANT,
-                     ALIGNED, ROWS, True)
+                     ALIGNED, ROWS, QBLOCK, True)
 
 
 def adamw_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
                max_exp_avg_sqs: List[Tensor], master_params: List[Tensor], exp_avg_scales: List[Tensor],
                exp_avg_sq_scales: List[Tensor], lr: float, beta1: float, beta2: float, eps: float,
-               weight_decay: float, step: int, amsgrad: bool, maximize: bool, grad_scale: float) -> None:
-    """One AdamW step in place over all params (arguments as ``optim_ref.adamw_step``)."""
+               weight_decay: float, step: int, amsgrad: bool, maximize: bool, grad_scale: float, *,
+               int8_block: int) -> None:
+    """One AdamW step in place over all params (arguments as ``pytrain.ops.adamw.adamw_step_reference``;
+    ``int8_block``: elements per int8 state scale, ``pytrain.ops.adamw.INT8_BLOCK``)."""
     if not params:
         return
     rows, num_warps = ADAMW_CONFIG["ROWS"], ADAMW_CONFIG["num_warps"]
     tab = table([params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, exp_avg_scales,
-                 exp_avg_sq_scales], rows * INT8_BLOCK)
+                 exp_avg_sq_scales], rows * int8_block)
     if tab.n_blocks == 0:
         return
     # Scalars are formed in double as in the reference, then passed (rounded) as float32.
@@ -147,5 +146,6 @@ def adamw_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
         tab.addrs, tab.blocks, tab.numels, tab.n_tensors, 1.0 - lr * weight_decay, lr / (1.0 - beta1**step),
         beta1, 1.0 - beta1, beta2, 1.0 - beta2, math.sqrt(1.0 - beta2**step), eps, grad_scale,
         PARAM=tl_dtype(params), STATE=tl_dtype(exp_avgs), MASTER_W=bool(master_params), AMSGRAD=amsgrad,
-        MAXIMIZE=maximize, QUANT=bool(exp_avg_scales), ALIGNED=tab.aligned, ROWS=rows, num_warps=num_warps,
+        MAXIMIZE=maximize, QUANT=bool(exp_avg_scales), ALIGNED=tab.aligned, ROWS=rows, QBLOCK=int8_block,
+        num_warps=num_warps,
         enable_fp_fusion=False)

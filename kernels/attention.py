@@ -1,7 +1,7 @@
 """Triton flash attention, forward and backward (FlashAttention-2: Dao 2023, arXiv:2307.08691).
 
 The contract (maths, masks, GQA, bottom-right causal alignment, sliding windows, rows with no key,
-and the stateless dropout hash) is ``pytrain/testing/attention_ref.py``.  In short, per (batch b,
+and the stateless dropout hash) is ``pytrain/ops/attention.py``.  In short, per (batch b,
 query head h, kv head h // GROUP), with shift = Lk - Lq:
 
     S[i, j] = scale * q[i] . k[j],   allowed(i, j) = j - i - shift in [-left, right]
@@ -47,13 +47,17 @@ IEEE float32 dots (no TF32), so float32 results are float32-accurate.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-from typing import Dict, List, NamedTuple, Tuple
+from pathlib import Path
+from typing import Dict, NamedTuple, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .hash import lowbias32
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -67,51 +71,15 @@ def _interpreted() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- configs
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, D tile (next power of two of the head dim, at least
-# 16) and dtype class (float32 or 16-bit).  BLOCK_M counts query rows, BLOCK_N key rows.  Chosen for sm_90
-# from ptxas register and spill counts (compiled for GPUTarget("cuda", 90, 64) without a GPU; plain, causal
-# and windowed+dropout variants; head dims 16..256): most compile without spills, the worst spill 100 bytes
-# (16-bit dkdv at D=80/96; 12 bytes at D=128/256).  Not yet timed on a GPU.  Float32 tiles are multiplied
-# with IEEE FMA dots (no tensor cores), which need far more registers per element: much smaller tiles.
-_GPU_CONFIGS: Dict[str, Dict[Tuple[int, bool], Tuple[int, int, int, int]]] = {
-    "fwd": {
-        (16, False): (128, 64, 8, 3), (32, False): (128, 64, 8, 3), (64, False): (128, 64, 8, 3),
-        (128, False): (128, 64, 8, 2), (256, False): (128, 32, 8, 2),
-        (16, True): (32, 32, 8, 2), (32, True): (32, 32, 8, 2), (64, True): (32, 32, 8, 2),
-        (128, True): (32, 16, 8, 2), (256, True): (16, 16, 8, 1),
-    },
-    "dkdv": {
-        (16, False): (32, 128, 8, 3), (32, False): (32, 128, 8, 3), (64, False): (32, 128, 8, 3),
-        (128, False): (32, 128, 8, 2), (256, False): (32, 32, 8, 2),
-        (16, True): (32, 32, 8, 2), (32, True): (32, 32, 8, 2), (64, True): (32, 32, 8, 2),
-        (128, True): (16, 64, 8, 2), (256, True): (16, 16, 8, 1),
-    },
-    "dq": {
-        (16, False): (128, 32, 8, 3), (32, False): (128, 32, 8, 3), (64, False): (128, 32, 8, 3),
-        (128, False): (128, 32, 8, 3), (256, False): (64, 32, 8, 2),
-        (16, True): (32, 32, 8, 2), (32, True): (32, 32, 8, 2), (64, True): (32, 32, 8, 2),
-        (128, True): (32, 16, 8, 2), (256, True): (16, 16, 8, 1),
-    },
-}
-# Under TRITON_INTERPRET=1 speed does not matter; 32-row tiles keep the small test shapes multi-block.
-_INTERPRET_CONFIG = (32, 32, 4, 1)
+# Launch configs are data (attention_configs.json beside this file: per kernel, D tile and dtype class,
+# with how they were chosen), so tuning on a GPU changes no code.
+_CONFIGS = json.loads((Path(__file__).parent / "attention_configs.json").read_text())
 # Rows of O / dO per program of the delta = rowsum(dO * O) preprocessing.
 PREPROCESS_BLOCK_M = 64
 
-# Search space of PYTRAIN_ATTENTION_AUTOTUNE=1 (GPUs only): (BLOCK_M, BLOCK_N, num_warps, num_stages) per
-# kernel and float32-ness, the defaults above among them.  A config too large for a head dim fails to
-# compile or launch (out of shared memory) and the autotuner skips it.
-_AUTOTUNE_SPACE: Dict[Tuple[str, bool], List[Tuple[int, int, int, int]]] = {
-    ("fwd", False): [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 4, 3), (128, 128, 8, 2), (128, 32, 8, 2),
-                     (64, 64, 4, 3), (64, 32, 8, 2)],
-    ("dkdv", False): [(32, 128, 8, 3), (32, 128, 8, 2), (16, 128, 8, 2), (32, 64, 4, 3), (32, 32, 8, 2),
-                      (16, 32, 8, 2)],
-    ("dq", False): [(128, 32, 8, 3), (128, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 32, 8, 2),
-                    (32, 32, 4, 2)],
-    ("fwd", True): [(32, 32, 8, 2), (32, 16, 8, 2), (64, 16, 8, 2), (16, 16, 8, 1)],
-    ("dkdv", True): [(32, 32, 8, 2), (16, 64, 8, 2), (16, 32, 4, 2), (16, 16, 8, 1)],
-    ("dq", True): [(32, 32, 8, 2), (32, 16, 8, 2), (64, 16, 8, 2), (16, 16, 8, 1)],
-}
+
+def _dtype_class(dtype: torch.dtype) -> str:
+    return "float32" if dtype == torch.float32 else "16-bit"
 
 
 def attention_config(kernel: str, head_dim: int, dtype: torch.dtype) -> Dict[str, int]:
@@ -120,10 +88,10 @@ def attention_config(kernel: str, head_dim: int, dtype: torch.dtype) -> Dict[str
     Returns BLOCK_M (query rows per tile), BLOCK_N (key rows per tile), num_warps, num_stages.
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
-    if _interpreted():
-        bm, bn, warps, stages = _INTERPRET_CONFIG
+    if _interpreted():  # speed does not matter there; 32-row tiles keep the small test shapes multi-block
+        bm, bn, warps, stages = _CONFIGS["interpret"]
     else:
-        bm, bn, warps, stages = _GPU_CONFIGS[kernel][(block_d, dtype == torch.float32)]
+        bm, bn, warps, stages = _CONFIGS["tiles"][kernel][_dtype_class(dtype)][str(block_d)]
     return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
 
 
@@ -133,20 +101,10 @@ def _autotune_enabled() -> bool:
 
 # ------------------------------------------------------------------------------------- device helpers
 @triton.jit
-def _lowbias32(x):
-    """lowbias32 integer hash (C. Wellons) on uint32 (multiplications wrap mod 2^32)."""
-    x = x ^ (x >> 16)
-    x = x * 0x7FEB352D
-    x = x ^ (x >> 15)
-    x = x * 0x846CA68B
-    return x ^ (x >> 16)
-
-
-@triton.jit
 def _keep(hj, i, bh_s1, threshold):
     """Dropout keep mask from hj = h(j ^ s0) and row indices i (broadcast), bh_s1 = bh ^ s1."""
-    x = _lowbias32(hj ^ i.to(tl.uint32))
-    x = _lowbias32(x ^ bh_s1)
+    x = lowbias32(hj ^ i.to(tl.uint32))
+    x = lowbias32(x ^ bh_s1)
     return x >= threshold
 
 
@@ -279,7 +237,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            hj = _lowbias32(offs_n.to(tl.uint32) ^ s0)
+            hj = lowbias32(offs_n.to(tl.uint32) ^ s0)
             p = tl.where(_keep(hj[None, :], offs_m[:, None], bh_s1, threshold), p, 0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)
         m_i = m_new
@@ -412,7 +370,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqm, skb, s
     v = _load_rows(V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh, offs_n, svn, offs_d, Lk, D, True, EVEN_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    hj = _lowbias32(offs_n.to(tl.uint32) ^ seed_lo.to(tl.uint32))
+    hj = lowbias32(offs_n.to(tl.uint32) ^ seed_lo.to(tl.uint32))
     thr = threshold.to(tl.uint32)
 
     lo, full_lo, full_hi, hi = _query_range(n0, Lq, Lk, shift, left, right, HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
@@ -456,7 +414,7 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, skn, svn, offs_m, offs_d, s
         p = tl.math.exp2(s - lse[:, None])
         dp = _dot(do, tl.trans(v), DOT_PRECISION, DOT_UPCAST)
         if DROPOUT:
-            hj = _lowbias32(offs_n.to(tl.uint32) ^ s0)
+            hj = lowbias32(offs_n.to(tl.uint32) ^ s0)
             dp = tl.where(_keep(hj[None, :], offs_m[:, None], bh_s1, threshold), dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, DOT_PRECISION, DOT_UPCAST)
@@ -516,7 +474,7 @@ def _kernel(name: str, fp32: bool):
         return raw
     if (name, fp32) not in _autotuned_kernels:
         configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                   for bm, bn, w, s in _AUTOTUNE_SPACE[(name, fp32)]]
+                   for bm, bn, w, s in _CONFIGS["autotune"][name]["float32" if fp32 else "16-bit"]]
         key = ["L_BUCKET", "HAS_LEFT", "HAS_RIGHT", "DROPOUT", "BLOCK_D", "EVEN_D"]
         _autotuned_kernels[(name, fp32)] = triton.autotune(configs=configs, key=key)(raw)
     return _autotuned_kernels[(name, fp32)]

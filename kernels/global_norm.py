@@ -1,6 +1,6 @@
 """Triton global L2 norm of a list of tensors: sqrt(sum over all tensors and elements of x^2), float32.
 
-Reference: ``global_norm`` in pytrain/testing/optim_ref.py.  Used for gradient clipping; the result is a
+Reference: ``global_norm`` in pytrain/ops/global_norm.py.  Used for gradient clipping; the result is a
 device tensor (no host sync here).
 
 Two launches, deterministic (no atomics): ``_sumsq_kernel`` writes one partial sum of squares per block

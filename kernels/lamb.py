@@ -1,7 +1,7 @@
 """Triton fused LAMB step over all params (You et al. 2020, "Large Batch Optimization for Deep Learning:
 Training BERT in 76 minutes"; timm ``Lamb`` conventions).
 
-Reference (exact formulas): ``lamb_step`` in pytrain/testing/optim_ref.py.  Per element, in float32::
+Reference (exact formulas): ``lamb_step`` in pytrain/ops/lamb.py.  Per element, in float32::
 
     g = grad * grad_scale;  m = beta1 * m + beta3 * g;  v = beta2 * v + (1 - beta2) * g^2
     u = (m / bc1) / (sqrt(v) / sqrt(bc2) + eps) + wd * w
@@ -119,7 +119,7 @@ def lamb_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
               lr: float, beta1: float, beta2: float, beta3: float, eps: float, weight_decay: float,
               bias_correction1: float, bias_correction2: float, grad_scale: float, adapt: bool,
               trust_clip: bool) -> None:
-    """One LAMB step in place over all params (arguments as ``optim_ref.lamb_step``)."""
+    """One LAMB step in place over all params (arguments as ``pytrain.ops.lamb.lamb_step_reference``)."""
     if not params:
         return
     tab = table([params, grads, exp_avgs, exp_avg_sqs], LAMB_CONFIG["BLOCK"])

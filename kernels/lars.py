@@ -1,7 +1,7 @@
 """Triton fused LARS / LARC step over all params (You et al. 2017, "Large Batch Training of Convolutional
 Networks"; timm ``Lars`` conventions).
 
-Reference (exact formulas): ``lars_step`` in pytrain/testing/optim_ref.py.  Per tensor, in float32::
+Reference (exact formulas): ``lars_step`` in pytrain/ops/lars.py.  Per tensor, in float32::
 
     tr = tc * |w| / (|g| + wd * |w| + eps)  (1 if |w| or |g| is 0);  tr = min(tr / lr, 1) if trust_clip
     d  = (g + wd * w) * tr  if adapt  else  g
@@ -84,7 +84,7 @@ def _lars_kernel(addrs, blocks, numels, n_tensors, sums, lr, momentum, one_minus
 def lars_step(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], lr: float,
               momentum: float, dampening: float, weight_decay: float, trust_coefficient: float, eps: float,
               nesterov: bool, trust_clip: bool, adapt: bool, init_buffers: bool) -> None:
-    """One LARS step in place over all params (arguments as ``optim_ref.lars_step``)."""
+    """One LARS step in place over all params (arguments as ``pytrain.ops.lars.lars_step_reference``)."""
     if not params:
         return
     tab = table([params, grads, momentum_buffers if momentum != 0 else []], LARS_CONFIG["BLOCK"])

@@ -1,7 +1,7 @@
 """Multi-tensor launches: one Triton launch covers every tensor of an op's tensor lists.
 
 Used by the fused optimizer kernels (adamw.py, lars.py, lamb.py, global_norm.py; their maths is in
-pytrain/testing/optim_ref.py).  An optimizer step touches hundreds of tensors of very different sizes;
+pytrain/ops/<op>.py).  An optimizer step touches hundreds of tensors of very different sizes;
 one launch per tensor would cost more in launch overhead than the memory traffic of small tensors.
 
 Host side, ``table(lists, block)`` describes the lists in one int64 device buffer, views of which are:

@@ -1,4 +1,4 @@
-"""Triton PowerSGD kernels, float32, batched over same-shape matrices (reference: pytrain/testing/compress_ref.py):
+"""Triton PowerSGD kernels, float32, batched over same-shape matrices (reference: pytrain/ops/powersgd.py):
 
 * ``powersgd_p(M, Q)``: P = M Q; one program per (BLOCK_ROWS rows, matrix), looping over M's columns.
 * ``powersgd_q(M, P)``: Q = M^T P; one program per (BLOCK_ROWS columns, matrix), looping over M's rows.

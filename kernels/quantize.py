@@ -1,5 +1,5 @@
 """Triton 8-bit quantize / dequantize (int8, fp8 e4m3 / e5m2) with one float32 scale per group of
-``group_size`` consecutive elements.  Contract (special values, stochastic rounding): quant_ref.py.
+``group_size`` consecutive elements.  Contract (special values, stochastic rounding): pytrain/ops/quantize.py.
 
 Groups of up to FUSED_MAX elements: one program per group loads it once, takes the absmax, the scale
 and casts (one pass over memory).  Larger groups (per-tensor scales): ``_absmax_kernel`` writes the
@@ -21,9 +21,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from pytrain.testing.quant_ref import FORMATS, num_groups
 from .adamw import round_half_even
-from .attention import _lowbias32
+from .hash import lowbias32
 
 FUSED_MAX = 4096  # largest group handled by one program in one load
 PIECE = 4096      # elements per program for larger groups and for dequantize
@@ -73,7 +72,7 @@ def _codes(x, inv, offs, s0, s1, FMT: tl.constexpr, STOCHASTIC: tl.constexpr):
             idx = offs.to(tl.uint64)
             lo = (idx & 0xFFFFFFFF).to(tl.uint32)
             hi = (idx >> 32).to(tl.uint32)
-            u24 = _lowbias32(_lowbias32(lo ^ s0.to(tl.uint32)) ^ hi ^ s1.to(tl.uint32)) >> 8
+            u24 = lowbias32(lowbias32(lo ^ s0.to(tl.uint32)) ^ hi ^ s1.to(tl.uint32)) >> 8
             up = (u24.to(tl.float32) < tl.abs(d) * 16777216.0).to(tl.float32)
             r = r + tl.where(d < 0.0, -up, up)
         code = tl.clamp(r, -127.0, 127.0).to(tl.int32).to(tl.int8).to(tl.uint8, bitcast=True)
@@ -124,17 +123,17 @@ def _cast_kernel(x, codes, scales, group_max, numel, group, per_group, s0, s1, F
     tl.store(codes + offs, _codes(v, inv, offs, s0, s1, FMT, STOCHASTIC), mask=mask)
 
 
-def quantize(x: Tensor, fmt: str, group_size: int, stochastic: bool, seed: int) -> Tuple[Tensor, Tensor]:
-    """(codes shaped like x, (groups,) float32 scales) for contiguous x; see quant_ref.quantize."""
-    spec = FORMATS[fmt]
-    numel, groups = x.numel(), num_groups(x.numel(), group_size)
+def quantize(x: Tensor, spec, group_size: int, stochastic: bool, seed: int) -> Tuple[Tensor, Tensor]:
+    """(codes shaped like x, (groups,) float32 scales) for contiguous x, in format ``spec``
+    (a ``pytrain.ops.quantize.Format``: name, dtype, qmax); see ``quantize_reference``."""
+    numel, groups = x.numel(), triton.cdiv(x.numel(), group_size)
     codes = torch.empty(x.shape, dtype=spec.dtype, device=x.device)
     scales = torch.empty(groups, dtype=torch.float32, device=x.device)
     if numel == 0:
         return codes, scales
     flat, out = x.reshape(-1), codes.view(torch.uint8).reshape(-1)
     s0, s1 = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
-    consts = dict(FMT=FMT_IDS[fmt], QMAX=spec.qmax, STOCHASTIC=stochastic, num_warps=NUM_WARPS,
+    consts = dict(FMT=FMT_IDS[spec.name], QMAX=spec.qmax, STOCHASTIC=stochastic, num_warps=NUM_WARPS,
                   enable_fp_fusion=False)
     if group_size <= FUSED_MAX:
         _fused_kernel[(groups,)](flat, out, scales, numel, group_size, s0, s1,
@@ -180,13 +179,13 @@ def _dequantize_kernel(codes, scales, out, numel, group, FMT: tl.constexpr, BLOC
     tl.store(out + offs, (v * scale).to(out.dtype.element_ty), mask=mask)
 
 
-def dequantize(data: Tensor, scales: Tensor, group_size: int, dtype: torch.dtype) -> Tensor:
-    """decode(data) * scale of each element's group, shaped like data, in ``dtype``; see quant_ref.dequantize."""
+def dequantize(data: Tensor, spec, scales: Tensor, group_size: int, dtype: torch.dtype) -> Tensor:
+    """decode(data) * scale of each element's group, shaped like data, in ``dtype``; ``spec``: data's format
+    (see ``dequantize_reference``)."""
     out = torch.empty(data.shape, dtype=dtype, device=data.device)
     if data.numel() == 0:
         return out
-    fmt = next(name for name, spec in FORMATS.items() if spec.dtype == data.dtype)
     _dequantize_kernel[(triton.cdiv(data.numel(), PIECE),)](
-        data.view(torch.uint8).reshape(-1), scales, out.reshape(-1), data.numel(), group_size, FMT=FMT_IDS[fmt],
+        data.view(torch.uint8).reshape(-1), scales, out.reshape(-1), data.numel(), group_size, FMT=FMT_IDS[spec.name],
         BLOCK=PIECE, num_warps=NUM_WARPS, enable_fp_fusion=False)
     return out

@@ -1,5 +1,5 @@
 """Triton ``topk_filter(x, threshold) -> (values, indices)``: the entries of x.flatten() with |x| >= threshold or NaN,
-in ascending index order (reference: ``topk_filter`` in pytrain/testing/compress_ref.py; the threshold comes from
+in ascending index order (reference: ``topk_filter`` in pytrain/ops/topk.py; the threshold comes from
 a sample, see pytrain/comm/topk.py).
 
 Stream compaction in two launches with a scan between them: ``_count_kernel`` counts the selected entries of each

@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .integrations._routing import (ATTRIBUTE, ROUTED, SUPPORTED_DTYPES, attention_inputs,  # noqa: F401
-                                    kernel_decline_reason, record_call)
+from .integrations._routing import ATTRIBUTE, ROUTED, attention_inputs, kernel_decline_reason, record_call  # noqa: F401
 from .nn.attention import MultiheadAttention as _PytrainMHA
-from .ops.attention import MAX_HEAD_DIM, MIN_HEAD_DIM, flash_attention
+from .ops import attention as attention_op
+from .ops.attention import flash_attention
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -187,8 +187,9 @@ class SwappedMultiheadAttention(_PytrainMHA):
 
 def _mha_condition(m: nn.MultiheadAttention) -> Optional[str]:
     head_dim = m.embed_dim // m.num_heads
-    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
-        return f"head dim {head_dim} outside [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]"
+    reason = attention_op.head_dim_unsupported(head_dim)
+    if reason:
+        return reason
     if m.bias_k is not None or m.add_zero_attn:
         return "add_bias_kv / add_zero_attn"
     return None

@@ -5,7 +5,7 @@ The magnitude order puts NaN above every number, as ``torch.topk`` does: NaN ent
 so a NaN gradient reaches the other ranks instead of silently vanishing.
 
 Both modes share one memory-bound kernel, ``topk_filter`` (all entries with |x| >= t, see
-``pytrain/testing/compress_ref.py``), and estimate t from a random sample of |x| as Deep Gradient Compression
+``pytrain/ops/topk.py``), and estimate t from a random sample of |x| as Deep Gradient Compression
 (Lin et al. 2018) does:
 
 1. Sample s = 32752 entries, as 2047 runs of 16 consecutive entries starting at uniformly random places
@@ -31,8 +31,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..ops.compress_ops import select
-from ..testing import compress_ref
+from ..ops.registry import FLOAT_DTYPES
+from ..ops.topk import topk_exact, topk_filter
 
 RUN = 16  # the threshold sample: runs of RUN consecutive entries (one 64-byte cache line of float32) ...
 SAMPLE = 2047 * RUN  # ... 32752 entries: below ATen's parallel grain (32768), so the sampling ops run serially
@@ -40,7 +40,7 @@ MARGIN = 1.12  # aim the threshold at MARGIN * k kept entries (over-select a lit
 MAX_EXCESS = 1.25  # approximate mode refines to exactly k above this many kept entries (times k)
 SMALL = 1 << 15  # at most this many entries: plain torch.topk
 SEED = 0x70CC  # seed of pytrain's sampling generators (one per device)
-DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+DTYPES = FLOAT_DTYPES + (torch.float64,)
 
 _generators: Dict[torch.device, torch.Generator] = {}
 
@@ -93,12 +93,11 @@ def _threshold(mags: Tensor, rank: int) -> float:
 
 def _filter_at_least(flat: Tensor, k: int, impl: Optional[str]) -> Tuple[Tensor, Tensor]:
     """topk_filter of ``flat`` at the sampled threshold, lowered until at least k entries are kept."""
-    fn = select("topk_filter", flat, impl).fn
     mags = _sample_magnitudes(flat)
     rank = math.ceil(MARGIN * k * SAMPLE / flat.numel())
     while True:
         threshold = _threshold(mags, rank)
-        values, indices = fn(flat, threshold)
+        values, indices = topk_filter(flat, threshold, impl=impl)
         if values.numel() >= k or threshold == 0.0:
             return values, indices
         rank *= 2
@@ -125,7 +124,7 @@ def topk(x: Tensor, ratio: float, *, exact: bool = False, impl: Optional[str] = 
     flat = x.reshape(-1)
     k = topk_k(flat.numel(), ratio)
     if flat.numel() <= SMALL:
-        return compress_ref.topk_exact(flat, k)
+        return topk_exact(flat, k)
     values, indices = _filter_at_least(flat, k, impl)
     limit = k if exact else math.ceil(MAX_EXCESS * k)
     if values.numel() > limit:

@@ -6,7 +6,7 @@ Model states (bytes per parameter; Rajbhandari et al. 2020, "ZeRO", Section 3):
     optimizer state = N * sum over the optimizer's states of the state's bytes per element
         AdamW / Adam / LAMB: 2 states (m, v);  SGD with momentum / LARS: 1;  SGD: 0
         per state: fp32 4, bf16 / fp16 2, pytrain int8 1 + 4/256 (one fp32 scale per 256-element block,
-        pytrain/testing/optim_ref.py), so AdamW fp32 = 8 B/param and int8 ~ 2.03 B/param
+        pytrain/ops/adamw.py), so AdamW fp32 = 8 B/param and int8 ~ 2.03 B/param
         + 4 B/param of fp32 master weights when the params are bf16 / fp16 (mixed precision)
     ZeRO over d data-parallel ranks: stage 1 divides the optimizer state (masters included) by d,
         stage 2 also the gradients, stage 3 also the parameters.

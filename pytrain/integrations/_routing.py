@@ -15,11 +15,11 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..ops.attention import MAX_HEAD_DIM, MIN_HEAD_DIM
+from ..ops import attention as attention_op
+from ..ops.registry import FLOAT_DTYPES
 
 ATTRIBUTE = "_pytrain_swap"  # on every module of a swapped model: (report, the module's path)
 ROUTED = "pytrain"  # the outcome counted for a call that ran pytrain's kernel
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def record_call(module: nn.Module, reason: Optional[str]) -> None:
@@ -36,7 +36,7 @@ def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
 def _dtype_under_autocast(t: Tensor) -> torch.dtype:
     """What autocast makes of ``t`` for a matmul-like op: its dtype, or autocast's for fp32/bf16/fp16."""
     dtype = _autocast_dtype(t.device)
-    return dtype if dtype is not None and t.dtype in SUPPORTED_DTYPES else t.dtype
+    return dtype if dtype is not None and t.dtype in FLOAT_DTYPES else t.dtype
 
 
 def attention_inputs(*tensors: Tensor) -> Tuple[Tensor, ...]:
@@ -45,14 +45,12 @@ def attention_inputs(*tensors: Tensor) -> Tuple[Tensor, ...]:
 
 
 def kernel_decline_reason(query: Tensor, key: Tensor, value: Tensor) -> Optional[str]:
-    """Shape and dtype limits of ``flash_attention`` on 4-D inputs (after autocast)."""
-    if key.shape != value.shape or query.shape[-1] != key.shape[-1] or query.shape[0] != key.shape[0]:
-        return "q/k/v shapes flash attention does not take (different head dims or batch)"
-    if key.shape[1] == 0 or query.shape[1] % key.shape[1]:
-        return f"q heads ({query.shape[1]}) not a multiple of k/v heads ({key.shape[1]})"
-    if not MIN_HEAD_DIM <= query.shape[-1] <= MAX_HEAD_DIM:
-        return f"head dim {query.shape[-1]} outside [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]"
+    """Why ``flash_attention`` cannot take these 4-D inputs as autocast hands them over (None: it can).
+
+    The rules are the op's own (``pytrain.ops.attention.unsupported``); float64, which only the op's
+    reference computes, stays with PyTorch."""
     dtypes = {_dtype_under_autocast(t) for t in (query, key, value)}
-    if len(dtypes) > 1 or not dtypes <= set(SUPPORTED_DTYPES):
-        return f"dtypes {sorted(map(str, dtypes))} (one of float32, bfloat16, float16)"
-    return None
+    if torch.float64 in dtypes:
+        return "float64 (pytrain's kernels serve float32, bfloat16, float16)"
+    reasons = attention_op.unsupported(query, key, value, dtype=dtypes.pop() if len(dtypes) == 1 else None)
+    return reasons[0] if reasons else None

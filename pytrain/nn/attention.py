@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.attention import MAX_HEAD_DIM, MIN_HEAD_DIM, Window, flash_attention
+from ..ops.attention import Window, flash_attention, head_dim_unsupported
+from ..ops.registry import FLOAT_DTYPES
 
 
 class FlashAttention(nn.Module):
@@ -70,10 +71,10 @@ class MultiheadAttention(nn.MultiheadAttention):
                 return "arbitrary attn_mask (only no mask or the causal mask)"
         if self.bias_k is not None or self.add_zero_attn:
             return "add_bias_kv / add_zero_attn"
-        if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
-            return f"head dim {head_dim} outside [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]"
-        if query.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            return f"dtype {query.dtype}"
+        if head_dim_unsupported(head_dim):
+            return head_dim_unsupported(head_dim)
+        if query.dtype not in FLOAT_DTYPES:
+            return f"dtype {query.dtype} (pytrain's kernels serve float32, bfloat16, float16)"
         return None
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,

@@ -1,12 +1,16 @@
-"""pytrain's ops: public functions that check their inputs and dispatch to a backend.
+"""pytrain's ops: one module per op (``pytrain/ops/<op>.py``) with its schema, fake, reference,
+input contract and public function.  Importing this package registers every op.
 
 See ``pytrain.ops.registry`` for how a backend is chosen and ``pytrain.info()``
 for which backends this process can use.
 """
+from . import powersgd, quantize, topk  # noqa: F401 (register their ops; public API in pytrain.comm / pytrain.quant)
+from .adamw import adamw_step
 from .attention import flash_attention
-from . import compress_ops  # noqa: F401 (registers the gradient-compression ops)
-from .optim_ops import adamw_step, global_norm, lamb_step, lars_step
-from . import quant_ops  # noqa: F401 (registers the quantize / dequantize ops)
-from .registry import REGISTRIES, NoImplementationError, registry
+from .global_norm import global_norm
+from .lamb import lamb_step
+from .lars import lars_step
+from .registry import REGISTRIES, NoImplementationError, registry, set_impl
 
-__all__ = ["flash_attention", "adamw_step", "lars_step", "lamb_step", "global_norm", "registry", "REGISTRIES", "NoImplementationError"]
+__all__ = ["flash_attention", "adamw_step", "lars_step", "lamb_step", "global_norm", "registry", "REGISTRIES",
+           "NoImplementationError", "set_impl"]

@@ -1,50 +1,221 @@
-"""Flash attention: ops, input checks, autograd and the public ``flash_attention`` function.
+"""Flash attention: schemas, fakes, the reference, the input contract and the public ``flash_attention``.
 
-Ops (namespace ``pytrain``; maths, masks and the dropout hash in
-``pytrain/testing/attention_ref.py``):
+Ops (namespace ``pytrain``):
 
 * ``attention_fwd(q, k, v, scale, causal, window_left, window_right, dropout_p, seed) -> (out, lse)``
 * ``attention_bwd(grad_out, q, k, v, out, lse, scale, causal, window_left, window_right, dropout_p, seed)
   -> (dq, dk, dv)``
 
-The forward saves only ``out`` and the log-sum-exp ``lse``; the backward recomputes
-the probabilities tile by tile (FlashAttention-2, Dao 2023).
+The forward saves only ``out`` and the log-sum-exp ``lse``; the backward recomputes the probabilities
+tile by tile (FlashAttention-2, Dao 2023).  Backends: ``csrc/cpu/attention.cpp`` (CPU) and
+``kernels/attention.py`` (Triton, the GPU path); the reference below is their contract.
+
+Shapes: q (B, H, Lq, D), k and v (B, Hkv, Lk, D) with H % Hkv == 0 (GQA/MQA: query head
+h reads kv head h // (H // Hkv)); out (B, H, Lq, D) in q's dtype; lse (B, H, Lq) float32
+(float64 for float64 inputs).
+
+    S[i, j]  = scale * q[i] . k[j]            (scale defaults to 1 / sqrt(D))
+    allowed  = j - i - (Lk - Lq) in [-left, right]
+             causal: right = 0;  window=None: left = right = unbounded
+    lse[i]   = log sum_{allowed j} exp(S[i, j])            (-inf when row i allows no key)
+    P[i, j]  = exp(S[i, j] - lse[i])  if allowed else 0
+    out[i]   = sum_j  P[i, j] * keep[i, j] / (1 - p) * v[j]   (rows with no key: 0)
+
+Causal masks are aligned bottom-right, as in FlashAttention >= 2.1: the last query sees
+every key, and with Lq > Lk the first Lq - Lk queries see none.  Lq = 5, Lk = 3:
+
+    keys ->  0 1 2
+    q0       . . .
+    q1       . . .
+    q2       x . .
+    q3       x x .
+    q4       x x x
+
+Dropout keeps P[i, j] when ``dropout_keep(seed, b*H + h, i, j, p)`` holds: a
+stateless hash of the element's coordinates (three rounds of the "lowbias32" integer
+hash of C. Wellons), identical in every backend, so the backward pass regenerates
+the forward's mask from the seed alone and tests compare backends exactly.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from ..testing import attention_ref
+from .hash import MASK32, lowbias32
 from .library import define_op
-from .registry import registry
+from .registry import FLOAT_DTYPES, registry
 
 FWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, float scale, bool causal, int window_left, int window_right, "
               "float dropout_p, int seed) -> (Tensor, Tensor)")
 BWD_SCHEMA = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, bool causal, "
               "int window_left, int window_right, float dropout_p, int seed) -> (Tensor, Tensor, Tensor)")
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+UNBOUNDED = -1  # window side with no limit
 
 
+# ------------------------------------------------------------------------------------------ reference
+def dropout_threshold(p: float) -> int:
+    """Keep an element when its hash >= this uint32 threshold (probability 1 - p)."""
+    return min(int(p * 2**32), MASK32)
+
+
+def dropout_keep(seed: int, bh: Tensor, i: Tensor, j: Tensor, p: float) -> Tensor:
+    """Boolean keep mask for coordinates (bh = b * H + h, query i, key j), broadcast together.
+
+    x = h(j ^ s0); x = h(x ^ i); x = h(x ^ bh ^ s1), with s0, s1 the low and high 32 bits of seed.
+    """
+    s0, s1 = seed & MASK32, (seed >> 32) & MASK32
+    x = lowbias32(j ^ s0)
+    x = lowbias32(x ^ i)
+    x = lowbias32(x ^ bh ^ s1)
+    return x >= dropout_threshold(p)
+
+
+def allowed_mask(lq: int, lk: int, causal: bool, window_left: int, window_right: int, device=None) -> Tensor:
+    """(Lq, Lk) boolean mask of the keys each query may attend to (see module docstring)."""
+    offset = torch.arange(lk, device=device)[None, :] - torch.arange(lq, device=device)[:, None] - (lk - lq)
+    ok = torch.ones(lq, lk, dtype=torch.bool, device=device)
+    right = 0 if causal else window_right
+    if right != UNBOUNDED:
+        ok &= offset <= right
+    if window_left != UNBOUNDED:
+        ok &= offset >= -window_left
+    return ok
+
+
+def _dropout_mask(b: int, h: int, lq: int, lk: int, p: float, seed: int, device) -> Tensor:
+    bh = torch.arange(b * h, device=device).view(b, h, 1, 1)
+    i = torch.arange(lq, device=device).view(1, 1, lq, 1)
+    j = torch.arange(lk, device=device).view(1, 1, 1, lk)
+    return dropout_keep(seed, bh, i, j, p)
+
+
+def attention_fwd_reference(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, window_left: int,
+                      window_right: int, dropout_p: float, seed: int) -> Tuple[Tensor, Tensor]:
+    """Materialised attention: returns (out, lse).  Differentiable (autograd gives the reference backward)."""
+    b, h, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    group = h // hkv
+    kf = k.to(acc).repeat_interleave(group, dim=1)
+    vf = v.to(acc).repeat_interleave(group, dim=1)
+    s = scale * (q.to(acc) @ kf.transpose(-1, -2))
+    ok = allowed_mask(lq, lk, causal, window_left, window_right, q.device)
+    s = s.masked_fill(~ok, -math.inf)
+    has_key = ok.any(dim=-1)  # rows that allow no key get lse = -inf, P = 0, no NaN in any gradient
+    lse_finite = torch.logsumexp(s.masked_fill(~has_key[:, None], 0.0), dim=-1)
+    p = torch.exp(s - lse_finite.unsqueeze(-1))
+    lse = lse_finite.masked_fill(~has_key, -math.inf)
+    if dropout_p > 0:
+        p = p * _dropout_mask(b, h, lq, lk, dropout_p, seed, q.device) / (1.0 - dropout_p)
+    return (p @ vf).to(q.dtype), lse
+
+
+def attention_bwd_reference(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
+                       causal: bool, window_left: int, window_right: int, dropout_p: float,
+                       seed: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv) of the reference forward by autograd, in the inputs' dtypes."""
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        o, _ = attention_fwd_reference(*leaves, scale, causal, window_left, window_right, dropout_p, seed)
+        grads = torch.autograd.grad(o, leaves, grad_out.to(o.dtype), allow_unused=True)
+    return tuple(g if g is not None else torch.zeros_like(t) for g, t in zip(grads, leaves))
+
+
+def default_scale(head_dim: int, scale: Optional[float]) -> float:
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+# ------------------------------------------------------------------------------------------ contract
+def _problems(q: Tensor, k: Tensor, v: Tensor, dtype: Optional[torch.dtype]) -> List[Tuple[type, str]]:
+    """Every way q, k, v break the contract, with the exception type each one raises."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            return [(ValueError, f"{name} must be 4-D (batch, heads, seqlen, headdim), got shape {tuple(t.shape)}")]
+        if t.is_nested:
+            return [(ValueError, "nested tensors are not supported")]
+    out: List[Tuple[type, str]] = []
+    dtypes = {dtype or t.dtype for t in (q, k, v)}
+    if len(dtypes) > 1:
+        out.append((TypeError, f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}"))
+    elif not dtypes <= set(FLOAT_DTYPES + (torch.float64,)):
+        out.append((TypeError, f"dtype {dtypes.pop()} not supported (float32, bfloat16, float16)"))
+    if not (q.device == k.device == v.device):
+        out.append((RuntimeError, f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}"))
+    if k.shape != v.shape:
+        out.append((ValueError, f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"))
+    (b, h, _, d), (bk, hk, _, dk) = q.shape, k.shape
+    if b != bk:
+        out.append((ValueError, f"batch sizes differ: q has {b}, k/v have {bk}"))
+    if d != dk:
+        out.append((ValueError, f"head dims differ: q has {d}, k/v have {dk}"))
+    if hk == 0 or h % hk != 0:
+        out.append((ValueError, f"q heads ({h}) must be a multiple of k/v heads ({hk}) (GQA/MQA)"))
+    if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
+        out.append((ValueError, head_dim_unsupported(d)))
+    return out
+
+
+def head_dim_unsupported(head_dim: int) -> Optional[str]:
+    """Why a head dim is out of the kernels' range (None when it is in it)."""
+    if MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        return None
+    return f"head dim {head_dim} outside [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]"
+
+
+def unsupported(q: Tensor, k: Tensor, v: Tensor, dtype: Optional[torch.dtype] = None) -> List[str]:
+    """Why ``flash_attention(q, k, v)`` cannot compute these inputs (empty when it can).
+
+    dtype: the dtype the call will run in, if not the tensors' own (under autocast).  The raising path
+    (``flash_attention``) and the callers that decline to PyTorch instead (``pytrain.swap``,
+    ``pytrain.nn``) use these same rules.
+    """
+    return [message for _, message in _problems(q, k, v, dtype)]
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
+    problems = _problems(q, k, v, None)
+    if problems:
+        kind, message = problems[0]
+        raise kind(f"flash_attention: {message}")
+
+
+# ------------------------------------------------------------------------------------------ ops
 def _lse_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 def _fwd_fake(q, k, v, scale, causal, window_left, window_right, dropout_p, seed):
+    torch._check(q.dim() == 4 and k.shape == v.shape and q.shape[0] == k.shape[0] and q.shape[3] == k.shape[3],
+                 lambda: f"attention_fwd: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
 
 
 def _bwd_fake(grad_out, q, k, v, out, lse, scale, causal, window_left, window_right, dropout_p, seed):
+    torch._check(grad_out.shape == q.shape and out.shape == q.shape and lse.shape == q.shape[:3],
+                 lambda: f"attention_bwd: grad_out {tuple(grad_out.shape)}, out {tuple(out.shape)}, "
+                         f"lse {tuple(lse.shape)} for q {tuple(q.shape)}")
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-define_op("attention_fwd", FWD_SCHEMA, reference=attention_ref.attention_forward, fake=_fwd_fake,
-          triton="pytrain.kernels.attention:attention_forward")
-define_op("attention_bwd", BWD_SCHEMA, reference=attention_ref.attention_backward, fake=_bwd_fake,
-          triton="pytrain.kernels.attention:attention_backward")
+def _triton_fwd(*args):
+    from ..kernels.attention import attention_forward
+    return attention_forward(*args)
+
+
+def _triton_bwd(*args):
+    from ..kernels.attention import attention_backward
+    return attention_backward(*args)
+
+
+# The CPU kernels are C++; on GPUs the Triton kernels serve (there is no CUDA C++ attention).
+define_op("attention_fwd", FWD_SCHEMA, reference=attention_fwd_reference, fake=_fwd_fake, triton=_triton_fwd,
+          compiled=("cpu",))
+define_op("attention_bwd", BWD_SCHEMA, reference=attention_bwd_reference, fake=_bwd_fake, triton=_triton_bwd,
+          compiled=("cpu",))
 
 Window = Optional[Tuple[Optional[int], Optional[int]]]
 
@@ -52,44 +223,19 @@ Window = Optional[Tuple[Optional[int], Optional[int]]]
 def _window_sides(window: Window) -> Tuple[int, int]:
     """(left, right) with -1 for an unbounded side; None means full attention."""
     if window is None:
-        return attention_ref.UNBOUNDED, attention_ref.UNBOUNDED
+        return UNBOUNDED, UNBOUNDED
     if len(window) != 2:
         raise ValueError(f"flash_attention: window must be (left, right), got {window!r}")
     sides = []
     for side in window:
-        if side is None or side == attention_ref.UNBOUNDED:
-            sides.append(attention_ref.UNBOUNDED)
+        if side is None or side == UNBOUNDED:
+            sides.append(UNBOUNDED)
         elif isinstance(side, int) and side >= 0:
             sides.append(side)
         else:
             raise ValueError(f"flash_attention: window sides must be ints >= 0 (or None / -1 for unbounded), "
                              f"got {window!r}")
     return sides[0], sides[1]
-
-
-def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"flash_attention: {name} must be 4-D (batch, heads, seqlen, headdim), got shape "
-                             f"{tuple(t.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"flash_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        raise TypeError(f"flash_attention: dtype {q.dtype} not supported (float32, bfloat16, float16)")
-    if not (q.device == k.device == v.device):
-        raise RuntimeError(f"flash_attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"flash_attention: k and v must have the same shape, got {tuple(k.shape)} and "
-                         f"{tuple(v.shape)}")
-    (b, h, _, d), (bk, hk, _, dk) = q.shape, k.shape
-    if b != bk:
-        raise ValueError(f"flash_attention: batch sizes differ: q has {b}, k/v have {bk}")
-    if d != dk:
-        raise ValueError(f"flash_attention: head dims differ: q has {d}, k/v have {dk}")
-    if hk == 0 or h % hk != 0:
-        raise ValueError(f"flash_attention: q heads ({h}) must be a multiple of k/v heads ({hk}) (GQA/MQA)")
-    if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
-        raise ValueError(f"flash_attention: head dim {d} out of range [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]")
 
 
 class _FlashAttention(torch.autograd.Function):
@@ -120,7 +266,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
         q: (batch, heads, seqlen_q, headdim); headdim in [16, 256].
         k, v: (batch, kv_heads, seqlen_k, headdim); heads % kv_heads == 0 (GQA / MQA).
         causal: mask keys after the query, aligned bottom-right when seqlen_q != seqlen_k
-            (see ``pytrain.testing.attention_ref`` for the picture).
+            (see the module docstring for the picture).
         scale: score scale, default 1 / sqrt(headdim).
         window: (left, right) sliding window: query i sees keys j with
             -left <= j - i - (seqlen_k - seqlen_q) <= right; None or -1 for an unbounded side.
@@ -135,7 +281,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
     window_left, window_right = _window_sides(window)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"flash_attention: dropout_p must be in [0, 1), got {dropout_p}")
-    scale = attention_ref.default_scale(q.shape[-1], scale)
+    scale = default_scale(q.shape[-1], scale)
     if not math.isfinite(scale):
         raise ValueError(f"flash_attention: scale must be finite, got {scale}")
     if seed is None:

@@ -1,11 +1,11 @@
 """Declares pytrain's ops once, in the ``pytrain`` torch.library namespace.
 
-For an op ``name`` with schema ``S`` this defines three ops, all with schema ``S``:
+For an op ``name`` with schema ``S`` this defines up to three ops, all with schema ``S``:
 
 * ``pytrain::name``: kernels registered from C++ (``TORCH_LIBRARY_IMPL(pytrain, CPU/CUDA, m)``
-  in ``csrc/cpu/name.cpp`` and ``csrc/cuda/name.cu``);
-* ``pytrain::name_triton``: the Triton launcher from ``kernels/name.py``;
-* ``pytrain::name_reference``: the plain-PyTorch reference from ``pytrain/testing``.
+  in ``csrc/cpu/<op>.cpp`` and ``csrc/cuda/<op>.cu``), for the devices the op has kernels for;
+* ``pytrain::name_triton``: the Triton launcher from ``kernels/<op>.py``;
+* ``pytrain::name_reference``: the plain-PyTorch reference, kept beside the op in ``pytrain/ops/<op>.py``.
 
 Each gets a fake (meta) implementation, so ``torch.compile`` and
 ``torch.library.opcheck`` see them, and each is entered in the op's registry.
@@ -14,9 +14,7 @@ than ``triton_op`` (whose derived fake fails under ``TRITON_INTERPRET=1``).
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -47,57 +45,42 @@ def _kernel_unavailable(op: str, key: str, backend_unavailable: Callable[[], Opt
     return unavailable
 
 
-def _module_missing(module: str) -> Optional[str]:
-    return None if importlib.util.find_spec(module) is not None else f"{module} is not installed"
-
-
-def _lazy(module: str, attr: str) -> Callable:
-    """Import a Triton launcher on first call, so importing pytrain never imports triton."""
-
-    def call(*args, **kwargs):
-        return getattr(importlib.import_module(module), attr)(*args, **kwargs)
-
-    call.__name__ = attr
-    return call
-
-
 def define_op(
     name: str,
     schema: str,
     *,
     reference: Callable,
     fake: Callable,
-    triton: Optional[str] = None,
+    triton: Optional[Callable] = None,
+    compiled: Sequence[str] = ("cpu", "cuda"),
     declines: Optional[Callable[..., List[str]]] = None,
 ) -> None:
     """Define ``pytrain::name`` (C++ kernels) and its Triton and reference twins.
 
-    triton: "module:function" of the launcher, e.g. "pytrain.kernels.adamw:adamw_step".
+    triton: the launcher: a function of the op's module that imports ``pytrain.kernels.<op>`` when
+        first called (importing pytrain never imports triton).
+    compiled: the devices ``pytrain._C`` has kernels of this op for.
     declines: extra per-call checks shared by the compiled backends (reasons list).
     """
     reg = registry(name)
     LIB.define(name + schema)
     torch.library.register_fake(f"pytrain::{name}", fake, lib=LIB)
     op = getattr(torch.ops.pytrain, name)
-    reg.register(Implementation("cpu", op, ("cpu",), declines=declines,
-                                unavailable=_kernel_unavailable(name, "CPU", _extension.cpu_unavailable)))
-    reg.register(Implementation("cuda", op, ("cuda",), declines=declines,
-                                unavailable=_kernel_unavailable(name, "CUDA", _extension.cuda_unavailable)))
+    for device, backend_unavailable in (("cpu", _extension.cpu_unavailable), ("cuda", _extension.cuda_unavailable)):
+        if device in compiled:
+            reg.register(Implementation(device, op, (device,), declines=declines,
+                                        unavailable=_kernel_unavailable(name, device.upper(), backend_unavailable)))
 
     if triton is not None:
-        module, attr = triton.split(":")
         LIB.define(f"{name}_triton{schema}")
-        LIB.impl(f"{name}_triton", _lazy(module, attr), "CompositeExplicitAutograd")
+        LIB.impl(f"{name}_triton", triton, "CompositeExplicitAutograd")
         torch.library.register_fake(f"pytrain::{name}_triton", fake, lib=LIB)
 
         def triton_declines(**call) -> List[str]:
             return _triton_declines(**call) + (declines(**call) if declines else [])
 
-        def triton_unavailable() -> Optional[str]:
-            return _extension.triton_unavailable() or _module_missing(module)
-
         reg.register(Implementation("triton", getattr(torch.ops.pytrain, f"{name}_triton"), ("cuda", "cpu"),
-                                    unavailable=triton_unavailable, declines=triton_declines))
+                                    unavailable=_extension.triton_unavailable, declines=triton_declines))
 
     LIB.define(f"{name}_reference{schema}")
     LIB.impl(f"{name}_reference", reference, "CompositeExplicitAutograd")

@@ -8,9 +8,10 @@ Every op has up to four implementations, tried in a per-device order:
 
 ``PYTRAIN_IMPL`` forces a choice: ``PYTRAIN_IMPL=triton`` for every op, or
 ``PYTRAIN_IMPL=adamw_step=triton,lamb_step=reference`` per op; the ``impl=``
-argument of the public functions does the same for one call.  An automatic
-choice falls back quietly; a forced one that cannot serve the input raises an
-error listing every reason.
+argument of the public functions does the same for one call.  The variable is
+read once, at import; ``set_impl(spec)`` changes the choice later (and the
+variable, for child processes).  An automatic choice falls back quietly; a
+forced one that cannot serve the input raises an error listing every reason.
 """
 from __future__ import annotations
 
@@ -107,15 +108,38 @@ def registry(op: str) -> OpRegistry:
     return REGISTRIES[op]
 
 
-def forced_impl(op: str) -> Optional[str]:
-    """The implementation PYTRAIN_IMPL forces for ``op``, if any."""
-    spec = os.environ.get("PYTRAIN_IMPL", "").strip()
+def _parse_impl(spec: Optional[str]) -> Dict[str, str]:
+    """``"triton"`` -> {"*": "triton"}; ``"adamw_step=triton,lamb_step=reference"`` -> per op."""
+    spec = (spec or "").strip()
     if not spec:
-        return None
+        return {}
     if "=" not in spec:
-        return spec
+        return {"*": spec}
+    forced = {}
     for item in spec.split(","):
         name, _, value = item.partition("=")
-        if name.strip() == op:
-            return value.strip()
-    return None
+        if not value.strip():
+            raise ValueError(f"PYTRAIN_IMPL: {item!r} is not op=implementation (in {spec!r})")
+        forced[name.strip()] = value.strip()
+    return forced
+
+
+_FORCED: Dict[str, str] = _parse_impl(os.environ.get("PYTRAIN_IMPL"))
+
+
+def set_impl(spec: Optional[str]) -> None:
+    """Force implementations from now on, as ``PYTRAIN_IMPL`` would (None or "" for automatic).
+
+    Also sets the variable, so processes started later (spawned ranks) make the same choice.
+    """
+    global _FORCED
+    _FORCED = _parse_impl(spec)
+    if spec:
+        os.environ["PYTRAIN_IMPL"] = spec
+    else:
+        os.environ.pop("PYTRAIN_IMPL", None)
+
+
+def forced_impl(op: str) -> Optional[str]:
+    """The implementation ``PYTRAIN_IMPL`` / ``set_impl`` forces for ``op``, if any."""
+    return _FORCED.get(op, _FORCED.get("*"))

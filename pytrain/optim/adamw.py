@@ -2,7 +2,7 @@
 
 AdamW (Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019), with
 torch.optim.AdamW's conventions (bias correction, eps outside the square root, amsgrad,
-maximize); the per-element maths is in ``pytrain/testing/optim_ref.py``.
+maximize); the per-element maths is in ``pytrain/ops/adamw.py``.
 
 Extras over torch:
   * ``max_grad_norm``: global-norm clipping folded into the step (one norm pass, no
@@ -11,7 +11,7 @@ Extras over torch:
     the master and writes the rounded param in the same pass.
   * ``state_dtype``: ``torch.float32`` (default), ``torch.bfloat16`` (4 bytes/param of
     state), or ``"int8"`` (2 bytes/param + one fp32 scale per 256 elements, like 8-bit
-    Adam, Dettmers et al. 2022; see optim_ref for the format).
+    Adam, Dettmers et al. 2022; see ``pytrain.ops.adamw`` for the format).
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..testing.optim_ref import INT8_BLOCK
+from ..ops import adamw as adamw_op
+from ..ops.adamw import INT8_BLOCK
 from ._base import FusedOptimizer
 
 StateDtype = Union[torch.dtype, str]
@@ -55,8 +56,9 @@ class FusedAdamW(FusedOptimizer):
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (must be > 0 or None)")
         if state_dtype not in (torch.float32, torch.bfloat16, "int8"):
             raise ValueError(f"Invalid state_dtype: {state_dtype!r} (torch.float32, torch.bfloat16 or 'int8')")
-        if state_dtype == "int8" and amsgrad:
-            raise ValueError("amsgrad is not supported with state_dtype='int8'")
+        reasons = adamw_op.unsupported(quantized=state_dtype == "int8", amsgrad=amsgrad)
+        if reasons:
+            raise ValueError(f"FusedAdamW: {'; '.join(reasons)} (state_dtype={state_dtype!r}, amsgrad={amsgrad})")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
         self.max_grad_norm = max_grad_norm
         self.master_weights = master_weights

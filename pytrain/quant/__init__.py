@@ -5,7 +5,7 @@
     approx = dequantize(qt)                              # float32, grad's shape
     qt.nbytes                                            # codes + scales
 """
-from ..testing.quant_ref import FORMATS
+from ..ops.quantize import FORMATS
 from .quantize import QTensor, dequantize, quantize
 
 __all__ = ["quantize", "dequantize", "QTensor", "FORMATS"]

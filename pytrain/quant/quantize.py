@@ -18,7 +18,7 @@ Granularity (one float32 scale per group):
 Special values: a group holding NaN or +-inf gets scale NaN (codes 0), so it dequantizes to NaN:
 a non-finite input never comes back finite.  A group of zeros, or with absmax below qmax * 2^-126
 (subnormal territory, e.g. < 5.7e-36 for e4m3), gets scale 0 and codes 0 and dequantizes to exact
-+0.  Exact definitions: pytrain/testing/quant_ref.py.
++0.  Exact definitions: pytrain/ops/quantize.py.
 """
 from __future__ import annotations
 
@@ -29,9 +29,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..ops.quant_ops import SEED_LIMIT, dequantize_groups, quantize_groups
 from ..ops.registry import FLOAT_DTYPES
-from ..testing.quant_ref import FORMATS, num_groups
+from ..ops.quantize import FORMATS, SEED_LIMIT, dequantize_groups, num_groups, quantize_groups
 
 DTYPES = FLOAT_DTYPES + (torch.float64,)  # float64: computed by the reference backend
 

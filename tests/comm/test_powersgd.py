@@ -1,5 +1,5 @@
 """PowerSGD kernels (powersgd_p, powersgd_q, orthogonalize_, powersgd_compress) against the float64 reference
-(pytrain/testing/compress_ref.py) and torch's own ops (matmul + torch.linalg.qr, equal up to column signs)."""
+(pytrain/ops/powersgd.py) and torch's own ops (matmul + torch.linalg.qr, equal up to column signs)."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +8,7 @@ from torch import Tensor
 
 from pytrain.comm import orthogonalize_, powersgd_compress, powersgd_p, powersgd_q
 from pytrain.ops import NoImplementationError
-from pytrain.testing import compress_ref
+from pytrain.ops import powersgd as powersgd_ops
 from pytrain.testing.backends import impl_or_skip
 from pytrain.testing.tolerances import assert_close, assert_product_close
 
@@ -40,9 +40,9 @@ def test_products_match_float64(impl, case):
     assert got_p.shape == M.shape[:-1] + (r,) and got_q.shape == M.shape[:-2] + (m, r)
     assert got_p.dtype == got_q.dtype == torch.float32
     M, Q, P = M32.double().cpu(), Q32.double().cpu(), P32.double().cpu()  # the float32 inputs, exactly
-    assert_product_close(got_p, compress_ref.powersgd_p(M, Q), compress_ref.powersgd_p(M.abs(), Q.abs()), m,
+    assert_product_close(got_p, powersgd_ops.powersgd_p_reference(M, Q), powersgd_ops.powersgd_p_reference(M.abs(), Q.abs()), m,
                          torch.float32, msg=f"{impl} P = M Q")
-    assert_product_close(got_q, compress_ref.powersgd_q(M, P), compress_ref.powersgd_q(M.abs(), P.abs()), n,
+    assert_product_close(got_q, powersgd_ops.powersgd_q_reference(M, P), powersgd_ops.powersgd_q_reference(M.abs(), P.abs()), n,
                          torch.float32, msg=f"{impl} Q = M^T P")
 
 
@@ -60,7 +60,7 @@ def test_orthogonalize_matches_float64(impl, case):
     device = _device("orthogonalize", impl)
     P = _randn(batch, n, r, gen=torch.Generator().manual_seed(2)).float()
     expected = P.double()
-    compress_ref.orthogonalize(expected, 1e-8)
+    powersgd_ops.orthogonalize_reference(expected, 1e-8)
     got = P.to(device)
     assert orthogonalize_(got, impl=impl) is got
     assert_close(got, expected, torch.float32, msg=f"{impl} Gram-Schmidt")

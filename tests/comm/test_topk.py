@@ -1,4 +1,4 @@
-"""pytrain.comm.topk and its kernel ``topk_filter`` against the reference (pytrain/testing/compress_ref.py).
+"""pytrain.comm.topk and its kernel ``topk_filter`` against the reference (pytrain/ops/topk.py).
 
 The filter kernel of every backend must pick exactly the reference's set, compared in float64 (float32 / bfloat16
 / float16 widen to float64 without rounding); ``topk`` in exact mode must give torch.topk's set (ties aside), and in
@@ -15,7 +15,7 @@ from torch import Tensor
 
 from pytrain.comm import topk, topk_k
 from pytrain.ops import NoImplementationError
-from pytrain.testing import compress_ref
+from pytrain.ops import topk as topk_ops
 from pytrain.testing.backends import impl_or_skip
 
 topk_module = importlib.import_module("pytrain.comm.topk")  # (pytrain.comm.topk is also the function)
@@ -63,7 +63,7 @@ def test_filter_matches_float64_reference(impl, dtype, shape):
     x = _sample(shape, dtype, device, gen, nan=True)
     threshold = float(x.float().abs().nan_to_num(0.0).flatten().sort().values[int(0.9 * x.numel())].cpu())
     values, indices = _filter_op(impl)(x, threshold)
-    ref_values, ref_indices = compress_ref.topk_filter(x.cpu().double(), threshold)
+    ref_values, ref_indices = topk_ops.topk_filter_reference(x.cpu().double(), threshold)
     assert indices.dtype == torch.int64 and values.dtype == dtype
     assert torch.equal(indices.cpu(), ref_indices)
     assert torch.equal(_bits(values), _bits(x.flatten()[indices])), "values must be x.flatten()[indices], bit for bit"

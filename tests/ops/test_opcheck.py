@@ -4,7 +4,7 @@ import torch
 
 from pytrain.ops import registry
 from pytrain.testing.backends import CPU_IMPLS, impl_or_skip
-from pytrain.testing.optim_ref import INT8_BLOCK
+from pytrain.ops.adamw import INT8_BLOCK
 
 SHAPES = [(3, 5), (300,)]
 

@@ -1,11 +1,11 @@
-"""pytrain.quant: every backend's codes, scales and dequantized values against quant_ref (bit for bit), fp8
+"""pytrain.quant: every backend's codes, scales and dequantized values against the reference in pytrain/ops/quantize.py (bit for bit), fp8
 casts against torch's, round-trip SQNR, special values, unbiased stochastic rounding, bad input, opcheck."""
 import math
 
 import pytest
 import torch
 
-from pytrain.ops.quant_ops import dequantize_groups, quantize_groups
+from pytrain.ops.quantize import dequantize_groups, quantize_groups
 from pytrain.quant import FORMATS, QTensor, dequantize, quantize
 from pytrain.testing.backends import CPU_IMPLS, impl_or_skip
 from pytrain.testing.tolerances import QUANT_SQNR_DB

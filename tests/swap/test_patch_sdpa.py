@@ -47,7 +47,7 @@ def test_context_routes_supported_calls_to_flash_attention():
     ("causal_lq_ne_lk", "is_causal with seqlen_q != seqlen_k"),
     ("head_dim_8", "head dim 8 outside"),
     ("3d", "3-D inputs"),
-    ("float64", "dtypes"),
+    ("float64", "float64"),
 ])
 def test_unsupported_calls_go_to_pytorch_unchanged(case, reason):
     kwargs = {}

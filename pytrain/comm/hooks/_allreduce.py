@@ -8,10 +8,11 @@ import torch
 import torch.distributed as dist
 
 from ...cost.collectives import bytes_sent
+from ...ops.registry import FLOAT_DTYPES
 from ._common import HookState
 
 #: any floating gradient dtype: the sum is exact in the gradients' own dtype, as DDP's default
-ALLREDUCE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+ALLREDUCE_DTYPES = FLOAT_DTYPES + (torch.float64,)
 
 
 class AllReduceState(HookState):

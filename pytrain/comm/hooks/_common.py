@@ -31,9 +31,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ...cost.collectives import bytes_sent
+from ...ops.registry import FLOAT_DTYPES
 
 #: gradient dtypes the compressing hooks accept (they compute in float32)
-COMPRESS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+COMPRESS_DTYPES = FLOAT_DTYPES
 
 
 # ------------------------------------------------------------------------------------------ statistics

@@ -1,4 +1,4 @@
-"""Plain-PyTorch references of the gradient-compression ops (float64-capable); every backend is held to them.
+"""Top-k filtering, the kernel of top-k gradient compression: schema, fake, reference and the public op.
 
 Top-k sparsification (Deep Gradient Compression, Lin et al. 2018) keeps the k entries of largest magnitude of a
 flattened gradient.  The kernel every backend implements is the filtering pass
@@ -9,18 +9,20 @@ NaN ranks above every number (as in ``torch.topk``), so a NaN gradient is always
 ``|x_i| >= t`` is evaluated in float32 for float32 / bfloat16 / float16 inputs (exact: those widen to float32
 without rounding) and in float64 for float64 inputs.
 
-PowerSGD (Vogels et al. 2019) compresses a gradient matrix M (n x m) to rank r with one step of subspace
-iteration:  P = M Q;  P = orthogonalize(P);  Q = M^T P.  The ops are batched over same-shape matrices:
-M (b, n, m), Q (b, m, r), P (b, n, r).  ``orthogonalize`` is modified Gram-Schmidt on the r columns, dividing by
-(norm + eps) as torch's ``powerSGD_hook`` does with a non-zero epsilon, so a zero column stays zero instead of
-becoming NaN.
+Backends: ``csrc/cpu/topk.cpp``, ``csrc/cuda/topk.cu``, ``kernels/topk.py`` (float32 / bfloat16 / float16;
+the reference also float64).  ``pytrain.comm.topk`` picks the threshold and calls ``topk_filter``.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from .library import define_op
+from .registry import registry
+
+FILTER_SCHEMA = "(Tensor x, float threshold) -> (Tensor, Tensor)"
 
 
 def _compare_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -33,7 +35,7 @@ def selection_mask(x: Tensor, threshold: float) -> Tensor:
     return (a >= threshold) | a.isnan()
 
 
-def topk_filter(x: Tensor, threshold: float) -> Tuple[Tensor, Tensor]:
+def topk_filter_reference(x: Tensor, threshold: float) -> Tuple[Tensor, Tensor]:
     """x: any shape.  Returns (values (c,) in x's dtype, indices (c,) int64 into x.flatten(), ascending)."""
     if threshold != threshold:
         raise ValueError("topk_filter: threshold is NaN")
@@ -49,24 +51,19 @@ def topk_exact(x: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     return flat[indices], indices
 
 
-def powersgd_p(M: Tensor, Q: Tensor) -> Tensor:
-    """M (b, n, m) or (n, m), Q (b, m, r) or (m, r) -> P = M Q: (b, n, r) or (n, r)."""
-    return torch.matmul(M, Q)
+def _filter_fake(x: Tensor, threshold: float):
+    count = torch.library.get_ctx().new_dynamic_size()
+    return x.new_empty(count), x.new_empty(count, dtype=torch.int64)
 
 
-def powersgd_q(M: Tensor, P: Tensor) -> Tensor:
-    """M (b, n, m) or (n, m), P (b, n, r) or (n, r) -> Q = M^T P: (b, m, r) or (m, r)."""
-    return torch.matmul(M.transpose(-2, -1), P)
+def _triton(x: Tensor, threshold: float):
+    from ..kernels.topk import topk_filter as launch
+    return launch(x, threshold)
 
 
-def orthogonalize(P: Tensor, eps: float) -> None:
-    """In place: modified Gram-Schmidt over the r columns of P (b, n, r) or (n, r).
+define_op("topk_filter", FILTER_SCHEMA, reference=topk_filter_reference, fake=_filter_fake, triton=_triton)
 
-    For i = 0..r-1:  p_i = p_i / (|p_i| + eps);  p_j = p_j - (p_i . p_j) p_i  for j > i.
-    """
-    mats = P if P.dim() == 3 else P.unsqueeze(0)
-    for i in range(mats.shape[2]):
-        col = mats[:, :, i : i + 1]
-        col /= torch.linalg.vector_norm(col, dim=1, keepdim=True) + eps
-        rest = mats[:, :, i + 1 :]
-        rest -= (col * rest).sum(dim=1, keepdim=True) * col
+
+def topk_filter(x: Tensor, threshold: float, *, impl: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+    """Entries of contiguous ``x`` with |x| >= threshold or NaN: (values (c,), indices (c,) int64, ascending)."""
+    return registry("topk_filter").select(x.device, x.dtype, impl).fn(x, threshold)

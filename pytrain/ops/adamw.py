@@ -1,13 +1,4 @@
-"""Plain-PyTorch references for the fused optimizer ops.
-
-These functions have exactly the signatures of the ``pytrain::*_step`` ops
-(see ``pytrain/ops/optim_ops.py``) and are registered as the ``reference``
-implementation of each op.  Every backend (CPU C++, CUDA C++, Triton) is tested
-against them, and they are tested against ``torch.optim`` / timm in float64.
-
-Arithmetic is done in float32 for float32/bfloat16/float16 tensors and in
-float64 for float64 tensors, element by element in the same order as the
-kernels, so backends agree to rounding.
+"""AdamW step over lists of tensors: schema, fake, reference, checks and the public op.
 
 AdamW (Loshchilov & Hutter 2019; torch.optim.AdamW semantics), per element::
 
@@ -18,25 +9,6 @@ AdamW (Loshchilov & Hutter 2019; torch.optim.AdamW semantics), per element::
     v   = beta2 * v + (1 - beta2) * g^2
     vm  = max(vm, v)                          if amsgrad (vm used instead of v below)
     w   = w - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
-
-LARS (You et al. 2017, "Large Batch Training of Convolutional Networks"; timm
-``Lars`` conventions), per tensor::
-
-    tr  = tc * |w| / (|g| + wd * |w| + eps)   (1 if |w| == 0 or |g| == 0)
-    tr  = min(tr / lr, 1)                     if trust_clip (LARC)
-    d   = (g + wd * w) * tr                   if adapt (wd != 0 or always_adapt) else g
-    b   = d  (first step)  |  momentum * b + (1 - dampening) * d
-    d   = d + momentum * b  if nesterov  else  b          (when momentum != 0)
-    w   = w - lr * d
-
-LAMB (You et al. 2020, "Large Batch Optimization for Deep Learning"; timm
-``Lamb`` conventions), per tensor::
-
-    g   = grad * grad_scale                   (grad_scale = 1 / max(|G|/max_norm, 1))
-    m   = beta1 * m + beta3 * g ;  v = beta2 * v + (1 - beta2) * g^2
-    u   = (m / bc1) / (sqrt(v) / sqrt(bc2) + eps) + wd * w
-    tr  = |w| / |u|  (1 if either is 0; min(tr, 1) if trust_clip)   if adapt else 1
-    w   = w - lr * tr * u
 
 Compact AdamW states (``state_dtype``):
   * ``bfloat16``: m, v (and the amsgrad max) stored in bfloat16, rounded to nearest even.
@@ -49,20 +21,30 @@ Compact AdamW states (``state_dtype``):
     "zero-point problem" of Li et al. 2023, "Memory Efficient Optimizers with
     4-bit States").  The update itself uses the unquantized new m and v of the
     step; only storage is quantized.  Scales are float32, one per block.
+
+Backends: ``csrc/cpu/adamw.cpp``, ``csrc/cuda/adamw.cu``, ``kernels/adamw.py``; the reference below is
+the contract they are tested against (arithmetic in float32, float64 for float64 tensors, element by
+element in the kernels' order, so backends agree to rounding).
 """
 from __future__ import annotations
 
 import math
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import Tensor
 
-INT8_BLOCK = 256
+from .library import define_op
+from .multi_tensor import check_params, check_states, compute_dtype, fake_step, select
 
+INT8_BLOCK = 256  # elements per int8 / uint8 state scale
 
-def _compute_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+ADAMW_SCHEMA = (
+    "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+    "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] master_params, Tensor(f!)[] exp_avg_scales, "
+    "Tensor(g!)[] exp_avg_sq_scales, float lr, float beta1, float beta2, float eps, float weight_decay, "
+    "int step, bool amsgrad, bool maximize, float grad_scale) -> ()"
+)
 
 
 def _blocks(x: Tensor) -> Tensor:
@@ -104,16 +86,7 @@ def quantize_v(v: Tensor, q_out: Tensor, scale_out: Tensor) -> None:
     scale_out.copy_(scale)
 
 
-def global_norm(tensors: List[Tensor]) -> Tensor:
-    """L2 norm over all elements of all tensors, as a float32 0-dim tensor (float64 inputs: float64)."""
-    if not tensors:
-        return torch.zeros((), dtype=torch.float32)
-    dtype = _compute_dtype(tensors[0])
-    total = sum(t.detach().to(dtype).pow(2).sum() for t in tensors)
-    return torch.sqrt(total)
-
-
-def adamw_step(
+def adamw_step_reference(
     params: List[Tensor],
     grads: List[Tensor],
     exp_avgs: List[Tensor],
@@ -147,7 +120,7 @@ def adamw_step(
     step_size = lr / bc1
     quantized = len(exp_avg_scales) > 0
     for i, p in enumerate(params):
-        dt = _compute_dtype(p)
+        dt = compute_dtype(p)
         w = (master_params[i] if master_params else p).to(dt)
         g = grads[i].to(dt) * grad_scale
         if maximize:
@@ -178,76 +151,52 @@ def adamw_step(
         p.copy_(w)
 
 
-def _ratio_or_one(num: Tensor, w_norm: Tensor, d_norm: Tensor) -> Tensor:
-    ok = (w_norm > 0) & (d_norm > 0)
-    return torch.where(ok, num, torch.ones_like(num))
+def unsupported(*, quantized: bool, amsgrad: bool, step: int = 1) -> List[str]:
+    """Why a step with these settings cannot run (empty when it can): the rules every backend shares."""
+    reasons = []
+    if quantized and amsgrad:
+        reasons.append("amsgrad is not supported with int8 states")
+    if step < 1:
+        reasons.append(f"step must be >= 1 (the count after increment), got {step}")
+    return reasons
 
 
-def lars_step(
-    params: List[Tensor],
-    grads: List[Tensor],
-    momentum_buffers: List[Tensor],
-    lr: float,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    trust_coefficient: float,
-    eps: float,
-    nesterov: bool,
-    trust_clip: bool,
-    adapt: bool,
-    init_buffers: bool,
-) -> None:
-    """One LARS step, in place.  momentum_buffers: [] when momentum == 0, else like params;
-    init_buffers: True on the first step (buffers are overwritten with the update)."""
-    for i, p in enumerate(params):
-        dt = _compute_dtype(p)
-        w, g = p.to(dt), grads[i].to(dt)
-        d = g
-        if adapt:
-            w_norm, g_norm = w.norm(), g.norm()
-            tr = _ratio_or_one(trust_coefficient * w_norm / (g_norm + weight_decay * w_norm + eps), w_norm, g_norm)
-            if trust_clip:
-                tr = torch.clamp(tr / lr, max=1.0)
-            d = (g + weight_decay * w) * tr
-        if momentum != 0:
-            buf = d if init_buffers else momentum * momentum_buffers[i].to(dt) + (1.0 - dampening) * d
-            momentum_buffers[i].copy_(buf)
-            d = d + momentum * buf if nesterov else buf
-        p.copy_(w - lr * d)
+def _triton(*args) -> None:
+    from ..kernels.adamw import adamw_step as launch
+    launch(*args, int8_block=INT8_BLOCK)
 
 
-def lamb_step(
-    params: List[Tensor],
-    grads: List[Tensor],
-    exp_avgs: List[Tensor],
-    exp_avg_sqs: List[Tensor],
-    lr: float,
-    beta1: float,
-    beta2: float,
-    beta3: float,
-    eps: float,
-    weight_decay: float,
-    bias_correction1: float,
-    bias_correction2: float,
-    grad_scale: float,
-    adapt: bool,
-    trust_clip: bool,
-) -> None:
-    """One LAMB step, in place.  States are like params; grad_scale = 1 / global-norm clip factor."""
-    bc2_sqrt = math.sqrt(bias_correction2)
-    for i, p in enumerate(params):
-        dt = _compute_dtype(p)
-        w, g = p.to(dt), grads[i].to(dt) * grad_scale
-        m = beta1 * exp_avgs[i].to(dt) + beta3 * g
-        v = beta2 * exp_avg_sqs[i].to(dt) + (1.0 - beta2) * g * g
-        u = (m / bias_correction1) / (torch.sqrt(v) / bc2_sqrt + eps) + weight_decay * w
-        tr = torch.ones((), dtype=dt)
-        if adapt:
-            w_norm, u_norm = w.norm(), u.norm()
-            tr = _ratio_or_one(w_norm / u_norm, w_norm, u_norm)
-            if trust_clip:
-                tr = torch.clamp(tr, max=1.0)
-        exp_avgs[i].copy_(m)
-        exp_avg_sqs[i].copy_(v)
-        p.copy_(w - lr * tr * u)
+def _fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, *rest) -> None:
+    fake_step("adamw_step", params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+              max_exp_avg_sqs=max_exp_avg_sqs, master_params=master_params)
+
+
+define_op("adamw_step", ADAMW_SCHEMA, reference=adamw_step_reference, fake=_fake, triton=_triton)
+
+
+def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, exp_avg_scales,
+               exp_avg_sq_scales, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+               step: int, amsgrad: bool = False, maximize: bool = False, grad_scale: float = 1.0,
+               impl: Optional[str] = None) -> None:
+    """One fused AdamW step, in place, over N params (shapes and maths: ``adamw_step_reference``)."""
+    check_params("adamw_step", params, grads)
+    if not params:
+        return
+    quantized = bool(exp_avg_scales)
+    state_dtype = exp_avgs[0].dtype if exp_avgs else None
+    check_states("adamw_step", params, "exp_avgs", exp_avgs, torch.int8 if quantized else state_dtype, False)
+    check_states("adamw_step", params, "exp_avg_sqs", exp_avg_sqs, torch.uint8 if quantized else state_dtype, False)
+    check_states("adamw_step", params, "max_exp_avg_sqs", max_exp_avg_sqs, state_dtype)
+    check_states("adamw_step", params, "master_params", master_params, torch.float32)
+    check_states("adamw_step", params, "exp_avg_scales", exp_avg_scales, torch.float32)
+    check_states("adamw_step", params, "exp_avg_sq_scales", exp_avg_sq_scales, torch.float32, not quantized)
+    if amsgrad != bool(max_exp_avg_sqs):
+        raise ValueError("adamw_step: amsgrad=True needs max_exp_avg_sqs (and amsgrad=False an empty list)")
+    reasons = unsupported(quantized=quantized, amsgrad=amsgrad, step=step)
+    if reasons:
+        raise ValueError("adamw_step: " + "; ".join(reasons))
+    fn = select("adamw_step", params, impl).fn
+    fn(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, exp_avg_scales, exp_avg_sq_scales,
+       lr, beta1, beta2, eps, weight_decay, step, amsgrad, maximize, grad_scale)
+
+

@@ -1,0 +1,62 @@
+"""``pytrain.ops.lars_step``: every backend against the reference, step by step (momentum, dampening, nesterov, trust clipping, zero tensors); bit-identical
+CPU repeats whatever the thread count; the C++ input checks.  Helpers: ``pytrain/testing/multi_tensor.py``."""
+
+import pytest
+import torch
+
+from pytrain.testing.multi_tensor import (FLOATS, IMPLS, LARGE_SHAPES, STEPS, assert_deterministic, backend_device,
+                                          cpu_op, f32, randn, run_and_compare, with_zero_tensors, zeros)
+from pytrain.testing.optim_compare import ODD_SHAPES
+
+
+LARS_MOMENTUM = {"none": (0.0, 0.0, False), "heavy_ball": (0.9, 0.0, False), "dampened": (0.9, 0.1, False),
+                 "nesterov": (0.9, 0.0, True)}
+LARS_CASES = [(m, adapt, clip) for m in LARS_MOMENTUM for adapt in (True, False) for clip in (True, False)
+              if adapt or not clip]
+
+
+def lars_run(impl, dtype, shapes, momentum_mode, adapt, trust_clip, steps=STEPS):
+    device = backend_device("lars_step", impl, [dtype], large=shapes is LARGE_SHAPES)
+    momentum, dampening, nesterov = LARS_MOMENTUM[momentum_mode]
+    gen = torch.Generator().manual_seed(3)
+    lists = {"params": with_zero_tensors(shapes, dtype, gen), "grads": [],
+             "momentum_buffers": zeros(shapes, dtype) if momentum else []}
+    grads = [randn(shapes, dtype, gen, 0.1) for _ in range(steps)]
+    grads[0][-2].zero_()  # a zero gradient: trust ratio 1 again
+    kwargs = [dict(lr=0.1, momentum=momentum, dampening=dampening, weight_decay=0.01, trust_coefficient=0.02,
+                   eps=1e-8, nesterov=nesterov, trust_clip=trust_clip, adapt=adapt, init_buffers=t == 0)
+              for t in range(steps)]
+    run_and_compare("lars_step", impl, device, lists, kwargs, grads)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("momentum_mode,adapt,trust_clip", LARS_CASES)
+def test_lars(impl, dtype, momentum_mode, adapt, trust_clip):
+    lars_run(impl, dtype, ODD_SHAPES + [(4, 4)], momentum_mode, adapt, trust_clip)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lars_large(impl):
+    lars_run(impl, torch.float32, LARGE_SHAPES, "nesterov", adapt=True, trust_clip=False, steps=2)
+
+
+def lars_args():
+    gen = torch.Generator().manual_seed(7)
+    lists = {"params": randn(LARGE_SHAPES, torch.float32, gen), "grads": randn(LARGE_SHAPES, torch.float32, gen),
+             "momentum_buffers": randn(LARGE_SHAPES, torch.float32, gen)}
+    return lists, dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.01, trust_coefficient=0.001, eps=1e-8,
+                       nesterov=False, trust_clip=False, adapt=True, init_buffers=False)
+
+
+def test_cpu_deterministic():
+    assert_deterministic("lars_step", lars_args)
+
+
+def test_cpu_input_checks():
+    lars = cpu_op("lars_step")
+    with pytest.raises(RuntimeError, match="momentum_buffers has 0 tensors, expected 1"):
+        lars([f32(3)], [f32(3)], [], 0.1, 0.9, 0.0, 0.0, 1e-3, 1e-8, False, False, True, False)
+    with pytest.raises(RuntimeError, match=r"momentum_buffers\[0\] has dtype BFloat16, expected Float"):
+        lars([f32(3)], [f32(3)], [f32(3, dtype=torch.bfloat16)], 0.1, 0.9, 0.0, 0.0, 1e-3, 1e-8, False, False, True,
+             False)
