@@ -7,16 +7,16 @@
 
 #include <utility>
 
+#include "tensor_checks.h"
+
 namespace pytrain {
 
 // A dense, contiguous, non-empty 2-D or 3-D float32 tensor on a device of type `device`.
 inline void check_powersgd_operand(const char* op, const char* name, const at::Tensor& t, c10::DeviceType device) {
-  TORCH_CHECK(t.device().type() == device, op, ": the ", c10::DeviceTypeName(device), " kernel got ", name, " on ",
-              t.device());
+  check_kernel_device(op, name, t, device);
   TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " has dtype ", t.scalar_type(), "; the ",
               c10::DeviceTypeName(device), " kernel supports float32");
-  TORCH_CHECK(t.layout() == at::kStrided && t.is_contiguous(), op, ": ", name, " must be dense and contiguous (shape ",
-              t.sizes(), ", strides ", t.strides(), ")");
+  check_dense_contiguous(op, name, t);
   TORCH_CHECK(t.dim() == 2 || t.dim() == 3, op, ": ", name, " must be 2-D or 3-D, got shape ", t.sizes());
   TORCH_CHECK(t.numel() > 0, op, ": ", name, " is empty (shape ", t.sizes(), ")");
 }
@@ -32,6 +32,13 @@ inline std::pair<at::Tensor, at::Tensor> check_powersgd_pair(const char* op, con
   TORCH_CHECK(M.dim() == F.dim() && (M.dim() == 2 || M.size(0) == F.size(0)) && F.size(-2) == M.size(dim), op,
               ": shapes M ", M.sizes(), " and ", name, " ", F.sizes(), " do not match");
   return {M.dim() == 3 ? M : M.unsqueeze(0), F.dim() == 3 ? F : F.unsqueeze(0)};
+}
+
+// The P of orthogonalize: an operand with no more columns than rows; returns it as a 3-D (batched) view.
+inline at::Tensor check_orthogonalize_operand(const at::Tensor& P, c10::DeviceType device) {
+  check_powersgd_operand("orthogonalize", "P", P, device);
+  TORCH_CHECK(P.size(-1) <= P.size(-2), "orthogonalize: P ", P.sizes(), " has more columns than rows");
+  return P.dim() == 3 ? P : P.unsqueeze(0);
 }
 
 }  // namespace pytrain

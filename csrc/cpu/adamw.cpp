@@ -14,12 +14,11 @@
 
 #include <optional>
 
+#include "adamw_checks.h"
 #include "cpu/multi_tensor.h"
 
 namespace pytrain::cpu {
 namespace {
-
-constexpr const char* kOp = "adamw_step";
 
 struct AdamWCoeffs {
   float grad_mul;  // grad_scale, negated when maximizing
@@ -104,7 +103,7 @@ PYTRAIN_SIMD void adamw_int8_block(float* __restrict w, const float* __restrict 
     m_max = m_abs > m_max ? m_abs : m_max;
     r_max = root > r_max ? root : r_max;
   }
-  const float m_out = m_max / 127.0f, r_out = r_max / 256.0f;
+  const float m_out = m_max / kInt8MomentMax, r_out = r_max / kInt8RootGrid;
   const float m_inv = m_out > 0.0f ? 1.0f / m_out : 0.0f;  // all-zero block: codes 0 either way
   const float r_inv = r_out > 0.0f ? 1.0f / r_out : 0.0f;
   // |m| * m_inv <= 127 and r * r_inv <= 256 up to rounding, so only the lower clamp of r is needed.
@@ -185,35 +184,6 @@ void adamw_chunk(const AdamWArgs& a, const Chunk& c) {
   }
 }
 
-void check_inputs(const AdamWArgs& a, int64_t step) {
-  check_params_grads(kOp, a.params, a.grads);
-  if (a.params.empty()) return;
-  const c10::Device device = a.params[0].device();
-  check_like_params(kOp, "exp_avgs", a.params, a.exp_avgs, false);
-  check_like_params(kOp, "exp_avg_sqs", a.params, a.exp_avg_sqs, false);
-  check_like_params(kOp, "max_exp_avg_sqs", a.params, a.max_exp_avg_sqs, true);
-  check_like_params(kOp, "master_params", a.params, a.master_params, true);
-  check_list(kOp, "master_params", a.master_params, device, at::kFloat);
-  TORCH_CHECK(a.amsgrad != a.max_exp_avg_sqs.empty(), kOp, ": amsgrad=", a.amsgrad, " but max_exp_avg_sqs has ",
-              a.max_exp_avg_sqs.size(), " tensors (amsgrad needs one per param, otherwise none)");
-  TORCH_CHECK(step >= 1, kOp, ": step must be >= 1 (the count after increment), got ", step);
-  if (!a.exp_avg_scales.empty()) {
-    TORCH_CHECK(!a.amsgrad, kOp, ": amsgrad is not supported with int8 states");
-    check_list(kOp, "exp_avgs", a.exp_avgs, device, at::kChar);
-    check_list(kOp, "exp_avg_sqs", a.exp_avg_sqs, device, at::kByte);
-    check_block_scales(kOp, "exp_avg_scales", a.params, a.exp_avg_scales);
-    check_block_scales(kOp, "exp_avg_sq_scales", a.params, a.exp_avg_sq_scales);
-    return;
-  }
-  TORCH_CHECK(a.exp_avg_sq_scales.empty(), kOp, ": exp_avg_sq_scales given without exp_avg_scales");
-  const at::ScalarType state = a.exp_avgs[0].scalar_type();
-  TORCH_CHECK(state == at::kFloat || state == at::kBFloat16, kOp, ": exp_avgs have dtype ", state,
-              "; states must be float32 or bfloat16 (or int8 with block scales)");
-  check_list(kOp, "exp_avgs", a.exp_avgs, device, state);
-  check_list(kOp, "exp_avg_sqs", a.exp_avg_sqs, device, state);
-  check_list(kOp, "max_exp_avg_sqs", a.max_exp_avg_sqs, device, state);
-}
-
 void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                 at::TensorList max_exp_avg_sqs, at::TensorList master_params, at::TensorList exp_avg_scales,
                 at::TensorList exp_avg_sq_scales, double lr, double beta1, double beta2, double eps,
@@ -224,7 +194,8 @@ void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
                        exp_avg_scales, exp_avg_sq_scales,
                        make_coeffs(lr, beta1, beta2, eps, weight_decay, step, maximize, grad_scale),
                        amsgrad};
-  check_inputs(args, step);
+  check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, exp_avg_scales,
+                   exp_avg_sq_scales, step, amsgrad, c10::DeviceType::CPU);
   const ChunkPlan plan(params);
   if (exp_avg_scales.empty()) {
     plan.run_all([&](int64_t, const Chunk& c) { adamw_chunk<FloatStates>(args, c); });

@@ -32,6 +32,10 @@
 // dK / dV) in both schemes, so results are bit-identical run to run, across schemes and thread counts.
 // Items are handed out dynamically, costliest first.
 //
+// Files: this one holds the element-wise tile code (softmax, dS), packing, scheduling, the forward and
+// backward drivers and the op registration; cpu/attention_tile.h the GEMM micro-kernel, cpu/simd.h the
+// vector helpers, attention_checks.h the input checks.
+//
 // Memory: O(B H L D), never L x L: the forward allocates out, lse and (bf16) v repacked; the backward
 // dq, dk, dv, (bf16) k repacked, and the packed q side (q, dO twice, dQ^T: ~5 fp32 copies of q for the
 // heads in flight).
@@ -40,10 +44,6 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
-
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
 
 #include <algorithm>
 #include <atomic>
@@ -56,16 +56,17 @@
 #include <utility>
 #include <vector>
 
+#include "attention_checks.h"
+#include "cpu/attention_tile.h"
 #include "cpu/multi_tensor.h"
-
-#pragma GCC diagnostic ignored "-Wpsabi"  // 64-byte vectors only cross inlined helpers
+#include "cpu/simd.h"
+#include "lowbias32.h"
 
 namespace pytrain::cpu {
 namespace {
 
 constexpr const char* kFwd = "attention_fwd";
 constexpr const char* kBwd = "attention_bwd";
-constexpr int64_t kLanes = 16;   // fp32 lanes of one vector
 constexpr int64_t kBQ = 64;      // queries per block (4 vectors)
 constexpr int64_t kBK = 64;      // keys per block
 constexpr int64_t kQV = kBQ / kLanes;
@@ -73,56 +74,6 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr int64_t kUnbounded = int64_t{1} << 40;  // band side without limit
-
-// GCC vector extensions: 16 fp32 / int32 lanes; each target_clones clone lowers them to its ISA.
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-
-inline __attribute__((always_inline)) vf loadv(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline __attribute__((always_inline)) void storev(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-// For loop-invariant values only: GCC builds it with an add and a broadcast (0 + x does not fold, since
-// 0 + -0 = +0); in hot loops write scalar * vector, which becomes a single vbroadcastss.
-inline __attribute__((always_inline)) vf splat(float x) { return vf{} + x; }
-
-// 2^x for x <= 128, NaN propagating.  x is clamped at -127, where 2^n (n = round(x)) has a zero
-// exponent field and so gives exactly 0: 2^-inf = 0, what masked scores need.  On [-0.5, 0.5] the
-// fraction goes through the Cephes exp2f polynomial (relative error ~2e-7).
-inline __attribute__((always_inline)) vf exp2v(vf x) {
-  x = x < -127.0f ? splat(-127.0f) : x;  // NaN compares false and stays NaN
-  const vf n = (x + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23 trick)
-  const vf f = x - n;
-  vf p = splat(1.535336188319500e-4f);
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.0f;
-  const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
-  return p * (vf)e;
-}
-
-// The lowbias32 hash of C. Wellons (attention_ref.lowbias32), on 16 lanes or one value.
-template <class T>
-inline __attribute__((always_inline)) T lowbias32(T x) {
-  x ^= x >> 16;
-  x *= 0x7feb352dU;
-  x ^= x >> 15;
-  x *= 0x846ca68bU;
-  x ^= x >> 16;
-  return x;
-}
-
-// float32 -> bfloat16 bits, round to nearest even (finite values), in the low 16 bits of each lane.
-inline __attribute__((always_inline)) vu bf16_bits(vf x) {
-  const vu u = (vu)x;
-  return (u + 0x7fffU + ((u >> 16) & 1U)) >> 16;
-}
 
 // ------------------------------------------------------------------------------------ problem
 struct Problem {
@@ -205,199 +156,7 @@ inline __attribute__((always_inline)) vi keep_mask(const Tile& t, uint32_t row_h
   return x >= t.threshold;  // -1 where kept
 }
 
-// ----------------------------------------------------------------------------- micro-kernels
-// C[M x N] (=, +=) A[M x K] B[K x N]: A(r, k) = A[r * sar + k * sak] broadcast, B row k = 16-lane vectors
-// at B + k * ldb, C row r at C + r * ldc; N a multiple of 16.  With accumulate, C is first multiplied
-// lane-wise by cscale (if given): the online-softmax rescale of out^T rides on the load.
-template <int MR, int NV>
-inline __attribute__((always_inline)) void f32_block(int64_t K, const float* A, int64_t sar, int64_t sak,
-                                                     const float* B, int64_t ldb, float* C, int64_t ldc,
-                                                     const float* cscale, bool accumulate) {
-  vf acc[MR][NV];
-  if (accumulate && cscale) {
-    vf cs[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) cs[v] = loadv(cscale + v * kLanes);
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = loadv(C + r * ldc + v * kLanes) * cs[v];
-  } else if (accumulate) {
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = loadv(C + r * ldc + v * kLanes);
-  } else {
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = vf{};
-  }
-  for (int64_t k = 0; k < K; ++k) {
-    const float* b = B + k * ldb;
-    const float* a = A + k * sak;
-    vf bv[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) bv[v] = loadv(b + v * kLanes);
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-      const float ar = a[r * sar];  // scalar * vector: one vbroadcastss (a splat() here would not be)
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] += ar * bv[v];
-    }
-  }
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) storev(C + r * ldc + v * kLanes, acc[r][v]);
-}
-
-// The last `rest` (< R + 1) rows of a row-blocked loop, as one block of exactly `rest` rows.
-template <int R, class Block>
-inline __attribute__((always_inline)) void tail_rows(int64_t rest, int64_t r, const Block& block) {
-  if constexpr (R > 0) {
-    if (rest == R) {
-      block(std::integral_constant<int, R>{}, r);
-    } else {
-      tail_rows<R - 1>(rest, r, block);
-    }
-  }
-}
-
-// Rows [0, M) in blocks of MR, the remainder with one smaller block.
-template <int MR, class Block>
-inline __attribute__((always_inline)) void row_blocks(int64_t M, const Block& block) {
-  int64_t r = 0;
-  for (; r + MR <= M; r += MR) block(std::integral_constant<int, MR>{}, r);
-  tail_rows<MR - 1>(M - r, r, block);
-}
-
-constexpr int rows_for(int nv) { return nv == 4 ? 6 : nv == 3 ? 8 : 12; }
-
-// Columns in chunks of up to 4 vectors (64 lanes), each chunk's rows in blocks of rows_for(vectors):
-// 24 fp32 accumulators (of 32 zmm registers) for the wide chunks.
-template <int NV, class BlockFn>
-inline __attribute__((always_inline)) void column_chunk(int64_t M, int64_t n0, const BlockFn& fn) {
-  row_blocks<rows_for(NV)>(M, [&](auto mr, int64_t r) { fn(mr, std::integral_constant<int, NV>{}, r, n0); });
-}
-
-template <class BlockFn>
-inline __attribute__((always_inline)) void gemm_driver(int64_t M, int64_t N, const BlockFn& fn) {
-  for (int64_t n0 = 0; n0 < N; n0 += 4 * kLanes) {
-    switch (std::min<int64_t>(4, (N - n0) / kLanes)) {
-      case 4: column_chunk<4>(M, n0, fn); break;
-      case 3: column_chunk<3>(M, n0, fn); break;
-      case 2: column_chunk<2>(M, n0, fn); break;
-      default: column_chunk<1>(M, n0, fn); break;
-    }
-  }
-}
-
-// flatten: the driver's lambdas must be compiled inside each clone, not for the default target.
-PYTRAIN_SIMD __attribute__((flatten)) void gemm_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t sar,
-                                                    int64_t sak, const float* B, int64_t ldb, float* C, int64_t ldc,
-                                                    const float* cscale, bool accumulate) {
-  gemm_driver(M, N, [&](auto mr, auto nv, int64_t r, int64_t n0) {
-    f32_block<decltype(mr)::value, decltype(nv)::value>(K, A + r * sar, sar, sak, B + n0, ldb, C + r * ldc + n0,
-                                                        ldc, cscale ? cscale + n0 : nullptr, accumulate);
-  });
-}
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PYTRAIN_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")  // for the lambda in gemm_bf16
-
-// The same GEMM on bf16 pairs: K counts pairs; A(r, k) is the 32-bit pair at A + r * sar + k * sak
-// (bf16 units), B row k holds 16 lanes of pairs (uint32) at B + k * ldb.  vdpbf16ps adds both products
-// of a pair into the fp32 lane.
-template <int MR, int NV>
-PYTRAIN_BF16_TARGET inline __attribute__((always_inline)) void bf16_block(
-    int64_t K, const uint16_t* A, int64_t sar, int64_t sak, const uint32_t* B, int64_t ldb, float* C,
-    int64_t ldc, const float* cscale, bool accumulate) {
-  __m512 acc[MR][NV];
-  if (accumulate && cscale) {
-    __m512 cs[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) cs[v] = _mm512_loadu_ps(cscale + v * kLanes);
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_mul_ps(_mm512_loadu_ps(C + r * ldc + v * kLanes), cs[v]);
-  } else if (accumulate) {
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_loadu_ps(C + r * ldc + v * kLanes);
-  } else {
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
-  }
-  for (int64_t k = 0; k < K; ++k) {
-    const uint32_t* b = B + k * ldb;
-    const uint16_t* a = A + k * sak;
-    __m512i bv[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_si512(b + v * kLanes);
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-      uint32_t pair;
-      std::memcpy(&pair, a + r * sar, sizeof pair);
-      const __m512i ar = _mm512_set1_epi32(static_cast<int>(pair));
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)ar, (__m512bh)bv[v]);
-    }
-  }
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + r * ldc + v * kLanes, acc[r][v]);
-}
-
-PYTRAIN_BF16_TARGET __attribute__((flatten)) void gemm_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* A,
-                                                             int64_t sar, int64_t sak, const uint32_t* B, int64_t ldb,
-                                                             float* C, int64_t ldc, const float* cscale,
-                                                             bool accumulate) {
-  gemm_driver(M, N, [&](auto mr, auto nv, int64_t r, int64_t n0) {
-    bf16_block<decltype(mr)::value, decltype(nv)::value>(K, A + r * sar, sar, sak, B + n0, ldb, C + r * ldc + n0,
-                                                         ldc, cscale ? cscale + n0 : nullptr, accumulate);
-  });
-}
-
-#pragma GCC pop_options
-
-// Chosen at run time: the bf16 path needs AVX512_BF16 (Zen 4, Sapphire Rapids and later).
-bool cpu_has_bf16dot() {
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl");
-  }();
-  return has;
-}
-#else
-bool cpu_has_bf16dot() { return false; }
-void gemm_bf16(int64_t, int64_t, int64_t, const uint16_t*, int64_t, int64_t, const uint32_t*, int64_t, float*,
-               int64_t, const float*, bool) {
-  TORCH_CHECK(false, "attention: bf16 dot products are not compiled in");
-}
-#endif
-
 // ---------------------------------------------------------------------------- element-wise tiles
-typedef uint16_t vh __attribute__((vector_size(32)));  // 16 bf16
-
-inline __attribute__((always_inline)) void store_bf16(uint16_t* dst, vf x) {
-  const vh h = __builtin_convertvector(bf16_bits(x), vh);
-  std::memcpy(dst, &h, sizeof h);
-}
-// Two fp32 rows as bf16 pairs (lo, hi) per lane, the layout of a vdpbf16ps B operand.
-inline __attribute__((always_inline)) void store_pair(uint32_t* dst, vf lo, vf hi) {
-  const vu pair = bf16_bits(lo) | (bf16_bits(hi) << 16);
-  std::memcpy(dst, &pair, sizeof pair);
-}
-
 // The element-wise tile code comes in two instances: kGeneral handles masked tiles, dropout and c <= 0
 // (flags read at run time); the other is the tight loop for interior tiles without dropout.
 template <bool kGeneral>
@@ -704,44 +463,9 @@ std::vector<int64_t> by_cost(int64_t n, const Cost& cost) {
 inline int64_t align16(int64_t n) { return (n + 15) / 16 * 16; }
 
 // ------------------------------------------------------------------------------------ inputs
-void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"q", q}, {"k", k}, {"v", v}}) {
-    TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
-    TORCH_CHECK(t.device().is_cpu(), op, ": the CPU kernel got ", name, " on ", t.device());
-    TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a dense tensor, got layout ", t.layout());
-    TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D (batch, heads, seqlen, headdim), got shape ", t.sizes());
-    TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous (shape ", t.sizes(), ", strides ",
-                t.strides(), ")");
-  }
-  const at::ScalarType dt = q.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op, ": q has dtype ", dt,
-              "; the CPU kernel supports float32, bfloat16 and float16");
-  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, op, ": q, k, v must share a dtype, got ", dt, ", ",
-              k.scalar_type(), ", ", v.scalar_type());
-  TORCH_CHECK(k.sizes() == v.sizes(), op, ": k and v must have the same shape, got ", k.sizes(), " and ", v.sizes());
-  TORCH_CHECK(q.size(0) == k.size(0), op, ": batch sizes differ: q has ", q.size(0), ", k/v have ", k.size(0));
-  TORCH_CHECK(q.size(3) == k.size(3), op, ": head dims differ: q has ", q.size(3), ", k/v have ", k.size(3));
-  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op, ": q heads (", q.size(1),
-              ") must be a multiple of k/v heads (", k.size(1), ") (GQA/MQA)");
-  TORCH_CHECK(q.size(3) >= 16 && q.size(3) <= 256, op, ": head dim ", q.size(3), " out of range [16, 256]");
-}
-
-void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like,
-                at::ScalarType dtype, at::IntArrayRef shape) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
-  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), " but q is on ", like.device());
-  TORCH_CHECK(t.layout() == at::kStrided && t.is_contiguous(), op, ": ", name,
-              " must be a dense contiguous tensor (shape ", t.sizes(), ", strides ", t.strides(), ")");
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " has dtype ", t.scalar_type(), ", expected ", dtype);
-  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " has shape ", t.sizes(), ", expected ", shape);
-}
-
 Problem make_problem(const char* op, const at::Tensor& q, const at::Tensor& k, double scale, bool causal,
                      int64_t window_left, int64_t window_right, double dropout_p, int64_t seed) {
-  TORCH_CHECK(window_left >= -1 && window_right >= -1, op, ": window sides must be >= 0 or -1 (unbounded), got (",
-              window_left, ", ", window_right, ")");
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
-  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  check_attention_args(op, scale, window_left, window_right, dropout_p);
   Problem p;
   p.B = q.size(0);
   p.H = q.size(1);
@@ -852,7 +576,7 @@ void fwd_block(const FwdArgs& a, int64_t bh, int64_t qb, float* ws) {
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  double scale, bool causal, int64_t window_left,
                                                  int64_t window_right, double dropout_p, int64_t seed) {
-  check_qkv(kFwd, q, k, v);
+  check_attention_qkv(kFwd, q, k, v);
   FwdArgs a;
   a.p = make_problem(kFwd, q, k, scale, causal, window_left, window_right, dropout_p, seed);
   const Problem& p = a.p;
@@ -1054,10 +778,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& g
                                                              const at::Tensor& out, const at::Tensor& lse,
                                                              double scale, bool causal, int64_t window_left,
                                                              int64_t window_right, double dropout_p, int64_t seed) {
-  check_qkv(kBwd, q, k, v);
-  check_like(kBwd, "grad_out", grad_out, q, q.scalar_type(), q.sizes());
-  check_like(kBwd, "out", out, q, q.scalar_type(), q.sizes());
-  check_like(kBwd, "lse", lse, q, at::kFloat, {q.size(0), q.size(1), q.size(2)});
+  check_attention_qkv(kBwd, q, k, v);
+  check_attention_like(kBwd, "grad_out", grad_out, q, q.scalar_type(), q.sizes());
+  check_attention_like(kBwd, "out", out, q, q.scalar_type(), q.sizes());
+  check_attention_like(kBwd, "lse", lse, q, at::kFloat, {q.size(0), q.size(1), q.size(2)});
   BwdArgs a(make_problem(kBwd, q, k, scale, causal, window_left, window_right, dropout_p, seed));
   const Problem& p = a.p;
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()),

@@ -10,11 +10,10 @@
 #include <vector>
 
 #include "cpu/multi_tensor.h"
+#include "multi_tensor_checks.h"
 
 namespace pytrain::cpu {
 namespace {
-
-constexpr const char* kOp = "global_norm";
 
 double chunk_sum_squares(at::TensorList tensors, const Chunk& c) {
   const F32Tiles x(tensors[c.tensor]);
@@ -34,7 +33,7 @@ at::Tensor global_norm(at::TensorList tensors) {
     *out.data_ptr<float>() = 0.0f;
     return out;
   }
-  check_float_tensors(kOp, "tensors", tensors);
+  check_float_tensors("global_norm", "tensors", tensors, c10::DeviceType::CPU);
   const ChunkPlan plan(tensors);
   std::vector<double> partials(plan.num_chunks());
   plan.run_all([&](int64_t i, const Chunk& c) { partials[i] = chunk_sum_squares(tensors, c); });

@@ -21,11 +21,11 @@
 #include <vector>
 
 #include "cpu/multi_tensor.h"
+#include "lamb_checks.h"
 
 namespace pytrain::cpu {
 namespace {
 
-constexpr const char* kOp = "lamb_step";
 constexpr int64_t kMaxKeptDirection = int64_t{1} << 24;  // 64 MiB of fp32 u at most
 
 struct LambCoeffs {
@@ -172,12 +172,8 @@ float step_scale(double w_sq, double u_sq, double lr, bool trust_clip) {
 void lamb_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                double lr, double beta1, double beta2, double beta3, double eps, double weight_decay,
                double bias_correction1, double bias_correction2, double grad_scale, bool adapt, bool trust_clip) {
-  check_params_grads(kOp, params, grads);
+  check_lamb_args(params, grads, exp_avgs, exp_avg_sqs, c10::DeviceType::CPU);
   if (params.empty()) return;
-  check_like_params(kOp, "exp_avgs", params, exp_avgs, false);
-  check_like_params(kOp, "exp_avg_sqs", params, exp_avg_sqs, false);
-  check_list(kOp, "exp_avgs", exp_avgs, params[0].device(), params[0].scalar_type());
-  check_list(kOp, "exp_avg_sqs", exp_avg_sqs, params[0].device(), params[0].scalar_type());
 
   const LambArgs args{params,
                       grads,

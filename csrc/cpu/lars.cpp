@@ -17,11 +17,10 @@
 #include <vector>
 
 #include "cpu/multi_tensor.h"
+#include "lars_checks.h"
 
 namespace pytrain::cpu {
 namespace {
-
-constexpr const char* kOp = "lars_step";
 
 enum class Momentum { kNone, kInit, kUpdate };
 
@@ -131,10 +130,8 @@ float trust_ratio(double w_sq, double g_sq, double lr, double weight_decay, doub
 void lars_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
                double momentum, double dampening, double weight_decay, double trust_coefficient, double eps,
                bool nesterov, bool trust_clip, bool adapt, bool init_buffers) {
-  check_params_grads(kOp, params, grads);
+  check_lars_args(params, grads, momentum_buffers, momentum, c10::DeviceType::CPU);
   if (params.empty()) return;
-  check_like_params(kOp, "momentum_buffers", params, momentum_buffers, /*may_be_empty=*/momentum == 0.0);
-  check_list(kOp, "momentum_buffers", momentum_buffers, params[0].device(), params[0].scalar_type());
 
   const Momentum mode = momentum == 0.0 ? Momentum::kNone : init_buffers ? Momentum::kInit : Momentum::kUpdate;
   const LarsArgs args{params,

@@ -15,7 +15,6 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <c10/util/Exception.h>
 
 #include <unistd.h>
 
@@ -26,7 +25,7 @@
 #include <utility>
 #include <vector>
 
-#include "common.h"
+#include "int8_states.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define PYTRAIN_SIMD __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -40,29 +39,6 @@ constexpr int64_t kChunk = int64_t{1} << 16;  // elements per chunk: 256 KiB of 
 constexpr int64_t kTile = kInt8Block;          // elements per fp32 scratch tile (and per int8 block)
 constexpr int64_t kMinPerThread = int64_t{1} << 15;  // below this many elements per thread, use fewer threads
 static_assert(kChunk % kInt8Block == 0, "int8 blocks must not straddle chunks");
-
-// ------------------------------------------------------------------------------------ input checks
-// Only float32, bfloat16 and float16 tensors are served by the CPU kernels.
-inline void check_float_dtype(const char* op, const char* name, at::ScalarType dtype) {
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op, ": ", name,
-              " have dtype ", dtype, "; the CPU kernel supports float32, bfloat16 and float16");
-}
-
-// A non-empty list of tensors on one CPU device, of one float dtype, contiguous.
-inline void check_float_tensors(const char* op, const char* name, at::TensorList list) {
-  const c10::Device device = list[0].device();
-  TORCH_CHECK(device.is_cpu(), op, ": the CPU kernel got ", name, " on ", device);
-  check_float_dtype(op, name, list[0].scalar_type());
-  check_list(op, name, list, device, list[0].scalar_type());
-}
-
-// Params and grads: one grad per param, all on one CPU device, of one float dtype, contiguous.
-inline void check_params_grads(const char* op, at::TensorList params, at::TensorList grads) {
-  check_like_params(op, "grads", params, grads, /*may_be_empty=*/false);
-  if (params.empty()) return;
-  check_float_tensors(op, "params", params);
-  check_list(op, "grads", grads, params[0].device(), params[0].scalar_type());
-}
 
 // ------------------------------------------------------------------------ fp32 <-> bf16 / fp16
 inline float bits_to_f32(uint32_t u) { return __builtin_bit_cast(float, u); }

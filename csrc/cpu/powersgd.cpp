@@ -157,10 +157,8 @@ void gram_schmidt(float* p, int64_t n, int64_t r, double eps) {
 }
 
 void orthogonalize(const at::Tensor& P_in, double eps) {
-  check_powersgd_operand("orthogonalize", "P", P_in, c10::DeviceType::CPU);
-  const at::Tensor P = P_in.dim() == 3 ? P_in : P_in.unsqueeze(0);
+  const at::Tensor P = check_orthogonalize_operand(P_in, c10::DeviceType::CPU);
   const int64_t b = P.size(0), n = P.size(1), r = P.size(2);
-  TORCH_CHECK(r <= n, "orthogonalize: P ", P_in.sizes(), " has more columns than rows");
   float* pp = P.data_ptr<float>();
   at::parallel_for(0, b, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t mat = lo; mat < hi; ++mat) gram_schmidt(pp + mat * n * r, n, r, eps);

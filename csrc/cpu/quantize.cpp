@@ -24,13 +24,13 @@
 #include <string_view>
 
 #include "cpu/multi_tensor.h"
-#include "quantize.h"
+#include "quantize_checks.h"
 
 namespace pytrain::cpu {
 namespace {
 
-constexpr uint32_t kAbsMask = 0x7fffffffu;
-constexpr uint32_t kInfBits = 0x7f800000u;
+using quant::kAbsMask;
+using quant::kInfBits;
 
 // An fp8 format with M mantissa bits and exponent bias B; codes at or above kSpecial (magnitude) are
 // inf/NaN: e4m3fn has only NaN (0x7f), e5m2 has inf (0x7c) and NaNs.
@@ -62,8 +62,7 @@ using E4M3 = Fp8<3, 7, 0x7eu, 0x7fu>;   // max 448
 using E5M2 = Fp8<2, 15, 0x7bu, 0x7cu>;  // max 57344
 
 using quant::Format;
-
-float format_max(Format f) { return f == quant::kInt8 ? 127.0f : f == quant::kE4M3 ? 448.0f : 57344.0f; }
+using quant::format_max;
 
 // ------------------------------------------------------------------------------- element loops
 PYTRAIN_SIMD uint32_t absmax_bits(const float* __restrict x, int64_t n) {
@@ -82,14 +81,6 @@ PYTRAIN_SIMD void cast_int8(const float* __restrict x, int8_t* __restrict q, int
   for (int64_t i = 0; i < n; ++i) q[i] = static_cast<int8_t>(static_cast<int32_t>(std::rint(x[i] * inv)));
 }
 
-inline uint32_t lowbias32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7feb352du;
-  x ^= x >> 15;
-  x *= 0x846ca68bu;
-  return x ^ (x >> 16);
-}
-
 // `first`: flat index of x[0], the counter of the hash.  y = x * inv goes through a buffer so that
 // d = y - r uses the rounded product: GCC contracts x * inv - r into an FMA in C++ otherwise.
 PYTRAIN_SIMD void cast_int8_stochastic(const float* __restrict x, int8_t* __restrict q, int64_t n, float inv,
@@ -101,8 +92,7 @@ PYTRAIN_SIMD void cast_int8_stochastic(const float* __restrict x, int8_t* __rest
     for (int64_t i = 0; i < m; ++i) y[i] = x[base + i] * inv;
 #pragma omp simd
     for (int64_t i = 0; i < m; ++i) {
-      const uint64_t idx = static_cast<uint64_t>(first + base + i);
-      const uint32_t u24 = lowbias32(lowbias32(static_cast<uint32_t>(idx) ^ s0) ^ static_cast<uint32_t>(idx >> 32) ^ s1) >> 8;
+      const uint32_t u24 = quant::stochastic_u24(static_cast<uint64_t>(first + base + i), s0, s1);
       const float r = std::rint(y[i]);
       const float d = y[i] - r;
       const float up = static_cast<float>(static_cast<int32_t>(static_cast<float>(static_cast<int32_t>(u24)) < std::fabs(d) * 0x1p24f));
@@ -243,10 +233,8 @@ struct QuantizeJob {
 
 std::tuple<at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& x, c10::string_view fmt_name, int64_t group_size,
                                                 bool stochastic, int64_t seed) {
-  const Format fmt = quant::parse_format(std::string_view(fmt_name.data(), fmt_name.size()));
-  TORCH_CHECK(x.device().is_cpu(), "quantize: the CPU kernel got x on ", x.device());
-  check_float_dtype("quantize", "x", x.scalar_type());
-  quant::check_quantize_args(x, fmt, group_size, stochastic, seed);
+  const Format fmt = quant::check_quantize_args(x, std::string_view(fmt_name.data(), fmt_name.size()), group_size,
+                                                stochastic, seed, c10::DeviceType::CPU);
   const int64_t numel = x.numel(), groups = quant::num_groups(numel, group_size);
   at::Tensor codes = at::empty(x.sizes(), x.options().dtype(quant::code_dtype(fmt)));
   at::Tensor scales = at::empty({groups}, x.options().dtype(at::kFloat));
@@ -273,9 +261,7 @@ void decode_range(const at::Tensor& data, int64_t begin, int64_t n, float scale,
 }
 
 at::Tensor dequantize_cpu(const at::Tensor& data, const at::Tensor& scales, int64_t group_size, at::ScalarType dtype) {
-  quant::check_dequantize_args(data, scales, group_size);
-  TORCH_CHECK(data.device().is_cpu(), "dequantize: the CPU kernel got data on ", data.device());
-  check_float_dtype("dequantize", "outputs", dtype);
+  quant::check_dequantize_args(data, scales, group_size, dtype, c10::DeviceType::CPU);
   const int64_t numel = data.numel();
   at::Tensor out = at::empty(data.sizes(), data.options().dtype(dtype));
   const F32Tiles dst(out);

@@ -24,11 +24,11 @@
 #include <vector>
 
 #include "cpu/multi_tensor.h"
+#include "topk_checks.h"
 
 namespace pytrain::cpu {
 namespace {
 
-constexpr const char* kOp = "topk_filter";
 constexpr int64_t kGroup = 16;  // elements per hit test: one AVX-512 vector
 constexpr int64_t kSlack = 8;   // room past the last entry for full-vector stores of compressed indices
 
@@ -110,11 +110,7 @@ void gather(const void* x, const int64_t* idx, int64_t count, void* values) {
 }
 
 std::tuple<at::Tensor, at::Tensor> topk_filter(const at::Tensor& x, double threshold) {
-  TORCH_CHECK(x.device().is_cpu(), kOp, ": the CPU kernel got x on ", x.device());
-  check_float_dtype(kOp, "x", x.scalar_type());
-  TORCH_CHECK(!std::isnan(threshold), kOp, ": threshold is NaN");
-  TORCH_CHECK(x.layout() == at::kStrided && x.is_contiguous(), kOp, ": x must be dense and contiguous (shape ",
-              x.sizes(), ", strides ", x.strides(), ")");
+  check_topk_args(x, threshold, c10::DeviceType::CPU);
   const int64_t n = x.numel();
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   const float t = static_cast<float>(threshold);

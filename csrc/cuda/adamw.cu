@@ -21,7 +21,8 @@
 
 #include <cmath>
 
-#include "cuda/multi_tensor_apply.cuh"
+#include "adamw_checks.h"
+#include "cuda/multi_tensor.cuh"
 
 namespace pytrain::cuda {
 namespace {
@@ -152,8 +153,8 @@ struct AdamWInt8Op {
         max_m = fmaxf(max_m, fabsf(m[j]));
         max_r = fmaxf(max_r, r[j]);
       }
-      const float new_scale_m = __fdiv_rn(warp_max(max_m), 127.f);
-      const float new_scale_v = __fdiv_rn(warp_max(max_r), 256.f);
+      const float new_scale_m = __fdiv_rn(warp_max(max_m), kInt8MomentMax);
+      const float new_scale_v = __fdiv_rn(warp_max(max_r), kInt8RootGrid);
       const float safe_m = new_scale_m > 0.f ? new_scale_m : 1.f;
       const float safe_v = new_scale_v > 0.f ? new_scale_v : 1.f;
 #pragma unroll
@@ -176,33 +177,13 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      at::TensorList max_exp_avg_sqs, at::TensorList master_params, at::TensorList exp_avg_scales,
                      at::TensorList exp_avg_sq_scales, double lr, double beta1, double beta2, double eps,
                      double weight_decay, int64_t step, bool amsgrad, bool maximize, double grad_scale) {
+  check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, exp_avg_scales,
+                   exp_avg_sq_scales, step, amsgrad, c10::DeviceType::CUDA);
   if (params.empty()) return;
   const c10::Device device = params[0].device();
-  TORCH_CHECK(device.is_cuda(), kOp, ": params are on ", device, ", expected a CUDA device");
   const at::ScalarType param_dtype = params[0].scalar_type();
   const bool quantized = !exp_avg_scales.empty();
-  check_list(kOp, "params", params, device, param_dtype);
-  check_list(kOp, "grads", grads, device, param_dtype);
-  check_like_params(kOp, "grads", params, grads, false);
-  check_like_params(kOp, "exp_avgs", params, exp_avgs, false);
-  check_like_params(kOp, "exp_avg_sqs", params, exp_avg_sqs, false);
-  check_like_params(kOp, "max_exp_avg_sqs", params, max_exp_avg_sqs, true);
-  check_like_params(kOp, "master_params", params, master_params, true);
   const at::ScalarType state_dtype = quantized ? at::kChar : exp_avgs[0].scalar_type();
-  check_list(kOp, "exp_avgs", exp_avgs, device, state_dtype);
-  check_list(kOp, "exp_avg_sqs", exp_avg_sqs, device, quantized ? at::kByte : state_dtype);
-  check_list(kOp, "max_exp_avg_sqs", max_exp_avg_sqs, device, state_dtype);
-  check_list(kOp, "master_params", master_params, device, at::kFloat);
-  if (quantized) {
-    check_block_scales(kOp, "exp_avg_scales", params, exp_avg_scales);
-    check_block_scales(kOp, "exp_avg_sq_scales", params, exp_avg_sq_scales);
-  } else {
-    TORCH_CHECK(exp_avg_sq_scales.empty(), kOp, ": exp_avg_sq_scales given without exp_avg_scales");
-  }
-  TORCH_CHECK(amsgrad != max_exp_avg_sqs.empty(), kOp, ": amsgrad=", amsgrad, " but max_exp_avg_sqs has ",
-              max_exp_avg_sqs.size(), " tensors (amsgrad needs one per param, otherwise none)");
-  TORCH_CHECK(!(quantized && amsgrad), kOp, ": amsgrad is not supported with int8 states");
-  TORCH_CHECK(step >= 1, kOp, ": step must be >= 1 (the count after increment), got ", step);
 
   const AdamWHyper h{static_cast<float>(1.0 - lr * weight_decay),
                      static_cast<float>(beta1),
@@ -217,7 +198,7 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   const Lists<kLists> lists{params,          grads,         exp_avgs,       exp_avg_sqs,
                             max_exp_avg_sqs, master_params, exp_avg_scales, exp_avg_sq_scales};
   const c10::cuda::CUDAGuard guard(device);
-  dispatch_param_dtype(param_dtype, kOp, [&](auto param_tag) {
+  dispatch_float_dtype(param_dtype, kOp, "params", [&](auto param_tag) {
     using P = decltype(param_tag);
     dispatch_bool(!master_params.empty(), [&](auto has_master) {
       if (quantized) {

@@ -7,7 +7,8 @@
 
 #include <c10/cuda/CUDAGuard.h>
 
-#include "cuda/multi_tensor_apply.cuh"
+#include "cuda/multi_tensor.cuh"
+#include "multi_tensor_checks.h"
 
 namespace pytrain::cuda {
 namespace {
@@ -35,17 +36,15 @@ __global__ void __launch_bounds__(kThreads) norm_of_partials_kernel(const float*
 
 at::Tensor global_norm_cuda(at::TensorList tensors) {
   TORCH_CHECK(!tensors.empty(), kOp, ": needs at least one tensor");
-  const c10::Device device = tensors[0].device();
-  TORCH_CHECK(device.is_cuda(), kOp, ": tensors are on ", device, ", expected a CUDA device");
+  check_float_tensors(kOp, "tensors", tensors, c10::DeviceType::CUDA);
   const at::ScalarType dtype = tensors[0].scalar_type();
-  check_list(kOp, "tensors", tensors, device, dtype);
 
-  const c10::cuda::CUDAGuard guard(device);
+  const c10::cuda::CUDAGuard guard(tensors[0].device());
   const auto options = tensors[0].options().dtype(at::kFloat);
   const int64_t nchunks = total_chunks(tensors);
   const at::Tensor partials = at::empty({nchunks}, options);
   at::Tensor out = at::empty({}, options);
-  dispatch_dtype<float, c10::BFloat16, c10::Half>(dtype, kOp, "tensors", [&](auto tag) {
+  dispatch_float_dtype(dtype, kOp, "tensors", [&](auto tag) {
     using T = decltype(tag);
     multi_tensor_apply<1>({tensors}, ChunkSumOp<1, 1, SquareTerms<T>>{{}, partials.data_ptr<float>()});
   });

@@ -18,7 +18,8 @@
 
 #include <cmath>
 
-#include "cuda/multi_tensor_apply.cuh"
+#include "cuda/multi_tensor.cuh"
+#include "lamb_checks.h"
 
 namespace pytrain::cuda {
 namespace {
@@ -119,17 +120,10 @@ void lamb_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     double lr, double beta1, double beta2, double beta3, double eps, double weight_decay,
                     double bias_correction1, double bias_correction2, double grad_scale, bool adapt,
                     bool trust_clip) {
+  check_lamb_args(params, grads, exp_avgs, exp_avg_sqs, c10::DeviceType::CUDA);
   if (params.empty()) return;
   const c10::Device device = params[0].device();
-  TORCH_CHECK(device.is_cuda(), kOp, ": params are on ", device, ", expected a CUDA device");
   const at::ScalarType dtype = params[0].scalar_type();
-  check_list(kOp, "params", params, device, dtype);
-  check_list(kOp, "grads", grads, device, dtype);
-  check_list(kOp, "exp_avgs", exp_avgs, device, dtype);
-  check_list(kOp, "exp_avg_sqs", exp_avg_sqs, device, dtype);
-  check_like_params(kOp, "grads", params, grads, false);
-  check_like_params(kOp, "exp_avgs", params, exp_avgs, false);
-  check_like_params(kOp, "exp_avg_sqs", params, exp_avg_sqs, false);
 
   const LambHyper h{static_cast<float>(beta1),
                     static_cast<float>(beta3),
@@ -143,7 +137,7 @@ void lamb_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     static_cast<float>(lr)};
   const Lists<kLists> lists{params, grads, exp_avgs, exp_avg_sqs};
   const c10::cuda::CUDAGuard guard(device);
-  dispatch_param_dtype(dtype, kOp, [&](auto tag) {
+  dispatch_float_dtype(dtype, kOp, "params", [&](auto tag) {
     using P = decltype(tag);
     const at::Tensor trust = adapt ? per_tensor_trust<kLists>(lists, LambNormTerms<P>{h}, LambRatio{trust_clip})
                                    : at::Tensor();

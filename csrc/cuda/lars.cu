@@ -13,7 +13,8 @@
 
 #include <c10/cuda/CUDAGuard.h>
 
-#include "cuda/multi_tensor_apply.cuh"
+#include "cuda/multi_tensor.cuh"
+#include "lars_checks.h"
 
 namespace pytrain::cuda {
 namespace {
@@ -98,15 +99,10 @@ struct LarsOp {
 void lars_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
                     double momentum, double dampening, double weight_decay, double trust_coefficient, double eps,
                     bool nesterov, bool trust_clip, bool adapt, bool init_buffers) {
+  check_lars_args(params, grads, momentum_buffers, momentum, c10::DeviceType::CUDA);
   if (params.empty()) return;
   const c10::Device device = params[0].device();
-  TORCH_CHECK(device.is_cuda(), kOp, ": params are on ", device, ", expected a CUDA device");
   const at::ScalarType dtype = params[0].scalar_type();
-  check_list(kOp, "params", params, device, dtype);
-  check_list(kOp, "grads", grads, device, dtype);
-  check_list(kOp, "momentum_buffers", momentum_buffers, device, dtype);
-  check_like_params(kOp, "grads", params, grads, false);
-  check_like_params(kOp, "momentum_buffers", params, momentum_buffers, momentum == 0);
 
   const LarsHyper h{static_cast<float>(lr), static_cast<float>(momentum), static_cast<float>(1.0 - dampening),
                     static_cast<float>(weight_decay), nesterov, adapt, init_buffers};
@@ -115,7 +111,7 @@ void lars_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   // Without momentum the buffers are not used (nor touched), as in the reference.
   const Lists<kLists> lists{params, grads, momentum != 0 ? momentum_buffers : at::TensorList()};
   const c10::cuda::CUDAGuard guard(device);
-  dispatch_param_dtype(dtype, kOp, [&](auto tag) {
+  dispatch_float_dtype(dtype, kOp, "params", [&](auto tag) {
     using P = decltype(tag);
     const at::Tensor trust = adapt ? per_tensor_trust<kLists>(lists, LarsNormTerms<P>{}, ratio) : at::Tensor();
     const float* trust_ptr = adapt ? trust.data_ptr<float>() : nullptr;

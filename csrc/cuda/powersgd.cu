@@ -139,11 +139,9 @@ __global__ void __launch_bounds__(kThreadsOrtho) orthogonalize_kernel(float* P, 
 }
 
 void orthogonalize_cuda(const at::Tensor& P_in, double eps) {
-  check_powersgd_operand("orthogonalize", "P", P_in, c10::DeviceType::CUDA);
-  const at::Tensor P = P_in.dim() == 3 ? P_in : P_in.unsqueeze(0);
+  const at::Tensor P = check_orthogonalize_operand(P_in, c10::DeviceType::CUDA);
   const int64_t b = P.size(0), n = P.size(1);
   const int r = static_cast<int>(P.size(2));
-  TORCH_CHECK(r <= n, "orthogonalize: P ", P_in.sizes(), " has more columns than rows");
   const c10::cuda::CUDAGuard guard(P.device());
   orthogonalize_kernel<<<b, kThreadsOrtho, r * sizeof(double), at::cuda::getCurrentCUDAStream()>>>(
       P.data_ptr<float>(), n, r, static_cast<float>(eps));

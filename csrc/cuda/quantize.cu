@@ -18,8 +18,8 @@
 
 #include <string_view>
 
-#include "common.h"
-#include "quantize.h"
+#include "cuda/dtype_dispatch.cuh"
+#include "quantize_checks.h"
 
 namespace pytrain::cuda {
 namespace {
@@ -27,22 +27,11 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kFusedMax = 8192;
 constexpr int64_t kPiece = 8192;
-constexpr uint32_t kAbsMask = 0x7fffffffu;
-constexpr uint32_t kInfBits = 0x7f800000u;
-
+using quant::kAbsMask;
 using quant::kE4M3;
 using quant::kE5M2;
+using quant::kInfBits;
 using quant::kInt8;
-
-__host__ __device__ inline float format_max(int fmt) { return fmt == kInt8 ? 127.0f : fmt == kE4M3 ? 448.0f : 57344.0f; }
-
-__device__ inline uint32_t lowbias32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7feb352du;
-  x ^= x >> 15;
-  x *= 0x846ca68bu;
-  return x ^ (x >> 16);
-}
 
 struct GroupScale {
   float scale, inv;  // inv == 0: all codes 0 (zero, tiny or non-finite group)
@@ -62,8 +51,7 @@ __device__ inline uint8_t encode(float x, float inv, int64_t index, uint32_t s0,
   if constexpr (kFmt == kInt8) {
     float r = rintf(y);
     if (stochastic) {
-      const uint64_t i = static_cast<uint64_t>(index);
-      const uint32_t u24 = lowbias32(lowbias32(static_cast<uint32_t>(i) ^ s0) ^ static_cast<uint32_t>(i >> 32) ^ s1) >> 8;
+      const uint32_t u24 = quant::stochastic_u24(static_cast<uint64_t>(index), s0, s1);
       const float d = __fsub_rn(y, r);
       const float up = static_cast<float>(u24) < fabsf(d) * 0x1p24f ? 1.0f : 0.0f;
       r += copysignf(up, d);
@@ -106,7 +94,8 @@ template <class T, int kFmt>
 __global__ void __launch_bounds__(kThreads) fused_kernel(const T* x, uint8_t* codes, float* scales, int64_t numel,
                                                         int64_t group, uint32_t s0, uint32_t s1, bool stochastic) {
   const int64_t g = blockIdx.x, begin = g * group, end = min(numel, begin + group);
-  const GroupScale s = group_scale(range_absmax(x, begin, end), format_max(kFmt));
+  const float qmax = quant::format_max(static_cast<quant::Format>(kFmt));
+  const GroupScale s = group_scale(range_absmax(x, begin, end), qmax);
   if (threadIdx.x == 0) scales[g] = s.scale;
   range_cast<T, kFmt>(x, codes, begin, end, s.inv, s0, s1, stochastic);
 }
@@ -133,19 +122,10 @@ __global__ void __launch_bounds__(kThreads) cast_kernel(const T* x, uint8_t* cod
                                                        const uint32_t* group_max, int64_t numel, int64_t group,
                                                        int64_t per_group, uint32_t s0, uint32_t s1, bool stochastic) {
   const Piece pc = piece_of(blockIdx.x, per_group, group, numel);
-  const GroupScale s = group_scale(group_max[pc.group_index], format_max(kFmt));
+  const float qmax = quant::format_max(static_cast<quant::Format>(kFmt));
+  const GroupScale s = group_scale(group_max[pc.group_index], qmax);
   if (threadIdx.x == 0 && blockIdx.x % per_group == 0) scales[pc.group_index] = s.scale;
   range_cast<T, kFmt>(x, codes, pc.begin, pc.end, s.inv, s0, s1, stochastic);
-}
-
-template <class F>
-void dispatch_float(at::ScalarType dtype, const char* op, const F& f) {
-  switch (dtype) {
-    case at::kFloat: f(float{}); break;
-    case at::kBFloat16: f(c10::BFloat16{}); break;
-    case at::kHalf: f(c10::Half{}); break;
-    default: TORCH_CHECK(false, op, ": dtype ", dtype, " not supported (float32, bfloat16, float16)");
-  }
 }
 
 template <class F>
@@ -159,9 +139,8 @@ void dispatch_format(int fmt, const F& f) {
 
 std::tuple<at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& x, c10::string_view fmt_name, int64_t group_size,
                                                  bool stochastic, int64_t seed) {
-  const quant::Format fmt = quant::parse_format(std::string_view(fmt_name.data(), fmt_name.size()));
-  TORCH_CHECK(x.is_cuda(), "quantize: the CUDA kernel got x on ", x.device());
-  quant::check_quantize_args(x, fmt, group_size, stochastic, seed);
+  const quant::Format fmt = quant::check_quantize_args(x, std::string_view(fmt_name.data(), fmt_name.size()),
+                                                       group_size, stochastic, seed, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t numel = x.numel(), groups = quant::num_groups(numel, group_size);
   at::Tensor codes = at::empty(x.sizes(), x.options().dtype(quant::code_dtype(fmt)));
@@ -171,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& x, c10::strin
   auto* out = static_cast<uint8_t*>(codes.data_ptr());
   float* scale = scales.data_ptr<float>();
   const auto stream = at::cuda::getCurrentCUDAStream();
-  dispatch_float(x.scalar_type(), "quantize", [&](auto tag) {
+  dispatch_float_dtype(x.scalar_type(), "quantize", "x", [&](auto tag) {
     using T = decltype(tag);
     const T* in = static_cast<const T*>(x.data_ptr());
     dispatch_format(fmt, [&](auto f) {
@@ -213,14 +192,13 @@ __global__ void __launch_bounds__(kThreads) dequantize_kernel(const uint8_t* cod
 }
 
 at::Tensor dequantize_cuda(const at::Tensor& data, const at::Tensor& scales, int64_t group_size, at::ScalarType dtype) {
-  const quant::Format fmt = quant::check_dequantize_args(data, scales, group_size);
-  TORCH_CHECK(data.is_cuda(), "dequantize: the CUDA kernel got data on ", data.device());
+  const quant::Format fmt = quant::check_dequantize_args(data, scales, group_size, dtype, c10::DeviceType::CUDA);
   const int64_t numel = data.numel();
   const c10::cuda::CUDAGuard guard(data.device());
   at::Tensor out = at::empty(data.sizes(), data.options().dtype(dtype));
   if (numel == 0) return out;
   const int64_t blocks = std::min<int64_t>((numel + kThreads - 1) / kThreads, int64_t{1} << 20);
-  dispatch_float(dtype, "dequantize", [&](auto tag) {
+  dispatch_float_dtype(dtype, "dequantize", "outputs", [&](auto tag) {
     using T = decltype(tag);
     dispatch_format(fmt, [&](auto f) {
       dequantize_kernel<T, decltype(f)::value><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(

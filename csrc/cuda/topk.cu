@@ -9,6 +9,7 @@
 // widen exactly).  Two reads of x; the output is ~ratio of it.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -18,7 +19,8 @@
 #include <cmath>
 #include <tuple>
 
-#include "cuda/multi_tensor_apply.cuh"
+#include "cuda/dtype_dispatch.cuh"
+#include "topk_checks.h"
 
 namespace pytrain::cuda {
 namespace {
@@ -71,10 +73,7 @@ __global__ void __launch_bounds__(kFilterThreads)
 }
 
 std::tuple<at::Tensor, at::Tensor> topk_filter_cuda(const at::Tensor& x, double threshold) {
-  TORCH_CHECK(x.is_cuda(), kOp, ": the CUDA kernel got x on ", x.device());
-  TORCH_CHECK(!std::isnan(threshold), kOp, ": threshold is NaN");
-  TORCH_CHECK(x.layout() == at::kStrided && x.is_contiguous(), kOp, ": x must be dense and contiguous (shape ",
-              x.sizes(), ", strides ", x.strides(), ")");
+  check_topk_args(x, threshold, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t n = x.numel();
   const int64_t blocks = (n + kBlockElems - 1) / kBlockElems;
@@ -82,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor> topk_filter_cuda(const at::Tensor& x, double 
   const at::Tensor counts = at::empty({blocks}, x.options().dtype(at::kLong));
   auto stream = at::cuda::getCurrentCUDAStream();
   at::Tensor values, indices;
-  dispatch_dtype<float, c10::BFloat16, c10::Half>(x.scalar_type(), kOp, "x", [&](auto tag) {
+  dispatch_float_dtype(x.scalar_type(), kOp, "x", [&](auto tag) {
     using T = decltype(tag);
     const T* xp = static_cast<const T*>(x.data_ptr());
     if (blocks > 0) {

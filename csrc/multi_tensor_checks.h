@@ -1,11 +1,13 @@
-// Input checks shared by every C++ and CUDA entry point of pytrain.
+// Checks of tensor lists shared by the C++ and CUDA entry points of the multi-tensor ops (adamw_step,
+// lars_step, lamb_step, global_norm); op-specific rules live in <op>_checks.h.
 // Each message says what was expected and what came, naming the op and argument.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-#include <string>
+#include "int8_states.h"
+#include "tensor_checks.h"
 
 namespace pytrain {
 
@@ -38,10 +40,6 @@ inline void check_like_params(const char* op, const char* name, at::TensorList p
   }
 }
 
-// Number of 256-element blocks of the int8 optimizer states for a tensor of n elements.
-constexpr int64_t kInt8Block = 256;
-inline int64_t int8_blocks(int64_t n) { return (n + kInt8Block - 1) / kInt8Block; }
-
 // `scales` has one float32 tensor of int8_blocks(numel) elements per param, on the params' device.
 inline void check_block_scales(const char* op, const char* name, at::TensorList params, at::TensorList scales) {
   TORCH_CHECK(scales.size() == params.size(), op, ": ", name, " has ", scales.size(), " tensors, expected ",
@@ -53,6 +51,21 @@ inline void check_block_scales(const char* op, const char* name, at::TensorList 
                 scales[i].numel(), " elements, expected ", int8_blocks(params[i].numel()), " (one per ", kInt8Block,
                 "-element block of params[", i, "])");
   }
+}
+
+// A non-empty list of tensors on one device of type `device`, of one float dtype, contiguous.
+inline void check_float_tensors(const char* op, const char* name, at::TensorList list, c10::DeviceType device) {
+  check_kernel_device(op, name, list[0], device);
+  check_float_dtype(op, name, list[0].scalar_type(), device);
+  check_list(op, name, list, list[0].device(), list[0].scalar_type());
+}
+
+// Params and grads: one grad per param, all on one device of type `device`, of one float dtype, contiguous.
+inline void check_params_grads(const char* op, at::TensorList params, at::TensorList grads, c10::DeviceType device) {
+  check_like_params(op, "grads", params, grads, /*may_be_empty=*/false);
+  if (params.empty()) return;
+  check_float_tensors(op, "params", params, device);
+  check_list(op, "grads", grads, params[0].device(), params[0].scalar_type());
 }
 
 }  // namespace pytrain

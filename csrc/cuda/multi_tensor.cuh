@@ -1,4 +1,5 @@
-// Multi-tensor engine of pytrain's CUDA optimizer kernels (in the spirit of NVIDIA apex's multi_tensor_apply).
+// Multi-tensor engine of pytrain's CUDA optimizer kernels, the twin of csrc/cpu/multi_tensor.h (in the spirit of
+// NVIDIA apex's multi_tensor_apply).
 //
 // An op works on Depth parallel tensor lists ("params, grads, exp_avgs, ..."): list d's tensor i goes with
 // params[i]; an empty list is an absent optional list and reaches the kernel as null pointers.  The host packs
@@ -25,10 +26,9 @@
 #include <array>
 #include <climits>
 #include <cstdint>
-#include <string>
-#include <type_traits>
 
-#include "common.h"
+#include "cuda/dtype_dispatch.cuh"
+#include "int8_states.h"
 
 namespace pytrain::cuda {
 
@@ -329,44 +329,6 @@ at::Tensor per_tensor_trust(const Lists<Depth>& lists, const Terms& terms, const
   multi_tensor_apply<Depth>(lists, ChunkSumOp<Depth, 2, Terms>{terms, partials.data_ptr<float>()});
   per_tensor_apply(lists[0], PerTensorTrust<Ratio>{partials.data_ptr<float>(), trust.data_ptr<float>(), ratio});
   return trust;
-}
-
-// ------------------------------------------------------------------------------------ dtype dispatch
-inline std::string dtype_name(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return "float32";
-    case at::kBFloat16: return "bfloat16";
-    case at::kHalf: return "float16";
-    default: return c10::toString(t);
-  }
-}
-
-// Calls f(T{}) for the T of Ts whose dtype is t; otherwise fails naming the op, the argument and Ts.
-template <class... Ts, class F>
-void dispatch_dtype(at::ScalarType t, const char* op, const char* what, F&& f) {
-  const bool found = ((c10::CppTypeToScalarType<Ts>::value == t ? (f(Ts{}), true) : false) || ...);
-  if (!found) {
-    const std::string names[] = {dtype_name(c10::CppTypeToScalarType<Ts>::value)...};
-    std::string supported = names[0];
-    for (size_t i = 1; i < sizeof...(Ts); ++i) supported += (i + 1 < sizeof...(Ts) ? ", " : " and ") + names[i];
-    TORCH_CHECK(false, op, ": ", what, " have dtype ", t, "; the CUDA kernel supports ", supported);
-  }
-}
-
-// Param dtypes of every op.
-template <class F>
-void dispatch_param_dtype(at::ScalarType t, const char* op, F&& f) {
-  dispatch_dtype<float, c10::BFloat16, c10::Half>(t, op, "params", f);
-}
-
-// Calls f(std::true_type{}) or f(std::false_type{}), turning a runtime flag into a template argument.
-template <class F>
-void dispatch_bool(bool b, F&& f) {
-  if (b) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
 }
 
 }  // namespace pytrain::cuda

@@ -1,0 +1,192 @@
+// The GEMMs of one CPU attention tile (csrc/cpu/attention.cpp): one register-blocked micro-kernel, templated on
+// how the operands are multiplied (Dot: fp32 FMAs with broadcast scalars, or bf16 pairs through vdpbf16ps),
+// and the drivers gemm_f32 / gemm_bf16 that cut a product into micro-kernel blocks.
+//
+// C[M x N] (=, +=) A[M x K] B[K x N]: A(r, k) = A[r * sar + k * sak] broadcast, B row k = 16-lane vectors at
+// B + k * ldb, C row r at C + r * ldc; N a multiple of 16.  With accumulate, C is first multiplied lane-wise by
+// cscale (if given): the online-softmax rescale of out^T rides on the load.  Accumulation is in fp32, k
+// ascending, one accumulator per (row, vector): the order, and so every result bit, is fixed by the code.
+#pragma once
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "cpu/multi_tensor.h"  // PYTRAIN_SIMD
+#include "cpu/simd.h"
+
+namespace pytrain::cpu {
+
+// A Dot says how one k step adds into the accumulators: A and B are its operand element types, BVec a loaded
+// 16-lane B vector, Scalar a broadcast A element; madd(acc, a, b) returns acc + a * b.
+template <class Dot, int MR, int NV>
+inline __attribute__((always_inline)) void micro_kernel(int64_t K, const typename Dot::A* A, int64_t sar, int64_t sak,
+                                                        const typename Dot::B* B, int64_t ldb, float* C, int64_t ldc,
+                                                        const float* cscale, bool accumulate) {
+  vf acc[MR][NV];
+  if (accumulate && cscale) {
+    vf cs[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) cs[v] = loadv(cscale + v * kLanes);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = loadv(C + r * ldc + v * kLanes) * cs[v];
+  } else if (accumulate) {
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = loadv(C + r * ldc + v * kLanes);
+  } else {
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = vf{};
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const typename Dot::B* b = B + k * ldb;
+    const typename Dot::A* a = A + k * sak;
+    typename Dot::BVec bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = Dot::load_b(b + v * kLanes);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const typename Dot::Scalar ar = Dot::broadcast(a + r * sar);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = Dot::madd(acc[r][v], ar, bv[v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) storev(C + r * ldc + v * kLanes, acc[r][v]);
+}
+
+// fp32 operands: FMAs of a broadcast scalar and B vectors.
+struct F32Dot {
+  using A = float;
+  using B = float;
+  using BVec = vf;
+  using Scalar = float;
+  static inline __attribute__((always_inline)) vf load_b(const float* b) { return loadv(b); }
+  static inline __attribute__((always_inline)) float broadcast(const float* a) { return *a; }
+  // scalar * vector: one vbroadcastss (a splat() of the scalar would not be)
+  static inline __attribute__((always_inline)) vf madd(vf acc, float a, vf b) { return acc + a * b; }
+};
+
+// The last `rest` (< R + 1) rows of a row-blocked loop, as one block of exactly `rest` rows.
+template <int R, class Block>
+inline __attribute__((always_inline)) void tail_rows(int64_t rest, int64_t r, const Block& block) {
+  if constexpr (R > 0) {
+    if (rest == R) {
+      block(std::integral_constant<int, R>{}, r);
+    } else {
+      tail_rows<R - 1>(rest, r, block);
+    }
+  }
+}
+
+// Rows [0, M) in blocks of MR, the remainder with one smaller block.
+template <int MR, class Block>
+inline __attribute__((always_inline)) void row_blocks(int64_t M, const Block& block) {
+  int64_t r = 0;
+  for (; r + MR <= M; r += MR) block(std::integral_constant<int, MR>{}, r);
+  tail_rows<MR - 1>(M - r, r, block);
+}
+
+constexpr int rows_for(int nv) { return nv == 4 ? 6 : nv == 3 ? 8 : 12; }
+
+// Columns in chunks of up to 4 vectors (64 lanes), each chunk's rows in blocks of rows_for(vectors):
+// 24 fp32 accumulators (of 32 zmm registers) for the wide chunks.
+template <int NV, class BlockFn>
+inline __attribute__((always_inline)) void column_chunk(int64_t M, int64_t n0, const BlockFn& fn) {
+  row_blocks<rows_for(NV)>(M, [&](auto mr, int64_t r) { fn(mr, std::integral_constant<int, NV>{}, r, n0); });
+}
+
+// The whole C[M x N] (=, +=) A B with micro_kernel<Dot> blocks.
+template <class Dot>
+inline __attribute__((always_inline)) void gemm(int64_t M, int64_t N, int64_t K, const typename Dot::A* A,
+                                                int64_t sar, int64_t sak, const typename Dot::B* B, int64_t ldb,
+                                                float* C, int64_t ldc, const float* cscale, bool accumulate) {
+  auto block = [&](auto mr, auto nv, int64_t r, int64_t n0) {
+    micro_kernel<Dot, decltype(mr)::value, decltype(nv)::value>(K, A + r * sar, sar, sak, B + n0, ldb,
+                                                                C + r * ldc + n0, ldc, cscale ? cscale + n0 : nullptr,
+                                                                accumulate);
+  };
+  for (int64_t n0 = 0; n0 < N; n0 += 4 * kLanes) {
+    switch (std::min<int64_t>(4, (N - n0) / kLanes)) {
+      case 4: column_chunk<4>(M, n0, block); break;
+      case 3: column_chunk<3>(M, n0, block); break;
+      case 2: column_chunk<2>(M, n0, block); break;
+      default: column_chunk<1>(M, n0, block); break;
+    }
+  }
+}
+
+// flatten: the driver's lambdas must be compiled inside each clone, not for the default target.
+PYTRAIN_SIMD __attribute__((flatten)) inline void gemm_f32(int64_t M, int64_t N, int64_t K, const float* A,
+                                                           int64_t sar, int64_t sak, const float* B, int64_t ldb,
+                                                           float* C, int64_t ldc, const float* cscale,
+                                                           bool accumulate) {
+  gemm<F32Dot>(M, N, K, A, sar, sak, B, ldb, C, ldc, cscale, accumulate);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PYTRAIN_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")  // for the lambdas of gemm_bf16
+
+// bf16 pairs: K counts pairs; A(r, k) is the 32-bit pair at A + r * sar + k * sak (bf16 units), B row k holds
+// 16 lanes of pairs (uint32).  vdpbf16ps adds both products of a pair into the fp32 lane.  Not always_inline:
+// the target mismatch with the micro-kernel's own (default) target forbids it; gemm_bf16's flatten inlines them.
+struct Bf16Dot {
+  using A = uint16_t;
+  using B = uint32_t;
+  using BVec = __m512i;
+  using Scalar = __m512i;
+  static inline __m512i load_b(const uint32_t* b) { return _mm512_loadu_si512(b); }
+  static inline __m512i broadcast(const uint16_t* a) {
+    uint32_t pair;
+    std::memcpy(&pair, a, sizeof pair);
+    return _mm512_set1_epi32(static_cast<int>(pair));
+  }
+  static inline vf madd(vf acc, __m512i a, __m512i b) {
+    return (vf)_mm512_dpbf16_ps((__m512)acc, (__m512bh)a, (__m512bh)b);
+  }
+};
+
+PYTRAIN_BF16_TARGET __attribute__((flatten)) inline void gemm_bf16(int64_t M, int64_t N, int64_t K,
+                                                                    const uint16_t* A, int64_t sar, int64_t sak,
+                                                                    const uint32_t* B, int64_t ldb, float* C,
+                                                                    int64_t ldc, const float* cscale,
+                                                                    bool accumulate) {
+  gemm<Bf16Dot>(M, N, K, A, sar, sak, B, ldb, C, ldc, cscale, accumulate);
+}
+
+#pragma GCC pop_options
+
+// Chosen at run time: the bf16 path needs AVX512_BF16 (Zen 4, Sapphire Rapids and later).
+inline bool cpu_has_bf16dot() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
+  }();
+  return has;
+}
+#else
+inline bool cpu_has_bf16dot() { return false; }
+inline void gemm_bf16(int64_t, int64_t, int64_t, const uint16_t*, int64_t, int64_t, const uint32_t*, int64_t, float*,
+                      int64_t, const float*, bool) {
+  TORCH_CHECK(false, "attention: bf16 dot products are not compiled in");
+}
+#endif
+
+}  // namespace pytrain::cpu

@@ -1,0 +1,66 @@
+// 16-lane fp32 / int32 vectors (GCC vector extensions) and their helpers for the CPU attention kernels
+// (csrc/cpu/attention.cpp, attention_tile.h): loads and stores, broadcasts, a vectorized 2^x, and rounding to
+// bfloat16 (single rows, or row pairs in the layout of a vdpbf16ps operand).  Every helper is always_inline, so
+// it is compiled for the ISA of the target_clones clone that uses it.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#pragma GCC diagnostic ignored "-Wpsabi"  // 64-byte vectors only cross inlined helpers
+
+namespace pytrain::cpu {
+
+constexpr int64_t kLanes = 16;  // fp32 lanes of one vector
+
+// GCC vector extensions: 16 fp32 / int32 lanes; each target_clones clone lowers them to its ISA.
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+typedef uint16_t vh __attribute__((vector_size(32)));  // 16 bf16
+
+inline __attribute__((always_inline)) vf loadv(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline __attribute__((always_inline)) void storev(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+// For loop-invariant values only: GCC builds it with an add and a broadcast (0 + x does not fold, since
+// 0 + -0 = +0); in hot loops write scalar * vector, which becomes a single vbroadcastss.
+inline __attribute__((always_inline)) vf splat(float x) { return vf{} + x; }
+
+// 2^x for x <= 128, NaN propagating.  x is clamped at -127, where 2^n (n = round(x)) has a zero
+// exponent field and so gives exactly 0: 2^-inf = 0, what masked scores need.  On [-0.5, 0.5] the
+// fraction goes through the Cephes exp2f polynomial (relative error ~2e-7).
+inline __attribute__((always_inline)) vf exp2v(vf x) {
+  x = x < -127.0f ? splat(-127.0f) : x;  // NaN compares false and stays NaN
+  const vf n = (x + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23 trick)
+  const vf f = x - n;
+  vf p = splat(1.535336188319500e-4f);
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+  return p * (vf)e;
+}
+
+// float32 -> bfloat16 bits, round to nearest even (finite values), in the low 16 bits of each lane.
+inline __attribute__((always_inline)) vu bf16_bits(vf x) {
+  const vu u = (vu)x;
+  return (u + 0x7fffU + ((u >> 16) & 1U)) >> 16;
+}
+
+inline __attribute__((always_inline)) void store_bf16(uint16_t* dst, vf x) {
+  const vh h = __builtin_convertvector(bf16_bits(x), vh);
+  std::memcpy(dst, &h, sizeof h);
+}
+// Two fp32 rows as bf16 pairs (lo, hi) per lane, the layout of a vdpbf16ps B operand.
+inline __attribute__((always_inline)) void store_pair(uint32_t* dst, vf lo, vf hi) {
+  const vu pair = bf16_bits(lo) | (bf16_bits(hi) << 16);
+  std::memcpy(dst, &pair, sizeof pair);
+}
+
+}  // namespace pytrain::cpu
