@@ -124,6 +124,7 @@ def demangle(symbols: List[str]) -> List[str]:
 
 def short_name(demangled: str) -> str:
     """Kernel name and template arguments without the parameter list (long: multi-tensor functors)."""
+    demangled = demangled.replace("(anonymous namespace)", "{anon}")
     depth, cut = 0, len(demangled)
     for i, c in enumerate(demangled):
         if c == "<":
@@ -181,6 +182,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     ]
     for name, err in failures:
         lines += [f"- {name} failed: `{err.strip().splitlines()[-1] if err.strip() else '?'}`"]
+    for file, name, k in spilling:
+        lines += [f"- spills: {file} `{name}`: {k['regs']} registers, {k['spill_stores']} B spill stores, "
+                  f"{k['spill_loads']} B spill loads"]
+    if failures or spilling:
+        lines.append("")
     lines += ["| file | kernel | regs | stack B | spill st/ld B | smem B | barriers |", "|---|---|---|---|---|---|---|"]
     for file, name, k in rows:
         lines.append(f"| {file} | `{name}` | {k['regs']} | {k['stack']} | {k['spill_stores']}/{k['spill_loads']} | "
