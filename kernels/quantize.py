@@ -83,7 +83,7 @@ def _codes(x, inv, offs, s0, s1, FMT: tl.constexpr, STOCHASTIC: tl.constexpr):
     return code
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["s0", "s1"])  # a seed word of 1 would become a constexpr: no .to() on it
 def _fused_kernel(x, codes, scales, numel, group, s0, s1, FMT: tl.constexpr, QMAX: tl.constexpr,
                   STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
     g = tl.program_id(0).to(tl.int64)
@@ -112,7 +112,7 @@ def _absmax_kernel(x, piece_max, numel, group, per_group, PIECE_: tl.constexpr):
     tl.store(piece_max + tl.program_id(0), tl.max(_abs_bits(v), axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["s0", "s1"])  # as _fused_kernel
 def _cast_kernel(x, codes, scales, group_max, numel, group, per_group, s0, s1, FMT: tl.constexpr,
                  QMAX: tl.constexpr, STOCHASTIC: tl.constexpr, PIECE_: tl.constexpr):
     g, offs, mask = _piece_offsets(group, per_group, numel, PIECE_)
