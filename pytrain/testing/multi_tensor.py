@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 import pytrain.ops as ops
+from pytrain._extension import triton_interpreted
 from pytrain.ops import registry
 from pytrain.ops.registry import FLOAT_DTYPES
 
@@ -36,13 +37,16 @@ def backend_device(op: str, impl: str, dtypes: Sequence[torch.dtype] = (), large
     if why:
         pytest.skip(f"{op}/{impl} unavailable: {why}")
     if impl == "triton":
-        if not torch.cuda.is_available():
+        # Under TRITON_INTERPRET=1 (set by tests/conftest.py only without a CUDA device) Triton runs CPU tensors
+        # through the interpreter, and never CUDA ones; otherwise it runs compiled, on CUDA tensors.
+        if triton_interpreted():
             if torch.bfloat16 in dtypes:
                 pytest.skip("the Triton interpreter is tested in float32/float16 only")
             if large:
                 pytest.skip("the Triton interpreter is tested on small shapes only")
             return "cpu"
-    return "cuda" if impl in ("cuda", "triton") else "cpu"
+        return "cuda"
+    return "cuda" if impl == "cuda" else "cpu"
 
 
 def randn(shapes, dtype, gen: torch.Generator, scale: float = 1.0) -> List[Tensor]:

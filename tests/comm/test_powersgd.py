@@ -9,7 +9,7 @@ from torch import Tensor
 from pytrain.comm import orthogonalize_, powersgd_compress, powersgd_p, powersgd_q
 from pytrain.ops import NoImplementationError
 from pytrain.ops import powersgd as powersgd_ops
-from pytrain.testing.backends import impl_or_skip
+from pytrain.testing.backends import impl_or_skip, triton_device
 from pytrain.testing.tolerances import assert_close, assert_product_close
 
 IMPLS = ("cpu", "cuda", "triton", "reference")
@@ -18,8 +18,9 @@ CASES = [(None, 1, 1, 1), (None, 37, 29, 4), (3, 130, 67, 5), (2, 19, 300, 1), (
 
 
 def _device(op: str, impl: str) -> str:
-    impl_or_skip(op, impl)
-    return "cuda" if impl == "cuda" or (impl == "triton" and torch.cuda.is_available()) else "cpu"
+    device = "cuda" if impl == "cuda" else triton_device() if impl == "triton" else "cpu"
+    impl_or_skip(op, impl, device)
+    return device
 
 
 def _randn(batch, *shape, device="cpu", gen=None) -> Tensor:

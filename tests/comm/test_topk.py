@@ -16,7 +16,7 @@ from torch import Tensor
 from pytrain.comm import topk, topk_k
 from pytrain.ops import NoImplementationError
 from pytrain.ops import topk as topk_ops
-from pytrain.testing.backends import impl_or_skip
+from pytrain.testing.backends import impl_or_skip, triton_device
 
 topk_module = importlib.import_module("pytrain.comm.topk")  # (pytrain.comm.topk is also the function)
 IMPLS = ("cpu", "cuda", "triton", "reference")
@@ -28,8 +28,9 @@ LARGE = [(40009,), (3, 50021)]
 
 
 def _device(impl: str, dtype: torch.dtype, large: bool = False) -> str:
-    impl_or_skip("topk_filter", impl)
-    if impl == "cuda" or (impl == "triton" and torch.cuda.is_available()):
+    device = "cuda" if impl == "cuda" else triton_device() if impl == "triton" else "cpu"
+    impl_or_skip("topk_filter", impl, device)
+    if device == "cuda":
         return "cuda"
     if impl == "triton" and (dtype == torch.bfloat16 or large):
         pytest.skip("the Triton interpreter is tested in float32/float16 on small shapes")

@@ -1,0 +1,52 @@
+"""GPU: ``lamb_step``'s "cuda" and "triton" backends on CUDA tensors against the reference, step by step
+(adapt, trust clipping, clipping scale, zero tensors; float32 / bfloat16 / float16; odd sizes, 200 tensors in
+one launch, ~10M elements)."""
+import pytest
+import torch
+
+from pytrain.testing import gpu
+from pytrain.testing.backends import impl_or_skip
+from pytrain.testing.multi_tensor import STEPS, randn, run_and_compare, with_zero_tensors, zeros
+from pytrain.testing.optim_compare import ODD_SHAPES
+
+pytestmark = pytest.mark.gpu
+
+IMPLS = ["cuda", "triton"]
+FLOATS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MANY_SHAPES = [(1 + (i * 7919) % 4999,) if i % 3 else (1 + i % 13, 1 + (i * 31) % 97) for i in range(197)] + \
+    [(1024,), (1,), (1025,)]
+LARGE_SHAPES = [(3, 1_000_003), (7_000_001,), (513,)]
+# (dtype, adapt, trust_clip, grad_scale)
+CASES = [("float32", True, False, 1.0), ("float32", False, False, 0.4), ("bfloat16", True, True, 0.4),
+         ("bfloat16", False, False, 1.0), ("float16", True, False, 0.4), ("float16", True, True, 1.0)]
+
+
+def lamb_run(impl, dtype, shapes, adapt, trust_clip, grad_scale, steps=STEPS, seed=4):
+    impl_or_skip("lamb_step", impl, gpu.DEVICE)
+    dtype = FLOATS[dtype]
+    gen = torch.Generator().manual_seed(seed)
+    lists = {"params": with_zero_tensors(shapes, dtype, gen), "grads": [], "exp_avgs": zeros(shapes, dtype),
+             "exp_avg_sqs": zeros(shapes, dtype)}
+    grads = [randn(shapes, dtype, gen, 0.1) for _ in range(steps)]
+    beta1, beta2 = 0.9, 0.999
+    kwargs = [dict(lr=1e-2, beta1=beta1, beta2=beta2, beta3=1 - beta1, eps=1e-6, weight_decay=0.01,
+                   bias_correction1=1 - beta1**t, bias_correction2=1 - beta2**t, grad_scale=grad_scale,
+                   adapt=adapt, trust_clip=trust_clip) for t in range(1, steps + 1)]
+    run_and_compare("lamb_step", impl, gpu.DEVICE, lists, kwargs, grads)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype,adapt,trust_clip,grad_scale", CASES)
+def test_odd_sizes(impl, dtype, adapt, trust_clip, grad_scale):
+    lamb_run(impl, dtype, ODD_SHAPES + [(4, 4)], adapt, trust_clip, grad_scale)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_many_tensors(impl, dtype):
+    lamb_run(impl, dtype, MANY_SHAPES, adapt=True, trust_clip=True, grad_scale=0.5, seed=5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_large(impl):
+    lamb_run(impl, "float32", LARGE_SHAPES, adapt=True, trust_clip=True, grad_scale=0.5, steps=2, seed=6)
