@@ -148,7 +148,8 @@ def measure(request, bench_device, ceilings, results):
             target_fn()  # first step: creates the optimizer state outside the timed rounds
         except NoImplementationError as exc:
             pytest.skip(str(exc))
-        timing = time_rounds(request, target_fn, f"{suite}: {case}", warmup, rounds)
+        timed = step if bench_device.type == "cuda" else target_fn  # CUDA events need no synchronize per round
+        timing = time_rounds(request, timed, f"{suite}: {case}", warmup, rounds, bench_device)
         if timing is None:
             return
         runs = baseline if provider == "torch" else backend_name(op, bench_device, impl)

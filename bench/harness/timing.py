@@ -1,6 +1,8 @@
-"""Timing one case: pytest-benchmark's ``benchmark.pedantic`` (warm-up rounds, then timed rounds; the
-median is reported), or without pytest-benchmark a perf_counter loop with the same rounds, so the
-suites also run where only pytest is.  Also what the notes name: state bytes and pytrain's backend."""
+"""Timing one case.  On the CPU: pytest-benchmark's ``benchmark.pedantic`` (warm-up rounds, then timed
+rounds; the median is reported), or without pytest-benchmark a perf_counter loop with the same rounds,
+so the suites also run where only pytest is.  On a GPU: CUDA events around each round, all rounds
+queued back to back and read after one synchronize, so the numbers are GPU time, not launch latency.
+Also what the notes name: state bytes and pytrain's backend."""
 from __future__ import annotations
 
 import statistics
@@ -23,11 +25,16 @@ class Timing:
     rounds: int
 
 
-def time_rounds(request, target: Callable[[], None], group: str, warmup: int, rounds: int) -> Optional[Timing]:
-    """Median over ``rounds`` after ``warmup``; None when pytest-benchmark is disabled (--benchmark-disable).
+def time_rounds(request, target: Callable[[], None], group: str, warmup: int, rounds: int,
+                device: torch.device) -> Optional[Timing]:
+    """Median over ``rounds`` after ``warmup``; None when benchmarks are disabled (--benchmark-disable).
 
     request: the pytest request of the test being measured (its ``benchmark`` fixture, when the
-    plugin is loaded)."""
+    plugin is loaded).  target: one round, without a synchronize of its own."""
+    if request.config.getoption("benchmark_disable", False):
+        return None
+    if device.type == "cuda":
+        return _cuda_event_rounds(target, warmup, rounds, device)
     if request.config.pluginmanager.hasplugin("benchmark"):
         benchmark = request.getfixturevalue("benchmark")
         benchmark.group = group
@@ -43,6 +50,20 @@ def time_rounds(request, target: Callable[[], None], group: str, warmup: int, ro
         t0 = time.perf_counter()
         target()
         times.append(time.perf_counter() - t0)
+    return Timing(statistics.median(times), min(times), max(times), rounds)
+
+
+def _cuda_event_rounds(target: Callable[[], None], warmup: int, rounds: int, device: torch.device) -> Timing:
+    for _ in range(warmup):
+        target()
+    torch.cuda.synchronize(device)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(rounds)]
+    for start, end in events:
+        start.record()
+        target()
+        end.record()
+    torch.cuda.synchronize(device)
+    times = [start.elapsed_time(end) / 1e3 for start, end in events]
     return Timing(statistics.median(times), min(times), max(times), rounds)
 
 
