@@ -31,7 +31,7 @@ for arg in "$@"; do
   esac
 done
 export PYTHONUNBUFFERED=1 MAX_JOBS=16 TRITON_INTERPRET=0
-BENCH_SUITES=(adamw:30 lars:20 lamb:20 global_norm:12 attention:35 quantize:20 topk:15 powersgd:15)
+BENCH_SUITES=(adamw:25 lars:15 lamb:15 global_norm:10 attention:25 quantize:15 topk:10 powersgd:10)
 SUMMARY=()
 FAILED=0
 TOTAL=0
@@ -70,15 +70,15 @@ nvcc --version | tail -n 2; $PY -c 'import platform, torch, triton; print(\"pyth
 \"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__); \
 assert torch.cuda.is_available(), \"no CUDA device\"'"
 if ((!SKIP_BUILD)); then
-  stage build 140 build env PYTRAIN_FORCE_CUDA_BUILD=1 PYTRAIN_CUDA_ARCHS=90 \
+  stage build 130 build env PYTRAIN_FORCE_CUDA_BUILD=1 PYTRAIN_CUDA_ARCHS=90 \
     "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
 fi
 stage extension 15 extension "$PY" -c "import pytrain; from pytrain.info import format_info; \
 print(format_info(pytrain.info())); ext = pytrain._extension.load_extension()[0]; \
 assert ext is not None and ext.built_with_cuda(), 'pytrain._C is missing or has no CUDA kernels'"
 stage warm-up 40 warmup "$PY" bench/gpu_smoke.py
-stage "gpu tests" 80 gpu_tests "$PY" -m pytest tests -m gpu -q -p no:cacheprovider
-stage memcheck 40 memcheck compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" bench/gpu_smoke.py
+stage "gpu tests" 150 gpu_tests "$PY" -m pytest tests -m gpu -q -p no:cacheprovider
+stage memcheck 30 memcheck compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" bench/gpu_smoke.py
 for entry in "${BENCH_SUITES[@]}"; do
   suite=${entry%%:*}
   stage "bench $suite" "${entry##*:}" "bench_$suite" bash -c \
