@@ -46,7 +46,6 @@ IEEE float32 dots (no TF32), so float32 results are float32-accurate.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -524,11 +523,6 @@ def _contiguous(t: Tensor) -> Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-def _device_guard(t: Tensor):
-    """Launch on t's GPU (Triton launches on the current device)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, window_left: int,
                       window_right: int, dropout_p: float, seed: int) -> Tuple[Tensor, Tensor]:
     """Flash attention forward: returns (out, lse).
@@ -549,8 +543,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: boo
     prm = _params(q, k, scale, causal, window_left, window_right, dropout_p, seed)
     args = (q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], h, h // hkv, lq,
             lk, d, *prm.scalars[1:])
-    with _device_guard(q):
-        _launch("fwd", lq, b * h, args, d, q.dtype, **prm.constexprs)
+    _launch("fwd", lq, b * h, args, d, q.dtype, **prm.constexprs)
     return out, lse
 
 
@@ -574,12 +567,11 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
     delta = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
     tail = (lq, lk, d, *prm.scalars)
-    with _device_guard(q):
-        _attn_bwd_preprocess_kernel[(triton.cdiv(lq, PREPROCESS_BLOCK_M), b * h)](
-            out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], h, lq, d, BLOCK_M=PREPROCESS_BLOCK_M,
-            BLOCK_D=prm.constexprs["BLOCK_D"], num_warps=4)
-        _launch("dkdv", lk, b * hkv, (q, k, v, grad_out, lse, delta, dk, dv, *strides, h, hkv, h // hkv, *tail), d,
-                q.dtype, **prm.constexprs)
-        _launch("dq", lq, b * h, (q, k, v, grad_out, lse, delta, dq, *strides, h, h // hkv, *tail), d, q.dtype,
-                **prm.constexprs)
+    _attn_bwd_preprocess_kernel[(triton.cdiv(lq, PREPROCESS_BLOCK_M), b * h)](
+        out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], h, lq, d, BLOCK_M=PREPROCESS_BLOCK_M,
+        BLOCK_D=prm.constexprs["BLOCK_D"], num_warps=4)
+    _launch("dkdv", lk, b * hkv, (q, k, v, grad_out, lse, delta, dk, dv, *strides, h, hkv, h // hkv, *tail), d,
+            q.dtype, **prm.constexprs)
+    _launch("dq", lq, b * h, (q, k, v, grad_out, lse, delta, dq, *strides, h, h // hkv, *tail), d, q.dtype,
+            **prm.constexprs)
     return dq, dk, dv

@@ -112,3 +112,14 @@ def test_import_without_extension_falls_back_to_reference():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "blocked for the test" in out.stdout
+
+
+def test_triton_launchers_are_guarded_by_their_inputs_device():
+    """Triton launches on the current CUDA device: the op sets it from its first tensor (or tensor list)."""
+    from pytrain.ops.library import _first_tensor, on_inputs_device
+
+    a, b = torch.zeros(2), torch.ones(3)
+    assert _first_tensor((1.0, [a, b], b)) is a and _first_tensor((0.5, b)) is b and _first_tensor((1, [])) is None
+    seen = []
+    guarded = on_inputs_device(lambda *args: seen.append(args) or "done")
+    assert guarded([a], 0.1) == "done" and seen == [([a], 0.1)]  # CPU tensors: no device change, same call

@@ -14,9 +14,11 @@ than ``triton_op`` (whose derived fake fails under ``TRITON_INTERPRET=1``).
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, List, Optional, Sequence
 
 import torch
+from torch import Tensor
 
 from .. import _extension
 from .registry import FLOAT_DTYPES, Implementation, registry
@@ -43,6 +45,30 @@ def _kernel_unavailable(op: str, key: str, backend_unavailable: Callable[[], Opt
         return None
 
     return unavailable
+
+
+def _first_tensor(args) -> Optional[Tensor]:
+    for a in args:
+        if isinstance(a, Tensor):
+            return a
+        if isinstance(a, (list, tuple)) and a and isinstance(a[0], Tensor):
+            return a[0]
+    return None
+
+
+def on_inputs_device(launch: Callable) -> Callable:
+    """``launch`` run with the current CUDA device set to its first tensor's: Triton launches on the
+    current device, which need not be the inputs' (a second GPU, a rank's device)."""
+
+    @functools.wraps(launch)
+    def guarded(*args):
+        t = _first_tensor(args)
+        if t is not None and t.is_cuda:
+            with torch.cuda.device(t.device):
+                return launch(*args)
+        return launch(*args)
+
+    return guarded
 
 
 def define_op(
@@ -73,7 +99,7 @@ def define_op(
 
     if triton is not None:
         LIB.define(f"{name}_triton{schema}")
-        LIB.impl(f"{name}_triton", triton, "CompositeExplicitAutograd")
+        LIB.impl(f"{name}_triton", on_inputs_device(triton), "CompositeExplicitAutograd")
         torch.library.register_fake(f"pytrain::{name}_triton", fake, lib=LIB)
 
         def triton_declines(**call) -> List[str]:
