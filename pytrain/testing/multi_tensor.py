@@ -9,6 +9,8 @@ backend's, so each step is checked from identical inputs while the states evolve
 """
 from __future__ import annotations
 
+import math
+
 from typing import Dict, List, Sequence, Tuple
 
 import pytest
@@ -18,6 +20,7 @@ from torch import Tensor
 import pytrain.ops as ops
 from pytrain._extension import triton_interpreted
 from pytrain.ops import registry
+from pytrain.ops.adamw import INT8_BLOCK
 from pytrain.ops.registry import FLOAT_DTYPES
 
 from .tolerances import assert_close, assert_codes_close
@@ -122,3 +125,61 @@ def cpu_op(name: str):
 
 def f32(*shape, **kw) -> Tensor:
     return torch.zeros(shape, **kw)
+
+
+# ------------------------------------------------------------------------------------------ inputs per op
+ADAMW_VARIANTS = ["plain", "amsgrad", "maximize_scaled", "masters"]
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
+
+
+def adamw_lists(shapes, param_dtype, state, variant, gen) -> Dict[str, List[Tensor]]:
+    masters = randn(shapes, torch.float32, gen) if variant == "masters" else []
+    params = [m.to(param_dtype) for m in masters] if masters else randn(shapes, param_dtype, gen)
+    if state == "int8":
+        blocks = [(math.prod(s) + INT8_BLOCK - 1) // INT8_BLOCK for s in shapes]
+        exp_avgs, exp_avg_sqs = zeros(shapes, torch.int8), zeros(shapes, torch.uint8)
+        scales, sq_scales = zeros(blocks, torch.float32), zeros(blocks, torch.float32)
+    else:
+        exp_avgs, exp_avg_sqs = zeros(shapes, STATE_DTYPES[state]), zeros(shapes, STATE_DTYPES[state])
+        scales, sq_scales = [], []
+    return {"params": params, "grads": [], "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
+            "max_exp_avg_sqs": zeros(shapes, STATE_DTYPES[state]) if variant == "amsgrad" else [],
+            "master_params": masters, "exp_avg_scales": scales, "exp_avg_sq_scales": sq_scales}
+
+
+def adamw_kwargs(variant: str, step: int) -> dict:
+    return dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, step=step,
+                amsgrad=variant == "amsgrad", maximize=variant == "maximize_scaled",
+                grad_scale=0.37 if variant == "maximize_scaled" else 1.0)
+
+
+LARS_MOMENTUM = {"none": (0.0, 0.0, False), "heavy_ball": (0.9, 0.0, False), "dampened": (0.9, 0.1, False),
+                 "nesterov": (0.9, 0.0, True)}
+
+
+def lars_inputs(shapes, dtype, momentum_mode: str, adapt: bool, trust_clip: bool, steps: int, seed: int):
+    """(lists, per-step kwargs, per-step grads) of a LARS run: one all-zero param and one zero gradient,
+    where the trust ratio falls back to 1."""
+    momentum, dampening, nesterov = LARS_MOMENTUM[momentum_mode]
+    gen = torch.Generator().manual_seed(seed)
+    lists = {"params": with_zero_tensors(shapes, dtype, gen), "grads": [],
+             "momentum_buffers": zeros(shapes, dtype) if momentum else []}
+    grads = [randn(shapes, dtype, gen, 0.1) for _ in range(steps)]
+    grads[0][-2].zero_()  # a zero gradient: trust ratio 1 again
+    kwargs = [dict(lr=0.1, momentum=momentum, dampening=dampening, weight_decay=0.01, trust_coefficient=0.02,
+                   eps=1e-8, nesterov=nesterov, trust_clip=trust_clip, adapt=adapt, init_buffers=t == 0)
+              for t in range(steps)]
+    return lists, kwargs, grads
+
+
+def lamb_inputs(shapes, dtype, adapt: bool, trust_clip: bool, grad_scale: float, steps: int, seed: int):
+    """(lists, per-step kwargs, per-step grads) of a LAMB run with bias corrections of steps 1..steps."""
+    gen = torch.Generator().manual_seed(seed)
+    lists = {"params": with_zero_tensors(shapes, dtype, gen), "grads": [], "exp_avgs": zeros(shapes, dtype),
+             "exp_avg_sqs": zeros(shapes, dtype)}
+    grads = [randn(shapes, dtype, gen, 0.1) for _ in range(steps)]
+    beta1, beta2 = 0.9, 0.999
+    kwargs = [dict(lr=1e-2, beta1=beta1, beta2=beta2, beta3=1 - beta1, eps=1e-6, weight_decay=0.01,
+                   bias_correction1=1 - beta1**t, bias_correction2=1 - beta2**t, grad_scale=grad_scale,
+                   adapt=adapt, trust_clip=trust_clip) for t in range(1, steps + 1)]
+    return lists, kwargs, grads

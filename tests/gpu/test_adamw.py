@@ -5,22 +5,18 @@ Covered: float32 / bfloat16 / float16 params with float32, bfloat16 and int8 sta
 masters, amsgrad, maximize with a clipping scale; odd sizes (partial 1024-element programs and 256-element
 int8 blocks, a 1-element tensor); 200 tensors of mixed odd sizes in one launch; ~10M elements.
 """
-import math
-from typing import Dict, List
 
 import pytest
 import torch
-from torch import Tensor
 
 from pytrain.testing import gpu
 from pytrain.testing.backends import impl_or_skip
-from pytrain.testing.multi_tensor import STEPS, randn, run_and_compare, zeros
+from pytrain.testing.multi_tensor import STATE_DTYPES, STEPS, adamw_kwargs, adamw_lists, randn, run_and_compare
 from pytrain.testing.optim_compare import ODD_SHAPES
 
 pytestmark = pytest.mark.gpu
 
 IMPLS = ["cuda", "triton"]
-STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
 FLOATS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: 200 tensors of mixed odd sizes: 1..~5000 elements, some exactly one int8 block or one program, some 1.
 MANY_SHAPES = [(1 + (i * 7919) % 4999,) if i % 3 else (1 + i % 13, 1 + (i * 31) % 97) for i in range(196)] + \
@@ -35,27 +31,6 @@ CASES = [(p, s, "plain") for p in FLOATS for s in STATE_DTYPES] + [
     ("bfloat16", "float32", "masters"), ("float16", "bfloat16", "masters"), ("bfloat16", "int8", "masters"),
     ("float32", "int8", "masters"),
 ]
-
-
-def adamw_lists(shapes, param_dtype, state, variant, gen) -> Dict[str, List[Tensor]]:
-    masters = randn(shapes, torch.float32, gen) if variant == "masters" else []
-    params = [m.to(param_dtype) for m in masters] if masters else randn(shapes, param_dtype, gen)
-    if state == "int8":
-        blocks = [(math.prod(s) + 255) // 256 for s in shapes]
-        exp_avgs, exp_avg_sqs = zeros(shapes, torch.int8), zeros(shapes, torch.uint8)
-        scales, sq_scales = zeros(blocks, torch.float32), zeros(blocks, torch.float32)
-    else:
-        exp_avgs, exp_avg_sqs = zeros(shapes, STATE_DTYPES[state]), zeros(shapes, STATE_DTYPES[state])
-        scales, sq_scales = [], []
-    return {"params": params, "grads": [], "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
-            "max_exp_avg_sqs": zeros(shapes, STATE_DTYPES[state]) if variant == "amsgrad" else [],
-            "master_params": masters, "exp_avg_scales": scales, "exp_avg_sq_scales": sq_scales}
-
-
-def adamw_kwargs(variant: str, step: int) -> dict:
-    return dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, step=step,
-                amsgrad=variant == "amsgrad", maximize=variant == "maximize_scaled",
-                grad_scale=0.37 if variant == "maximize_scaled" else 1.0)
 
 
 def run(impl, shapes, param, state, variant, steps=STEPS, seed=1):

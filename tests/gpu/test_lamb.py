@@ -6,7 +6,7 @@ import torch
 
 from pytrain.testing import gpu
 from pytrain.testing.backends import impl_or_skip
-from pytrain.testing.multi_tensor import STEPS, randn, run_and_compare, with_zero_tensors, zeros
+from pytrain.testing.multi_tensor import STEPS, lamb_inputs, run_and_compare
 from pytrain.testing.optim_compare import ODD_SHAPES
 
 pytestmark = pytest.mark.gpu
@@ -23,16 +23,8 @@ CASES = [("float32", True, False, 1.0), ("float32", False, False, 0.4), ("bfloat
 
 def lamb_run(impl, dtype, shapes, adapt, trust_clip, grad_scale, steps=STEPS, seed=4):
     impl_or_skip("lamb_step", impl, gpu.DEVICE)
-    dtype = FLOATS[dtype]
-    gen = torch.Generator().manual_seed(seed)
-    lists = {"params": with_zero_tensors(shapes, dtype, gen), "grads": [], "exp_avgs": zeros(shapes, dtype),
-             "exp_avg_sqs": zeros(shapes, dtype)}
-    grads = [randn(shapes, dtype, gen, 0.1) for _ in range(steps)]
-    beta1, beta2 = 0.9, 0.999
-    kwargs = [dict(lr=1e-2, beta1=beta1, beta2=beta2, beta3=1 - beta1, eps=1e-6, weight_decay=0.01,
-                   bias_correction1=1 - beta1**t, bias_correction2=1 - beta2**t, grad_scale=grad_scale,
-                   adapt=adapt, trust_clip=trust_clip) for t in range(1, steps + 1)]
-    run_and_compare("lamb_step", impl, gpu.DEVICE, lists, kwargs, grads)
+    inputs = lamb_inputs(shapes, FLOATS[dtype], adapt, trust_clip, grad_scale, steps, seed)
+    run_and_compare("lamb_step", impl, gpu.DEVICE, *inputs)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

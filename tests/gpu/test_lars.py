@@ -6,7 +6,7 @@ import torch
 
 from pytrain.testing import gpu
 from pytrain.testing.backends import impl_or_skip
-from pytrain.testing.multi_tensor import STEPS, randn, run_and_compare, with_zero_tensors, zeros
+from pytrain.testing.multi_tensor import STEPS, lars_inputs, run_and_compare
 from pytrain.testing.optim_compare import ODD_SHAPES
 
 pytestmark = pytest.mark.gpu
@@ -16,8 +16,6 @@ FLOATS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 MANY_SHAPES = [(1 + (i * 7919) % 4999,) if i % 3 else (1 + i % 13, 1 + (i * 31) % 97) for i in range(197)] + \
     [(1024,), (1,), (1025,)]
 LARGE_SHAPES = [(3, 1_000_003), (7_000_001,), (513,)]
-LARS_MOMENTUM = {"none": (0.0, 0.0, False), "heavy_ball": (0.9, 0.0, False), "dampened": (0.9, 0.1, False),
-                 "nesterov": (0.9, 0.0, True)}
 # (dtype, momentum mode, adapt, trust_clip): every dtype, mode and flag at least once.
 CASES = [("float32", "nesterov", True, False), ("float32", "none", True, True), ("bfloat16", "heavy_ball", True, True),
          ("bfloat16", "dampened", False, False), ("float16", "nesterov", True, True), ("float16", "none", False, False)]
@@ -25,17 +23,8 @@ CASES = [("float32", "nesterov", True, False), ("float32", "none", True, True), 
 
 def lars_run(impl, dtype, shapes, momentum_mode, adapt, trust_clip, steps=STEPS, seed=3):
     impl_or_skip("lars_step", impl, gpu.DEVICE)
-    dtype = FLOATS[dtype]
-    momentum, dampening, nesterov = LARS_MOMENTUM[momentum_mode]
-    gen = torch.Generator().manual_seed(seed)
-    lists = {"params": with_zero_tensors(shapes, dtype, gen), "grads": [],
-             "momentum_buffers": zeros(shapes, dtype) if momentum else []}
-    grads = [randn(shapes, dtype, gen, 0.1) for _ in range(steps)]
-    grads[0][-2].zero_()  # a zero gradient: trust ratio 1 again
-    kwargs = [dict(lr=0.1, momentum=momentum, dampening=dampening, weight_decay=0.01, trust_coefficient=0.02,
-                   eps=1e-8, nesterov=nesterov, trust_clip=trust_clip, adapt=adapt, init_buffers=t == 0)
-              for t in range(steps)]
-    run_and_compare("lars_step", impl, gpu.DEVICE, lists, kwargs, grads)
+    inputs = lars_inputs(shapes, FLOATS[dtype], momentum_mode, adapt, trust_clip, steps, seed)
+    run_and_compare("lars_step", impl, gpu.DEVICE, *inputs)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -1,40 +1,13 @@
 """``pytrain.ops.adamw_step``: every backend against the reference, step by step (float32 / bfloat16 / float16 params; float32, bfloat16 and int8 states; amsgrad, maximize, clipping scale, fp32 masters); bit-identical
 CPU repeats whatever the thread count; the C++ input checks.  Helpers: ``pytrain/testing/multi_tensor.py``."""
-import math
-from typing import Dict, List
 
 import pytest
 import torch
 
-from pytrain.testing.multi_tensor import (FLOATS, IMPLS, LARGE_SHAPES, STEPS, assert_deterministic, backend_device,
-                                          cpu_op, f32, randn, run_and_compare, zeros)
+from pytrain.testing.multi_tensor import (ADAMW_VARIANTS, FLOATS, IMPLS, LARGE_SHAPES, STATE_DTYPES, STEPS,
+                                          adamw_kwargs, adamw_lists, assert_deterministic, backend_device, cpu_op,
+                                          f32, randn, run_and_compare)
 from pytrain.testing.optim_compare import ODD_SHAPES
-from torch import Tensor
-
-
-ADAMW_VARIANTS = ["plain", "amsgrad", "maximize_scaled", "masters"]
-STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
-
-
-def adamw_lists(shapes, param_dtype, state, variant, gen) -> Dict[str, List[Tensor]]:
-    masters = randn(shapes, torch.float32, gen) if variant == "masters" else []
-    params = [m.to(param_dtype) for m in masters] if masters else randn(shapes, param_dtype, gen)
-    if state == "int8":
-        blocks = [(math.prod(s) + 255) // 256 for s in shapes]
-        exp_avgs, exp_avg_sqs = zeros(shapes, torch.int8), zeros(shapes, torch.uint8)
-        scales, sq_scales = zeros(blocks, torch.float32), zeros(blocks, torch.float32)
-    else:
-        exp_avgs, exp_avg_sqs = zeros(shapes, STATE_DTYPES[state]), zeros(shapes, STATE_DTYPES[state])
-        scales, sq_scales = [], []
-    return {"params": params, "grads": [], "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
-            "max_exp_avg_sqs": zeros(shapes, STATE_DTYPES[state]) if variant == "amsgrad" else [],
-            "master_params": masters, "exp_avg_scales": scales, "exp_avg_sq_scales": sq_scales}
-
-
-def adamw_kwargs(variant: str, step: int) -> dict:
-    return dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, step=step,
-                amsgrad=variant == "amsgrad", maximize=variant == "maximize_scaled",
-                grad_scale=0.37 if variant == "maximize_scaled" else 1.0)
 
 
 ADAMW_CASES = [(p, s, v) for p in FLOATS for s in STATE_DTYPES for v in ADAMW_VARIANTS

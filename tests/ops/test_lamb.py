@@ -5,21 +5,13 @@ import pytest
 import torch
 
 from pytrain.testing.multi_tensor import (FLOATS, IMPLS, LARGE_SHAPES, STEPS, assert_deterministic, backend_device,
-                                          cpu_op, f32, randn, run_and_compare, with_zero_tensors, zeros)
+                                          cpu_op, f32, lamb_inputs, randn, run_and_compare, zeros)
 from pytrain.testing.optim_compare import ODD_SHAPES
 
 
 def lamb_run(impl, dtype, shapes, adapt, trust_clip, grad_scale, steps=STEPS):
     device = backend_device("lamb_step", impl, [dtype], large=shapes is LARGE_SHAPES)
-    gen = torch.Generator().manual_seed(4)
-    lists = {"params": with_zero_tensors(shapes, dtype, gen), "grads": [], "exp_avgs": zeros(shapes, dtype),
-             "exp_avg_sqs": zeros(shapes, dtype)}
-    grads = [randn(shapes, dtype, gen, 0.1) for _ in range(steps)]
-    beta1, beta2 = 0.9, 0.999
-    kwargs = [dict(lr=1e-2, beta1=beta1, beta2=beta2, beta3=1 - beta1, eps=1e-6, weight_decay=0.01,
-                   bias_correction1=1 - beta1**t, bias_correction2=1 - beta2**t, grad_scale=grad_scale,
-                   adapt=adapt, trust_clip=trust_clip) for t in range(1, steps + 1)]
-    run_and_compare("lamb_step", impl, device, lists, kwargs, grads)
+    run_and_compare("lamb_step", impl, device, *lamb_inputs(shapes, dtype, adapt, trust_clip, grad_scale, steps, 4))
 
 
 @pytest.mark.parametrize("impl", IMPLS)

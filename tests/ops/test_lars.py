@@ -5,28 +5,17 @@ import pytest
 import torch
 
 from pytrain.testing.multi_tensor import (FLOATS, IMPLS, LARGE_SHAPES, STEPS, assert_deterministic, backend_device,
-                                          cpu_op, f32, randn, run_and_compare, with_zero_tensors, zeros)
+                                          LARS_MOMENTUM, cpu_op, f32, lars_inputs, randn, run_and_compare)
 from pytrain.testing.optim_compare import ODD_SHAPES
 
 
-LARS_MOMENTUM = {"none": (0.0, 0.0, False), "heavy_ball": (0.9, 0.0, False), "dampened": (0.9, 0.1, False),
-                 "nesterov": (0.9, 0.0, True)}
 LARS_CASES = [(m, adapt, clip) for m in LARS_MOMENTUM for adapt in (True, False) for clip in (True, False)
               if adapt or not clip]
 
 
 def lars_run(impl, dtype, shapes, momentum_mode, adapt, trust_clip, steps=STEPS):
     device = backend_device("lars_step", impl, [dtype], large=shapes is LARGE_SHAPES)
-    momentum, dampening, nesterov = LARS_MOMENTUM[momentum_mode]
-    gen = torch.Generator().manual_seed(3)
-    lists = {"params": with_zero_tensors(shapes, dtype, gen), "grads": [],
-             "momentum_buffers": zeros(shapes, dtype) if momentum else []}
-    grads = [randn(shapes, dtype, gen, 0.1) for _ in range(steps)]
-    grads[0][-2].zero_()  # a zero gradient: trust ratio 1 again
-    kwargs = [dict(lr=0.1, momentum=momentum, dampening=dampening, weight_decay=0.01, trust_coefficient=0.02,
-                   eps=1e-8, nesterov=nesterov, trust_clip=trust_clip, adapt=adapt, init_buffers=t == 0)
-              for t in range(steps)]
-    run_and_compare("lars_step", impl, device, lists, kwargs, grads)
+    run_and_compare("lars_step", impl, device, *lars_inputs(shapes, dtype, momentum_mode, adapt, trust_clip, steps, 3))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
