@@ -1,4 +1,4 @@
-"""``pytrain cost`` and ``pytrain plan``: the cost model of a described transformer on a described cluster.
+"""pytrain cost and pytrain plan: the cost model of a described transformer on a described cluster.
 
     pytrain cost --params 7e9 --layers 32 --hidden 4096 --seq 4096 --batch 512 --cluster 8xH100-400G \\
                  --nodes 4 --dp 16 --pp 2 --tp 1 --micro-batch 1
@@ -7,7 +7,12 @@
         every valid configuration that fits, ranked by predicted step time (--top N rows)
     pytrain cost --collective 25e6 --cluster 8xH100-400G --nodes 4
         the collectives' alpha-beta times for one message size on the cluster's links
+
+Every output states its assumptions: the cluster's peak FLOP/s, the utilisation and its source (a
+per-GPU preset, or --utilisation measured on your machine), the device memory (the vendor's figure in
+GiB, less a reserve), and for each configuration whether pytrain's trainers run it or it is a model only.
 """
+# The module docstring above is the --help text: plain text, no reStructuredText markup.
 from __future__ import annotations
 
 import argparse
@@ -15,44 +20,70 @@ import sys
 from typing import List, Optional
 
 from . import collectives
-from .clusters import PRESETS, get_cluster
+from .clusters import PRESETS, Cluster, Utilisation, get_cluster
 from .plan import PlanConfig, plan
 
 GIB = 2**30
 
 
 def _parser(command: str) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=f"pytrain {command}", description=__doc__.splitlines()[0],
+    ap = argparse.ArgumentParser(prog=f"pytrain {command}", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cluster", default="8xH100-400G", choices=sorted(PRESETS), help="cluster preset (one node type)")
-    ap.add_argument("--nodes", type=int, default=1, help="number of nodes")
-    ap.add_argument("--params", type=float, default=7e9, help="model parameters")
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--heads", type=int, default=None, help="attention heads (default hidden / 128)")
-    ap.add_argument("--seq", type=int, default=4096, help="sequence length (tokens)")
-    ap.add_argument("--batch", type=int, default=512, help="global batch (sequences per step)")
-    ap.add_argument("--optimizer", default="adamw", choices=("adamw", "adam", "lamb", "lars", "sgd_momentum", "sgd"))
-    ap.add_argument("--state-dtype", default="fp32", choices=("fp32", "bf16", "int8"), help="optimizer state storage")
+    ap.add_argument("--cluster", default="8xH100-400G", choices=sorted(PRESETS),
+                    help="cluster preset, one node type (default: %(default)s)")
+    ap.add_argument("--nodes", type=int, default=1, help="number of nodes (default: %(default)s)")
+    ap.add_argument("--utilisation", type=float, default=None,
+                    help="fraction of peak FLOP/s a step reaches, e.g. measured on your machine "
+                         "(default: the GPU's preset, with its source)")
+    ap.add_argument("--params", type=float, default=7e9, help="model parameters (default: %(default)g)")
+    ap.add_argument("--layers", type=int, default=32, help="transformer layers (default: %(default)s)")
+    ap.add_argument("--hidden", type=int, default=4096, help="hidden size (default: %(default)s)")
+    ap.add_argument("--heads", type=int, default=None, help="attention heads (default: hidden / 128)")
+    ap.add_argument("--seq", type=int, default=4096, help="sequence length in tokens (default: %(default)s)")
+    ap.add_argument("--batch", type=int, default=512, help="global batch in sequences per step (default: %(default)s)")
+    ap.add_argument("--optimizer", default="adamw", choices=("adamw", "adam", "lamb", "lars", "sgd_momentum", "sgd"),
+                    help="optimizer, for its state memory (default: %(default)s)")
+    ap.add_argument("--state-dtype", default="fp32", choices=("fp32", "bf16", "int8"),
+                    help="optimizer state storage (default: %(default)s)")
     if command == "plan":
-        ap.add_argument("--top", type=int, default=10, help="rows to print")
+        ap.add_argument("--top", type=int, default=10, help="rows to print (default: %(default)s)")
+        ap.add_argument("--pytrain-only", action="store_true",
+                        help="only configurations pytrain's trainers run today (default: all, each marked)")
     else:
-        ap.add_argument("--dp", type=int, help="data-parallel degree (default: the best plan's)")
-        ap.add_argument("--pp", type=int, help="pipeline stages")
-        ap.add_argument("--tp", type=int, help="tensor-parallel degree")
-        ap.add_argument("--micro-batch", type=int, help="micro-batch size")
-        ap.add_argument("--collective", type=float, help="print collective times for this many bytes instead")
+        ap.add_argument("--dp", type=int, help="data-parallel degree (default: the fastest configuration's)")
+        ap.add_argument("--pp", type=int, help="pipeline stages (default: the fastest configuration's)")
+        ap.add_argument("--tp", type=int, help="tensor-parallel degree (default: the fastest configuration's)")
+        ap.add_argument("--micro-batch", type=int, help="micro-batch size (default: the fastest configuration's)")
+        ap.add_argument("--collective", type=float,
+                        help="print the collectives' times for this many bytes instead (default: off)")
     return ap
 
 
 def _row(c: PlanConfig) -> str:
     return (f"| {c.dp} | {c.pp} | {c.tp} | {c.micro_batch} | {c.microbatches} | {c.recompute} | {c.zero_stage} | "
             f"{c.compression:g} | {c.step_s:.3f} | {c.tokens_per_s:,.0f} | {c.bubble:.1%} | "
-            f"{c.memory.total / GIB:.1f} |")
+            f"{c.memory.total / GIB:.1f} | {c.support} |")
 
 
 HEADER = ("| dp | pp | tp | micro-batch | micro-batches | recompute | ZeRO | compression | step s | tokens/s | bubble "
-          "| GiB/device |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| GiB/device | pytrain |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def assumptions(cluster: Cluster) -> str:
+    """The numbers every prediction rests on, with their sources (printed above each output)."""
+    return "\n".join([
+        f"cluster      {cluster.name} x {cluster.nodes} nodes = {cluster.devices} devices",
+        f"compute      {cluster.flops / 1e12:.0f} TFLOP/s peak per device (bf16 dense, vendor datasheet) x "
+        f"utilisation {cluster.utilisation}",
+        f"memory       {cluster.memory_bytes / GIB:.0f} GiB per device (vendor capacity), "
+        f"{cluster.usable_bytes / GIB:.0f} GiB usable ({cluster.reserve_bytes / GIB:.0f} GiB reserved for the "
+        f"CUDA context, driver and allocator)",
+        f"links        intra-node {1 / cluster.intra.beta / 1e9:.0f} GB/s, alpha {cluster.intra.alpha * 1e6:.0f} us; "
+        f"inter-node {1 / cluster.inter.beta / 1e9:.0f} GB/s per device, alpha {cluster.inter.alpha * 1e6:.0f} us",
+        "model        bf16 params, grads and activations, fp32 master weights, flash attention; 1F1B pipelines; "
+        "DDP buckets overlapped with the backward",
+        "pytrain      'DDPTrainer' / 'PipelineTrainer': runs with pytrain today; 'model only': ZeRO and tensor "
+        "parallel are not in pytrain's trainers yet"])
 
 
 def _collectives(n_bytes: float, cluster) -> str:
@@ -73,15 +104,15 @@ def _collectives(n_bytes: float, cluster) -> str:
 
 def _detail(c: PlanConfig, cluster) -> str:
     mem = c.memory
-    fits = "fits" if mem.total <= cluster.memory_bytes else "DOES NOT FIT"
+    fits = "fits" if mem.total <= cluster.usable_bytes else "DOES NOT FIT"
     return "\n".join([
-        f"{c.describe()} on {cluster.name} x {cluster.nodes} nodes", "",
+        f"{c.describe()} on {cluster.name} x {cluster.nodes} nodes", f"pytrain              {c.support}", "",
         f"step time            {c.step_s:.4f} s   ({c.tokens_per_s:,.0f} tokens/s)",
         f"  compute (+bubble)  {c.compute_s:.4f} s   bubble {c.bubble:.1%}",
         f"  tensor parallel    {c.tp_comm_s:.4f} s",
         f"  pipeline p2p       {c.pp_comm_s:.4f} s",
         f"  data parallel      {c.dp_exposed_s:.4f} s exposed",
-        f"memory per device    {mem.total / GIB:.2f} GiB of {cluster.memory_bytes / GIB:.0f} ({fits})",
+        f"memory per device    {mem.total / GIB:.2f} GiB of {cluster.usable_bytes / GIB:.0f} usable ({fits})",
         f"  params {mem.params / GIB:.2f}  grads {mem.grads / GIB:.2f}  optimizer {mem.optimizer / GIB:.2f}  "
         f"activations {mem.activations / GIB:.2f} GiB"])
 
@@ -96,7 +127,8 @@ def main(argv: Optional[List[str]] = None, command: Optional[str] = None) -> int
         raise ValueError(f"command must be 'cost' or 'plan', got {command!r}")
     args = _parser(command).parse_args(argv)
     try:
-        cluster = get_cluster(args.cluster, args.nodes)
+        utilisation = None if args.utilisation is None else Utilisation(args.utilisation, "given with --utilisation")
+        cluster = get_cluster(args.cluster, args.nodes, utilisation)
         if command == "cost" and args.collective is not None:
             print(_collectives(args.collective, cluster))
             return 0
@@ -106,8 +138,12 @@ def main(argv: Optional[List[str]] = None, command: Optional[str] = None) -> int
         print(f"pytrain {command}: {exc}")
         return 2
     if command == "plan":
+        if args.pytrain_only:
+            configs = [c for c in configs if c.runs_with_pytrain]
         fitting = configs[:args.top]
-        print(f"{len(configs)} configurations fit; the {len(fitting)} fastest:\n\n{HEADER}")
+        runs = sum(c.runs_with_pytrain for c in configs)
+        print(f"{assumptions(cluster)}\n\n{len(configs)} configurations fit ({runs} run with pytrain today); "
+              f"the {len(fitting)} fastest:\n\n{HEADER}")
         print("\n".join(_row(c) for c in fitting) if fitting else "(none fits in device memory)")
         return 0
     chosen = [c for c in configs if all(want is None or want == got for want, got in
@@ -116,5 +152,5 @@ def main(argv: Optional[List[str]] = None, command: Optional[str] = None) -> int
         print(f"pytrain cost: no valid configuration with dp={args.dp} pp={args.pp} tp={args.tp} "
               f"micro_batch={args.micro_batch} on {cluster.devices} devices")
         return 2
-    print(_detail(chosen[0], cluster))
+    print(f"{assumptions(cluster)}\n\n{_detail(chosen[0], cluster)}")
     return 0

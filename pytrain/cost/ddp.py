@@ -30,7 +30,7 @@ FIRST_BUCKET_BYTES = 2**20
 BACKWARD_FRACTION = 2.0 / 3.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class DDPStepEstimate:
     """Seconds of one DDP step: ``compute_s`` (forward + backward + optimizer + bucket copies), ``comm_s`` (all bucket
     all-reduces and codec work), ``exposed_comm_s`` (the part not hidden behind the backward pass),
@@ -42,6 +42,13 @@ class DDPStepEstimate:
     step_s: float
     comm_compute_ratio: float
     buckets: tuple = ()
+
+    def __repr__(self) -> str:
+        sizes = (f"{len(self.buckets)} buckets of {min(self.buckets) / 2**20:.3g}-{max(self.buckets) / 2**20:.3g} MiB"
+                 if self.buckets else "no buckets")
+        return (f"DDPStepEstimate(step {self.step_s * 1e3:.4g} ms = compute {self.compute_s * 1e3:.4g} ms + exposed "
+                f"comm {self.exposed_comm_s * 1e3:.4g} ms of {self.comm_s * 1e3:.4g} ms; comm/compute "
+                f"{self.comm_compute_ratio:.3g}; {sizes} sent)")
 
 
 def bucket_sizes(n_bytes: float, bucket_bytes: float = DEFAULT_BUCKET_BYTES,

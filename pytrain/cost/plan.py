@@ -5,7 +5,9 @@ For a layout (d, p, t) with d p t = devices, micro-batch b and m = B / (d b) mic
 
     FLOPs per step   F = 6 N B s + 12 L B s^2 h   (Kaplan et al. 2020: 6 per parameter per token, forward
                      + backward; plus attention scores and values), x 4/3 with full recompute
-    compute          c = F / (d p t) / (flops * efficiency);  pipeline (1F1B): c (1 + (p-1)/m)
+    compute          c = F / (d p t) / (flops * utilisation);  pipeline (1F1B): c (1 + (p-1)/m)
+                     (utilisation: the cluster's ``Utilisation``, a per-GPU preset with its source or
+                     ``utilisation_from_step`` of a step measured on your machine)
     tensor parallel  m * (L/p) * tp_layer_comm(s, b, h, t)       on the intra-node link (t <= GPUs per node)
     pipeline p2p     (m + p - 1) * 2 (alpha + s b h e / t * beta)  per boundary slot (scatter/gather of the
                      activation over t: Narayanan et al. 2021), inter-node when p t spans nodes
@@ -15,8 +17,17 @@ For a layout (d, p, t) with d p t = devices, micro-batch b and m = B / (d b) mic
     memory           memory_per_device(N/(p t), bf16 params and grads, fp32 masters, optimizer state,
                      ZeRO over d) + activation_memory(s, b, h, a, L/p) / t x in-flight micro-batches
 
-Configurations that do not fit in device memory are dropped; the rest are sorted by predicted step time
-(equal to 3 significant digits: less compression first, as compression costs accuracy, then less memory).
+Configurations that do not fit in the device's usable memory (``Cluster.usable_bytes``) are dropped; a
+compressed variant is kept only where it is at least 1% faster than the same layout uncompressed (where the
+all-reduce is hidden behind the backward, compression only costs accuracy); the rest are
+sorted by predicted step time (equal to 3 significant digits: less compression first, then what pytrain's
+trainers run, then less memory).
+
+Every configuration says whether pytrain's trainers run it today (``runs_with_pytrain``, ``support``):
+data parallel (with a compression hook) is ``DDPTrainer``, pipeline x data parallel is ``PipelineTrainer``
+(1F1B; its data-parallel all-reduce runs after the schedule, not overlapped with it as modelled here, and
+takes no compression hook); ZeRO sharding and tensor parallelism are modelled only (no pytrain trainer
+runs them yet).  Full recompute is the model's own ``torch.utils.checkpoint`` around each layer.
 """
 from __future__ import annotations
 
@@ -24,7 +35,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence
 
-from .clusters import Cluster
+from .clusters import Cluster, Utilisation
 from .collectives import Link, hierarchical_allreduce, ring_allreduce
 from .ddp import ddp_step
 from .memory import MemoryEstimate, activation_memory, memory_per_device
@@ -32,6 +43,7 @@ from .pipeline import bubble_fraction, inflight_microbatches
 from .tensor_parallel import tp_layer_comm
 
 BYTES = 2  # bf16 parameters, gradients and activations (mixed precision)
+MIN_GAIN = 0.01  # a compressed variant is listed when it is at least 1% faster than the layout uncompressed
 
 
 @dataclass(frozen=True)
@@ -55,10 +67,33 @@ class PlanConfig:
     memory: MemoryEstimate
     tokens_per_s: float
 
+    @property
+    def support(self) -> str:
+        """What runs this layout: ``"DDPTrainer"``, ``"DDPTrainer + compression hook"``, ``"PipelineTrainer"``,
+        or ``"model only: ..."`` naming what no pytrain trainer runs yet (ZeRO, tensor parallel, ...)."""
+        missing = [name for name, needed in (("tensor parallel", self.tp > 1),
+                                             (f"ZeRO-{self.zero_stage}", self.zero_stage > 0),
+                                             ("compression with pipelines", self.pp > 1 and self.compression < 1))
+                   if needed]
+        if missing:
+            return "model only: " + ", ".join(missing) + " not in pytrain's trainers yet"
+        if self.pp > 1:
+            return "PipelineTrainer"
+        return "DDPTrainer + compression hook" if self.compression < 1 else "DDPTrainer"
+
+    @property
+    def runs_with_pytrain(self) -> bool:
+        """Whether one of pytrain's trainers runs this layout today (``support`` says which, or what is missing)."""
+        return not self.support.startswith("model only")
+
     def describe(self) -> str:
         """One line naming the layout and its options."""
         return (f"dp={self.dp} pp={self.pp} tp={self.tp} b={self.micro_batch} m={self.microbatches} "
                 f"recompute={self.recompute} zero={self.zero_stage} compression={self.compression:g}")
+
+    def __repr__(self) -> str:
+        return (f"PlanConfig({self.describe()}: step {self.step_s:.3f} s, {self.tokens_per_s:,.0f} tokens/s, "
+                f"bubble {self.bubble:.1%}, {self.memory.total / 2**30:.1f} GiB/device; {self.support})")
 
 
 def training_flops(n_params: float, layers: int, hidden: int, seq: int, batch: int, recompute: str = "none") -> float:
@@ -82,8 +117,7 @@ def _dp_allreduce(cluster: Cluster, dp: int, pp: int, tp: int):
 def _evaluate(n_params, layers, hidden, heads, seq, global_batch, cluster, dp, pp, tp, b, recompute, zero,
               compression, optimizer, state_dtype) -> PlanConfig:
     m = global_batch // (dp * b)
-    rate = cluster.flops * cluster.efficiency
-    compute = training_flops(n_params, layers, hidden, seq, global_batch, recompute) / (dp * pp * tp) / rate
+    compute = training_flops(n_params, layers, hidden, seq, global_batch, recompute) / (dp * pp * tp) / cluster.rate
     pipe_compute = compute * (1 + (pp - 1) / m)
     tp_comm = m * (layers // pp) * tp_layer_comm(seq, b, hidden, tp, cluster.intra) if tp > 1 else 0.0
     p2p_link: Link = cluster.inter if pp * tp > cluster.gpus_per_node else cluster.intra
@@ -145,12 +179,43 @@ def plan(model_params: float, layers: int, hidden: int, seq: int, global_batch: 
         raise ValueError(f"no valid layout for {n} devices: global_batch={global_batch} must split into "
                          f"dp x micro_batch x m (m >= pp) with pp dividing layers={layers} and tp dividing "
                          f"heads={heads} and hidden={hidden}")
-    ranked = sorted(configs, key=_rank_key)
-    fits = [c for c in ranked if c.memory.total <= cluster.memory_bytes]
-    return fits + [c for c in ranked if c.memory.total > cluster.memory_bytes] if include_oom else fits
+    ranked = sorted(_faster_compressed_only(configs), key=_rank_key)
+    fits = [c for c in ranked if c.memory.total <= cluster.usable_bytes]
+    return fits + [c for c in ranked if c.memory.total > cluster.usable_bytes] if include_oom else fits
+
+
+def utilisation_from_step(step_s: float, n_params: float, layers: int, hidden: int, seq: int, batch: int,
+                          peak_flops: float, *, devices: int = 1, recompute: str = "none",
+                          where: str = "this machine") -> Utilisation:
+    """The utilisation a measured training step reached: ``training_flops(...) / (step_s x devices x
+    peak_flops)``, with its source (``where`` and the numbers) stated.  ``batch``: sequences per step over
+    all ``devices``; ``peak_flops``: one device's peak in the training dtype.  Use a step of the model
+    and precision you plan for, after warm-up, e.g. ``pytrain train``'s median step time."""
+    for name, value in (("step_s", step_s), ("n_params", n_params), ("peak_flops", peak_flops)):
+        if not (isinstance(value, (int, float)) and value > 0):
+            raise ValueError(f"{name} must be > 0, got {value!r}")
+    if not (isinstance(devices, int) and devices >= 1):
+        raise ValueError(f"devices must be an int >= 1, got {devices!r}")
+    achieved = training_flops(n_params, layers, hidden, seq, batch, recompute) / step_s / devices
+    if achieved > peak_flops:
+        raise ValueError(f"the step reached {achieved:.3g} FLOP/s per device, above peak_flops={peak_flops:.3g}: "
+                         f"check the model description, step time and peak")
+    return Utilisation(achieved / peak_flops, f"calibrated: {step_s:.4g} s per step of a {n_params:.3g}-parameter "
+                                              f"model on {where} ({achieved / 1e12:.3g} of {peak_flops / 1e12:.3g} "
+                                              f"TFLOP/s per device)")
+
+
+def _faster_compressed_only(configs: List[PlanConfig]) -> List[PlanConfig]:
+    """Drops each compressed configuration that is not at least ``MIN_GAIN`` faster than the same layout
+    uncompressed: there the all-reduce is (nearly) hidden, and compression would only cost accuracy."""
+    def layout(c: PlanConfig) -> tuple:
+        return c.dp, c.pp, c.tp, c.micro_batch, c.recompute, c.zero_stage
+    plain = {layout(c): c.step_s for c in configs if c.compression == 1.0}
+    return [c for c in configs if c.compression == 1.0 or layout(c) not in plain
+            or c.step_s < plain[layout(c)] * (1 - MIN_GAIN)]
 
 
 def _rank_key(c: PlanConfig) -> tuple:
     """Fastest first (to 3 significant digits: closer is within the model's error); on a tie the less
-    lossy compression, then the smaller memory."""
-    return float(f"{c.step_s:.3g}"), -c.compression, c.memory.total
+    lossy compression, then a layout pytrain's trainers run, then the smaller memory."""
+    return float(f"{c.step_s:.3g}"), -c.compression, not c.runs_with_pytrain, c.memory.total
