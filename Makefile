@@ -54,7 +54,7 @@ test-latest:
 
 pin:
 	test -x $(LATEST)/$(PY) || { echo "run make test-latest first"; exit 1; }
-	{ grep '^#' $(PINS); $(LATEST)/$(PIP) freeze --all --exclude pytrain; } > $(PINS).new && mv $(PINS).new $(PINS)
+	{ grep '^#' $(PINS); $(LATEST)/$(PIP) freeze --all --exclude pytrain-kernels; } > $(PINS).new && mv $(PINS).new $(PINS)
 
 bench: $(STAMP)
 	$(PY) -m pytrain bench

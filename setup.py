@@ -139,7 +139,7 @@ class BuildExt(BuildExtension.with_options(use_ninja=True)):
 
 
 setup(
-    name="pytrain",
+    name="pytrain-kernels",  # the distribution (PyPI's `pytrain` is an unrelated project); the import name is `pytrain`
     version="0.1.0",
     description="Fast, exact training kernels for PyTorch on GPU and CPU",
     # kernels/ has no __init__.py on purpose: a regular package there would shadow Hugging Face's
