@@ -33,7 +33,7 @@ DEFAULT_SIZES = (16 * 2**10, 512 * 2**10, 8 * 2**20)  # bytes: latency-, mixed- 
 HUBER_K = 1.345  # Huber's constant: 95% efficiency for Gaussian residuals
 
 
-@dataclass
+@dataclass(repr=False)
 class Calibration:
     """A fitted link.  ``link``: alpha (s), beta (s/byte); ``op`` and ``world_size`` it was measured with;
     ``measured``: {n_bytes: median seconds} that the fit used; ``validation``: {n_bytes: median seconds} of
@@ -52,6 +52,11 @@ class Calibration:
     def relative_errors(self, held_out: bool = False) -> Dict[int, float]:
         """(predicted - measured) / measured at each calibration size (``held_out``: each validation size)."""
         return {n: self.predict(n) / t - 1 for n, t in (self.validation if held_out else self.measured).items()}
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{n / 2**20:.3g}" for n in sorted(self.measured))
+        held = f"; {len(self.validation)} held-out sizes" if self.validation else ""
+        return f"Calibration({self.op} on {self.world_size} ranks: {self.link}; fitted on {sizes} MiB{held})"
 
 
 def _collective(op: str, n_bytes: int, p: int, group, dtype: torch.dtype) -> Callable[[], None]:

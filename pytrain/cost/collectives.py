@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Link:
     """A link of the alpha-beta model: ``alpha`` latency (s) per message, ``beta`` s/byte (1 / bandwidth)."""
 
@@ -42,6 +42,10 @@ class Link:
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 unit = "s/byte" if name == "beta" else "s"
                 raise ValueError(f"Link.{name} must be a finite number >= 0 ({unit}), got {value!r}")
+
+    def __repr__(self) -> str:
+        bandwidth = f"{1 / self.beta / 1e9:.3g} GB/s" if self.beta else "unlimited bandwidth"
+        return f"Link(alpha {self.alpha * 1e6:.3g} us, {bandwidth})"
 
     @classmethod
     def from_bandwidth(cls, latency_s: float, bytes_per_s: float) -> "Link":

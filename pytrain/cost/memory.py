@@ -87,7 +87,7 @@ def activation_memory(seq: int, micro_batch: int, hidden: int, heads: int, layer
     return layers * per_layer
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class MemoryEstimate:
     """Bytes per device by kind; ``total`` is their sum."""
 
@@ -100,6 +100,12 @@ class MemoryEstimate:
     def total(self) -> float:
         """params + grads + optimizer + activations, bytes."""
         return self.params + self.grads + self.optimizer + self.activations
+
+    def __repr__(self) -> str:
+        gib = 2**30
+        return (f"MemoryEstimate({self.total / gib:.2f} GiB: params {self.params / gib:.2f}, grads "
+                f"{self.grads / gib:.2f}, optimizer {self.optimizer / gib:.2f}, activations "
+                f"{self.activations / gib:.2f} GiB)")
 
 
 def memory_per_device(n_params: int, *, param_bytes: int = 4, grad_bytes: Optional[int] = None,

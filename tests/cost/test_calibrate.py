@@ -11,7 +11,7 @@ import statistics
 import pytest
 import torch
 
-from pytrain.cost import Link, calibrate, fit_link
+from pytrain.cost import Calibration, Link, calibrate, fit_link
 from pytrain.trainers.launch import spawn
 
 CALIBRATION_SIZES = (8 * 2**10, 256 * 2**10, 2 * 2**20)
@@ -98,3 +98,9 @@ def test_fit_bad_input(kwargs, match):
 def test_calibrate_needs_a_process_group():
     with pytest.raises(RuntimeError, match="process group"):
         calibrate(sizes=CALIBRATION_SIZES)
+
+
+def test_calibration_repr_is_one_line():
+    cal = Calibration(Link(1e-4, 1 / 2e9), "all_reduce", 2, {2**16: 1e-3, 2**20: 2e-3}, {2**21: 3e-3})
+    assert repr(cal) == ("Calibration(all_reduce on 2 ranks: Link(alpha 100 us, 2 GB/s); fitted on 0.0625, 1 MiB; "
+                         "1 held-out sizes)")

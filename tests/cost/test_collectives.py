@@ -83,3 +83,8 @@ def test_bandwidths():
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_link_repr_is_readable():
+    assert repr(Link(8e-6, 1 / 50e9)) == "Link(alpha 8 us, 50 GB/s)"
+    assert repr(Link(0, 0)) == "Link(alpha 0 us, unlimited bandwidth)"

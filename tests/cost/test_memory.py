@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pytrain.cost import PeakMemory, activation_memory, memory_per_device, optimizer_state_bytes
+from pytrain.cost import MemoryEstimate, PeakMemory, activation_memory, memory_per_device, optimizer_state_bytes
 from pytrain.optim import FusedAdamW
 
 SEQ, BATCH, HIDDEN, HEADS, LAYERS = 128, 4, 128, 4, 4
@@ -131,3 +131,8 @@ def test_model_state_bytes():
 def test_memory_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_memory_estimate_repr_is_in_gib():
+    assert repr(MemoryEstimate(2 * 2**30, 2**30, 3 * 2**29, 0.0)) == (
+        "MemoryEstimate(4.50 GiB: params 2.00, grads 1.00, optimizer 1.50, activations 0.00 GiB)")

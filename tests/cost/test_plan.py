@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import pytest
 
-from pytrain.cost import (PRESETS, Cluster, Link, Utilisation, get_cluster, plan, training_flops,
+from pytrain.cost import (PRESETS, Cluster, Link, Utilisation, ddp_step, get_cluster, plan, training_flops,
                           utilisation_from_step)
 from pytrain.cost.cli import main
 
@@ -160,7 +160,6 @@ def test_every_configuration_is_marked():
 
 
 def test_reprs_are_short_and_informative():
-    from pytrain.cost import ddp_step
     big = ddp_step(int(7e9), compute_s=1.0, world_size=64, link=get_cluster("8xH100-400G").inter)
     assert len(big.buckets) > 1000
     text = repr(big)
