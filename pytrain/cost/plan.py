@@ -25,9 +25,9 @@ trainers run, then less memory).
 
 Every configuration says whether pytrain's trainers run it today (``runs_with_pytrain``, ``support``):
 data parallel (with a compression hook) is ``DDPTrainer``, pipeline x data parallel is ``PipelineTrainer``
-(1F1B; its data-parallel all-reduce runs after the schedule, not overlapped with it as modelled here, and
-takes no compression hook); ZeRO sharding and tensor parallelism are modelled only (no pytrain trainer
-runs them yet).  Full recompute is the model's own ``torch.utils.checkpoint`` around each layer.
+(1F1B; its data-parallel all-reduce runs after the schedule, not overlapped with the backward as modelled
+here, which ``pytrain_step_s`` and ``support`` add back; it takes no compression hook); ZeRO sharding and
+tensor parallelism are modelled only (no pytrain trainer runs them yet).  Full recompute is the model's own ``torch.utils.checkpoint`` around each layer.
 """
 from __future__ import annotations
 
@@ -66,6 +66,14 @@ class PlanConfig:
     bubble: float
     memory: MemoryEstimate
     tokens_per_s: float
+    dp_comm_s: float = 0.0
+
+    @property
+    def pytrain_step_s(self) -> float:
+        """The step as pytrain's trainers run this layout: ``PipelineTrainer`` all-reduces the data-parallel
+        gradients after the schedule instead of overlapping them with the backward, so its step is
+        ``step_s`` + the hidden part of ``dp_comm_s``; otherwise ``step_s``."""
+        return self.step_s + (self.dp_comm_s - self.dp_exposed_s if self.pp > 1 and self.dp > 1 else 0.0)
 
     @property
     def support(self) -> str:
@@ -78,7 +86,8 @@ class PlanConfig:
         if missing:
             return "model only: " + ", ".join(missing) + " not in pytrain's trainers yet"
         if self.pp > 1:
-            return "PipelineTrainer"
+            late = self.pytrain_step_s - self.step_s
+            return f"PipelineTrainer (DP all-reduce after the schedule: +{late:.3g} s)" if late else "PipelineTrainer"
         return "DDPTrainer + compression hook" if self.compression < 1 else "DDPTrainer"
 
     @property
@@ -134,7 +143,7 @@ def _evaluate(n_params, layers, hidden, heads, seq, global_batch, cluster, dp, p
     step = dp_est.step_s
     return PlanConfig(dp, pp, tp, b, m, recompute, zero, compression, step, pipe_compute, tp_comm, pp_comm,
                       dp_est.exposed_comm_s, bubble_fraction(pp, m, "1f1b") if pp > 1 else 0.0, mem,
-                      global_batch * seq / step)
+                      global_batch * seq / step, dp_est.comm_s)
 
 
 def _divisors(n: int) -> List[int]:
