@@ -1,10 +1,13 @@
-"""Every ```python block of README.md is a whole program that runs as written.
+"""Every ```python block of README.md is a whole program that runs as written, and the planner output the
+README shows is what the command prints.
 
-Each block is written to a file of its own and run by a fresh interpreter (``python block.py``, so the
-multi-process examples' ``if __name__ == "__main__":`` guard and the "spawn" start method work as they do
-for a reader), from an empty temporary directory, with a timeout.  Blocks that must not run (printed
-output, shell sessions) use another fence language on purpose: ```text, ```console, ```bash.
+Each python block is written to a file of its own and run by a fresh interpreter (``python block.py``, so
+the multi-process examples' ``if __name__ == "__main__":`` guard and the "spawn" start method work as they
+do for a reader), from an empty temporary directory, with a timeout.  Blocks that must not run (printed
+output, shell commands) use another fence language on purpose: ```text, ```bash; a ```console block
+that starts with ``$ pytrain plan`` or ``$ pytrain cost`` is rerun and its output compared.
 """
+import shlex
 import os
 import re
 import subprocess
@@ -23,16 +26,16 @@ HEADING = re.compile(r"^#+ +(?P<title>.+)$")
 
 
 class Block(NamedTuple):
-    """One ```python block: where it starts (1-based line of the opening fence), its section, its code."""
+    """One fenced block: where it starts (1-based line of the opening fence), its section, its text."""
 
     line: int
     section: str
     code: str
 
 
-def python_blocks(text: str) -> List[Block]:
-    """The ```python blocks of a Markdown text (fences may be indented, inside list items), each dedented;
-    ``section`` is the slug of the last heading outside any fence before it."""
+def fenced_blocks(text: str, language: str = "python") -> List[Block]:
+    """The ```<language> blocks of a Markdown text (fences may be indented, inside list items), each
+    dedented; ``section`` is the slug of the last heading outside any fence before it."""
     blocks, section, fence, body = [], "top", None, []
     for number, line in enumerate(text.splitlines(), 1):
         stripped = line.strip()
@@ -42,7 +45,7 @@ def python_blocks(text: str) -> List[Block]:
             elif HEADING.match(line):
                 section = re.sub(r"[^a-z0-9]+", "-", HEADING.match(line).group("title").lower()).strip("-")
         elif stripped == "```":
-            if fence[1] == "python":
+            if fence[1] == language:
                 blocks.append(Block(fence[0], section, textwrap.dedent("\n".join(body) + "\n")))
             fence = None
         else:
@@ -50,17 +53,31 @@ def python_blocks(text: str) -> List[Block]:
     return blocks
 
 
-BLOCKS = python_blocks(README.read_text())
+BLOCKS = fenced_blocks(README.read_text())
+COMMANDS = [b for b in fenced_blocks(README.read_text(), "console")
+            if b.code.startswith(("$ pytrain plan", "$ pytrain cost"))]
 
 
-def test_python_blocks_finds_indented_blocks_and_skips_other_languages():
+def test_fenced_blocks_finds_indented_blocks_and_skips_other_languages():
     text = ("# A\n```python\nx = 1\n```\n```text\nnot code\n```\n## B c\n- item:\n\n  ```python\n  y = 2\n"
             "  if y:\n      y = 3\n  ```\n```console\n$ ls\n```\n")
-    assert python_blocks(text) == [Block(2, "a", "x = 1\n"), Block(11, "b-c", "y = 2\nif y:\n    y = 3\n")]
+    assert fenced_blocks(text) == [Block(2, "a", "x = 1\n"), Block(11, "b-c", "y = 2\nif y:\n    y = 3\n")]
 
 
 def test_readme_has_its_examples():
     assert len(BLOCKS) >= 10, f"README.md has {len(BLOCKS)} ```python blocks"
+    assert any("--nodes 8" in b.code for b in COMMANDS), "README.md shows no planner output for 64 H100s"
+
+
+@pytest.mark.parametrize("block", COMMANDS, ids=[f"{b.section}-line{b.line}" for b in COMMANDS])
+def test_readme_planner_output_is_what_the_command_prints(block):
+    command, _, shown = block.code.partition("\n")
+    args = shlex.split(command)[2:]  # after "$ pytrain"
+    proc = subprocess.run([sys.executable, "-m", "pytrain", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=TIMEOUT_S, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.rstrip() == shown.rstrip(), (
+        f"README.md line {block.line}: `{command[2:]}` prints something else now; paste its output:\n{proc.stdout}")
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[f"{b.section}-line{b.line}" for b in BLOCKS])
