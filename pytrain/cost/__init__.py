@@ -29,4 +29,5 @@ __all__ = ["Calibration", "calibrate", "fit_link", "measure_collective", "PRESET
            "reduce_scatter", "ring_allreduce", "tree_allreduce", "DDPStepEstimate", "bucket_sizes", "ddp_step",
            "MemoryEstimate", "PeakMemory", "activation_memory", "memory_per_device", "optimizer_state_bytes",
            "bubble_fraction", "inflight_microbatches", "load_balance", "p2p_bytes", "pipeline_step", "PlanConfig",
-           "plan", "training_flops", "utilisation_from_step", "BubbleReport", "Record", "tp_layer_bytes", "tp_layer_comm"]
+           "plan", "training_flops", "utilisation_from_step", "BubbleReport", "Record",
+           "tp_layer_bytes", "tp_layer_comm"]

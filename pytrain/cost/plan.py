@@ -27,7 +27,8 @@ Every configuration says whether pytrain's trainers run it today (``runs_with_py
 data parallel (with a compression hook) is ``DDPTrainer``, pipeline x data parallel is ``PipelineTrainer``
 (1F1B; its data-parallel all-reduce runs after the schedule, not overlapped with the backward as modelled
 here, which ``pytrain_step_s`` and ``support`` add back; it takes no compression hook); ZeRO sharding and
-tensor parallelism are modelled only (no pytrain trainer runs them yet).  Full recompute is the model's own ``torch.utils.checkpoint`` around each layer.
+tensor parallelism are modelled only (no pytrain trainer runs them yet).  Full recompute is the model's own
+``torch.utils.checkpoint`` around each layer.
 """
 from __future__ import annotations
 
