@@ -36,7 +36,7 @@ def test_import_kernels_from_the_checkout_finds_the_installed_package():
     assert has_api == "True", f"`import kernels` found {path}, not Hugging Face's package"
 
 
-DISTRIBUTION = "pytrain-kernels"  # PyPI's `pytrain` is an unrelated 2017 project; the import name stays `pytrain`
+DISTRIBUTION = "pytrain-kernels"  # PyPI's `pytrain` is an unrelated 2016-2017 project; the import name stays `pytrain`
 
 
 def _setup_keyword(name: str):
