@@ -188,7 +188,7 @@ def cli(argv: List[str], parse_only: bool = False):
             except SystemExit as e:
                 status = e.code
         if status not in (0, None):
-            raise CliError(f"exit {status}: {' '.join(text.getvalue().split())[:600]}")
+            raise CliError(f"exit {status}: {' '.join(text.getvalue().split())}")
         return f"exit 0: {' '.join(text.getvalue().split())[-200:]}"
     return run
 
@@ -236,7 +236,7 @@ def cli_cases() -> List[Case]:
         proc = subprocess.run([sys.executable, "-m", "pytrain", "train", "--steps", "-1"], capture_output=True,
                               text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if proc.returncode != 0:
-            raise CliError(f"exit {proc.returncode}: {' '.join((proc.stdout + proc.stderr).split())[-400:]}")
+            raise CliError(f"exit {proc.returncode}: {' '.join((proc.stdout + proc.stderr).split())}")
         return "exit 0"
     out.append(Case(fam, "python_m_pytrain_steps_negative", entry_point, usage("--steps"), isolate=False))
     return out
