@@ -24,11 +24,12 @@ Every case ends in one outcome:
 Isolated cases (``isolate=True``, the default: anything reaching C++ or Triton code) run in worker
 processes, batched (``workers`` processes share the cases, so torch is imported that many times, not once
 per case), under a memory cap (``RLIMIT_AS``: the worker's address space after its imports plus
-``MEMORY_CAP``) with one thread each.  The worker
-reports per case as JSON lines (a ``start`` record, then the outcome), so when it dies the parent knows
-which case killed it, records that case as a crash and starts a new worker for the remaining cases.  The
-parent watches the time each case takes and kills a worker whose case runs past ``CASE_TIMEOUT``.
-Pure-Python validation cases (``isolate=False``) run in the calling process.
+``MEMORY_CAP``) with one thread each.  The worker reports per case as JSON lines (a ``start`` record, then
+the outcome), so when it dies the parent knows which case killed it, records that case as a crash and
+starts a new worker for the remaining cases (the cause shows in order, not by rerunning one by one).  The
+parent watches the time each case takes and kills a worker whose case runs past ``CASE_TIMEOUT`` (a hang;
+the remaining cases go on in a new worker).  Pure-Python validation cases (``isolate=False``) run in the
+calling process.
 
 Command line (the worker): ``python -m pytrain.testing.robustness IDS_FILE OUT_FILE``, IDS_FILE a JSON list
 of [table path, case id] pairs.
@@ -307,51 +308,47 @@ def _run_batch(batch: List[Tuple[str, Case]], case_timeout: float) -> List[Resul
             with open(err_file, "w") as err:
                 proc = subprocess.Popen([sys.executable, "-m", "pytrain.testing.robustness", str(ids_file),
                                          str(out_file)], env=_env(), stdout=subprocess.DEVNULL, stderr=err)
-            current: Optional[str] = None
-            since = time.monotonic()
-            seen = 0
-            hung = False
-            while True:
-                rc = proc.poll()
-                lines = out_file.read_text().splitlines()
-                for line in lines[seen:]:
-                    if not line.endswith("}"):
-                        break  # a record still being written
-                    record = json.loads(line)
-                    seen += 1
-                    if record["event"] == "start":
-                        current, since = record["id"], time.monotonic()
-                    else:
-                        results[record["id"]] = Result(record["id"], record["outcome"], record["detail"],
-                                                       expected[record["id"]], record["seconds"])
-                        current = None
-                if rc is not None:
-                    break
-                limit = case_timeout if current is not None else START_TIMEOUT
-                if time.monotonic() - since > limit:
-                    proc.kill()
-                    proc.wait()
-                    hung = True
-                    break
-                time.sleep(0.02)
+            current, since, hung = None, time.monotonic(), False
+            with open(out_file) as reader:
+                partial = ""
+                while True:
+                    rc = proc.poll()
+                    partial += reader.read()
+                    *complete, partial = partial.split("\n")  # the last piece: a record still being written
+                    for line in complete:
+                        record = json.loads(line)
+                        if record["event"] == "start":
+                            current, since = record["id"], time.monotonic()
+                        else:
+                            results[record["id"]] = Result(record["id"], record["outcome"], record["detail"],
+                                                           expected[record["id"]], record["seconds"])
+                            current = None
+                    if rc is not None:
+                        break
+                    limit = case_timeout if current is not None else START_TIMEOUT
+                    if time.monotonic() - since > limit:
+                        proc.kill()
+                        proc.wait()
+                        hung = True
+                        break
+                    time.sleep(0.02)
             pending = [i for i in pending if i not in results]
             if not pending:
                 break
             stderr_tail = " ".join(err_file.read_text().split()[-40:])
-            victim = current if current is not None else pending[0]
             if hung:
-                outcome, detail = "hang", f"still running after {case_timeout:g} s (killed)"
+                outcome, detail = "hang", f"still running after {limit:g} s (killed)"
             elif proc.returncode < 0:
                 outcome, detail = "crash", f"worker died of {_signal_name(proc.returncode)}: {stderr_tail}"
             else:
                 outcome, detail = "crash", f"worker exited with status {proc.returncode}: {stderr_tail}"
-            if current is None and not hung:
-                # died outside any case (import of the table, start-up): every pending case shares the fate
+            if current is None:
+                # died or stuck outside any case (start-up, a table's warmup): every pending case shares the fate
                 for i in pending:
                     results[i] = Result(i, outcome, detail, expected[i])
                 break
-            results[victim] = Result(victim, outcome, detail, expected[victim])
-            pending.remove(victim)
+            results[current] = Result(current, outcome, detail, expected[current])
+            pending.remove(current)
     return [results[c.id] for _, c in batch]
 
 
