@@ -262,7 +262,7 @@ def global_norm_cases() -> List[Case]:
     out.append(Case(fam, "scalar_tensor", _norm_case(lambda: [torch.tensor(3.0), torch.tensor(-4.0)]), F64_EXACT))
     out.append(Case(fam, "float64", _norm_case(lambda: [rand(5, 7, dtype=F64)]), Correct(1e-12, 1e-10)))
     out.append(Case(fam, "float16", _norm_case(lambda: [rand(5, 7, dtype=torch.float16)]), Correct(1e-3, 1e-3)))
-    for impl in ("cpu", "reference"):
+    for impl in ("cpu", "reference", "triton"):  # triton: interpreted here (TRITON_INTERPRET=1)
         for vname, scale in (("huge_1e20", 1e20), ("huge_1e30", 1e30), ("tiny_1e-25", 1e-25)):
             out.append(Case(fam, f"{vname}_{impl}", _norm_case(lambda s=scale: [rand(64) * s], impl=impl),
                             Correct(0.0, 1e-5)))
@@ -378,7 +378,7 @@ def attention_cases() -> List[Case]:
         out.append(Case(fam, name, attn_result(make, impl="cpu"), F64_EXACT))
     # large finite scores: any finite input must give the (stable) softmax
     for scale in (1e4, 3e9, 1e30):
-        for impl in ("cpu", "reference"):
+        for impl in ("cpu", "reference", "triton"):
             out.append(Case(fam, f"scale_{scale:g}_{impl}", attn_result(impl=impl, scale=scale), F64_EXACT))
     out.append(Case(fam, "huge_values_1e18", attn_result(lambda: tuple(t * 1e18 for t in qkv()), impl="cpu"),
                     Correct(1e-6 * 1e18, 1e-5)))
