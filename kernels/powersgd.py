@@ -43,12 +43,13 @@ def _product_kernel(m_ptr, f_ptr, out_ptr, n, m, r, out_len, k_len, stride_out, 
     # int64 scalar offsets of the tile; int32 offsets inside it (< BLOCK * max(n, m) < 2^31, see the launcher)
     a_base = m_ptr + mat * n * m + first * stride_out
     f_base = f_ptr + mat * k_len * r
+    wide = tl.full((), 1, tl.int64)  # k0 * wide * stride: the tile's start in int64
     acc = tl.zeros((BLOCK_OUT, R_PAD), dtype=tl.float32)
     for k0 in range(0, k_len, BLOCK_K):
         ks = tl.arange(0, BLOCK_K)
-        a = tl.load(a_base + k0.to(tl.int64) * stride_k + local[:, None] * stride_out + ks[None, :] * stride_k,
+        a = tl.load(a_base + k0 * wide * stride_k + local[:, None] * stride_out + ks[None, :] * stride_k,
                     mask=(outs[:, None] < out_len) & (ks[None, :] < k_len - k0), other=0.0)
-        f = tl.load(f_base + k0.to(tl.int64) * r + ks[:, None] * r + cols[None, :],
+        f = tl.load(f_base + k0 * wide * r + ks[:, None] * r + cols[None, :],
                     mask=(ks[:, None] < k_len - k0) & (cols[None, :] < r), other=0.0)
         acc += tl.dot(a, f, input_precision="ieee")
     tl.store(out_ptr + mat * out_len * r + outs[:, None] * r + cols[None, :], acc,
