@@ -6,7 +6,7 @@
 * ``orthogonalize(P, eps)``: Gram-Schmidt on P's columns in place, robust to rank deficiency (the contract in
   pytrain/ops/powersgd.py), one program per matrix: a pass for the input's largest column norm s; per column i,
   twice a pass for the dot products of column i with the finished columns and a pass writing v -= U (U^T v);
-  when |v| <= eps * s (s finite), a pass for the row j of least |U[j, :]|^2, one writing e_j, and the two
+  when |v| <= eps * s or the second projection halved it (s finite), a pass for the row j of least |U[j, :]|^2, one writing e_j, and the two
   projections again; then a pass writing v / |v|.  Every pass that writes P ends with ``tl.debug_barrier()``:
   the next pass reads what other threads of the program wrote.  Sums in float32 (the CPU and CUDA kernels
   sum in double): a column norm above ~1.8e19 overflows here.
@@ -14,7 +14,9 @@
 M (b, n, m) or (n, m); Q (b, m, r); P (b, n, r).  The rank r is padded to R_PAD = max(16, next power of two) columns
 (masked) so the products are ``tl.dot`` tiles, in IEEE float32 (no TF32).  Both products read M once.
 Offsets: int64 for a tile's position (a matrix or a batch may hold more than 2^31 elements), int32 inside a tile
-(n, m < 2^31 / 64, checked).
+(n, m < 2^31 / 64, checked).  Spills (bench/results/aot-sm90.md): ptxas spills one 4 B register in one or two of
+the nine compiled variants, and which ones moves with equivalent rewrites of the same code (pointer increments,
+int32 masks, a vector argmin); left as is: one spilled word per thread, in L1, next to a 64 x 64 tile loop.
 """
 from __future__ import annotations
 
@@ -73,9 +75,11 @@ def _tile(base, n, r, r0, cols, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _project_out_twice(base, n, r, i, cols, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr):
-    """Column i -= U (U^T column i), twice, U = columns [0, i); returns the new column's squared norm."""
+    """Column i -= U (U^T column i), twice, U = columns [0, i); returns its squared norm after each pass."""
+    first = 0.0
     sq = 0.0
     for _pass in tl.static_range(2):
+        first = sq
         dots = tl.zeros((R_PAD,), dtype=tl.float32)
         for r0 in range(0, n, BLOCK_N):
             _, _, tile = _tile(base, n, r, r0, cols, BLOCK_N)
@@ -88,7 +92,7 @@ def _project_out_twice(base, n, r, i, cols, BLOCK_N: tl.constexpr, R_PAD: tl.con
             sq += tl.sum(v * v, axis=0)
             tl.store(base + offs, v[:, None] + tl.zeros_like(tile), mask=mask & (cols[None, :] == i))
         tl.debug_barrier()  # column i written before anyone reads it
-    return sq
+    return first, sq
 
 
 @triton.jit
@@ -103,8 +107,9 @@ def _orthogonalize_kernel(p_ptr, n, r, eps, BLOCK_N: tl.constexpr, R_PAD: tl.con
     finite = tl.sum(tl.where((col_sq == col_sq) & (col_sq < float("inf")), 0, 1), axis=0) == 0
     limit = tl.where(finite, eps * scale, -1.0)  # nothing is replaced in a non-finite matrix
     for i in range(0, r):
-        sq = _project_out_twice(base, n, r, i, cols, BLOCK_N, R_PAD)
-        if tl.sqrt(sq) <= limit:  # dependent: e_j, j the first row of least |U[j, :]|^2
+        first, sq = _project_out_twice(base, n, r, i, cols, BLOCK_N, R_PAD)
+        # dependent (|v| <= eps s, or halved by the second pass): e_j, j the first row of least |U[j, :]|^2
+        if (limit >= 0) & ((tl.sqrt(sq) <= limit) | (sq < 0.25 * first)):
             best = tl.full((BLOCK_N,), float("inf"), tl.float32)  # per lane: least squared row norm, its row
             best_rows = tl.zeros((BLOCK_N,), dtype=tl.int32)
             for r0 in range(0, n, BLOCK_N):
@@ -122,7 +127,7 @@ def _orthogonalize_kernel(p_ptr, n, r, eps, BLOCK_N: tl.constexpr, R_PAD: tl.con
                 unit = tl.where(rows == best_row, 1.0, 0.0)
                 tl.store(base + offs, unit[:, None] + tl.zeros_like(tile), mask=mask & (cols[None, :] == i))
             tl.debug_barrier()
-            sq = _project_out_twice(base, n, r, i, cols, BLOCK_N, R_PAD)
+            first, sq = _project_out_twice(base, n, r, i, cols, BLOCK_N, R_PAD)
         norm = tl.sqrt(sq)
         for r0 in range(0, n, BLOCK_N):
             offs, mask, tile = _tile(base, n, r, r0, cols, BLOCK_N)

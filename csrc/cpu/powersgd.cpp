@@ -5,8 +5,8 @@
 //   powersgd_q:     Q = M^T P      per column block of M, accumulate sum_i M[i, j] P[i, c] over the rows
 //   orthogonalize:  Gram-Schmidt on the columns of P, in place, robust to rank deficiency: with s the largest
 //                   input column norm and U the finished columns, per column i:
-//                   v = p_i;  v -= U (U^T v) twice;  if |v| <= eps * s (s finite): v = e_j with j the first row
-//                   of least |U[j, :]|, projected out twice;  u_i = v / |v|
+//                   v1 = p_i - U (U^T p_i);  v = v1 - U (U^T v1);  if (|v| <= eps * s or |v| < |v1| / 2) and s
+//                   finite: v = e_j with j the first row of least |U[j, :]|, projected out twice;  u_i = v / |v|
 //
 // Both products are skinny (r is a few columns) and memory-bound: each reads M exactly once, streaming its rows,
 // while the r-column operand stays in cache (Q^T is r * m floats; the accumulators of Q^T's column block
@@ -136,20 +136,18 @@ at::Tensor powersgd_q(const at::Tensor& M_in, const at::Tensor& P_in) {
 }
 
 // ------------------------------------------------------------------------------------------ orthogonalize
-// Column i of p (n, r, row-major) minus its projection on columns [0, i), twice (U^T v in double).
-void project_out_twice(float* p, int64_t n, int64_t r, int64_t i, std::vector<double>& dots) {
-  for (int pass = 0; pass < 2; ++pass) {
-    std::fill(dots.begin(), dots.begin() + i, 0.0);
-    for (int64_t row = 0; row < n; ++row) {
-      const float* x = p + row * r;
-      for (int64_t k = 0; k < i; ++k) dots[k] += static_cast<double>(x[k]) * x[i];
-    }
-    for (int64_t row = 0; row < n; ++row) {
-      float* x = p + row * r;
-      double v = x[i];
-      for (int64_t k = 0; k < i; ++k) v -= dots[k] * x[k];
-      x[i] = static_cast<float>(v);
-    }
+// Column i of p (n, r, row-major) minus its projection on columns [0, i) (U^T v in double).
+void project_out(float* p, int64_t n, int64_t r, int64_t i, std::vector<double>& dots) {
+  std::fill(dots.begin(), dots.begin() + i, 0.0);
+  for (int64_t row = 0; row < n; ++row) {
+    const float* x = p + row * r;
+    for (int64_t k = 0; k < i; ++k) dots[k] += static_cast<double>(x[k]) * x[i];
+  }
+  for (int64_t row = 0; row < n; ++row) {
+    float* x = p + row * r;
+    double v = x[i];
+    for (int64_t k = 0; k < i; ++k) v -= dots[k] * x[k];
+    x[i] = static_cast<float>(v);
   }
 }
 
@@ -183,12 +181,15 @@ void gram_schmidt(float* p, int64_t n, int64_t r, double eps) {
   const double limit = finite ? eps * scale : -1.0;  // nothing is replaced in a non-finite matrix
   std::vector<double> dots(r);
   for (int64_t i = 0; i < r; ++i) {
-    project_out_twice(p, n, r, i, dots);
+    project_out(p, n, r, i, dots);
+    const double first = column_norm(p, n, r, i);
+    project_out(p, n, r, i, dots);
     double norm = column_norm(p, n, r, i);
-    if (norm <= limit) {
+    if (limit >= 0.0 && (norm <= limit || norm < 0.5 * first)) {
       const int64_t j = furthest_row(p, n, r, i);
       for (int64_t row = 0; row < n; ++row) p[row * r + i] = row == j ? 1.0f : 0.0f;
-      project_out_twice(p, n, r, i, dots);
+      project_out(p, n, r, i, dots);
+      project_out(p, n, r, i, dots);
       norm = column_norm(p, n, r, i);
     }
     for (int64_t row = 0; row < n; ++row) p[row * r + i] = static_cast<float>(p[row * r + i] / norm);

@@ -8,8 +8,8 @@
 //                               partial sums are added by at::sum in a fixed order (deterministic)
 //   orthogonalize:  Gram-Schmidt robust to rank deficiency, as the CPU kernel: one block per matrix; per column
 //                   i, v -= U (U^T v) twice (block reductions in double), a column with |v| <= eps * (largest
-//                   input column norm) replaced by e_j (j: first row of least |U[j, :]|) projected out twice,
-//                   then v / |v|
+//                   input column norm) or halved by the second pass replaced by e_j (j: first row of least
+//                   |U[j, :]|) projected out twice, then v / |v|
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -156,26 +156,24 @@ __device__ double column_norm(const float* p, int64_t n, int r, int i, OrthoShar
   return sqrt(block_sum(part, sh));
 }
 
-// Column i minus its projection on columns [0, i), twice; dots: r doubles of shared memory.
-__device__ void project_out_twice(float* p, int64_t n, int r, int i, double* dots, OrthoShared& sh) {
-  for (int pass = 0; pass < 2; ++pass) {
-    for (int k = 0; k < i; ++k) {
-      double part = 0.0;
-      for (int64_t row = threadIdx.x; row < n; row += kThreadsOrtho) {
-        part += static_cast<double>(p[row * r + k]) * p[row * r + i];
-      }
-      const double dot = block_sum(part, sh);
-      if (threadIdx.x == 0) dots[k] = dot;
-    }
-    __syncthreads();  // dots visible
+// Column i minus its projection on columns [0, i); dots: r doubles of shared memory.
+__device__ void project_out(float* p, int64_t n, int r, int i, double* dots, OrthoShared& sh) {
+  for (int k = 0; k < i; ++k) {
+    double part = 0.0;
     for (int64_t row = threadIdx.x; row < n; row += kThreadsOrtho) {
-      float* x = p + row * r;
-      double v = x[i];
-      for (int k = 0; k < i; ++k) v -= dots[k] * x[k];
-      x[i] = static_cast<float>(v);
+      part += static_cast<double>(p[row * r + k]) * p[row * r + i];
     }
-    __syncthreads();  // column i final before it is read again, dots reusable
+    const double dot = block_sum(part, sh);
+    if (threadIdx.x == 0) dots[k] = dot;
   }
+  __syncthreads();  // dots visible
+  for (int64_t row = threadIdx.x; row < n; row += kThreadsOrtho) {
+    float* x = p + row * r;
+    double v = x[i];
+    for (int k = 0; k < i; ++k) v -= dots[k] * x[k];
+    x[i] = static_cast<float>(v);
+  }
+  __syncthreads();  // column i final before it is read again, dots reusable
 }
 
 // The first row of least |p[row, 0:i)|^2, for every thread.
@@ -207,13 +205,16 @@ __global__ void __launch_bounds__(kThreadsOrtho) orthogonalize_kernel(float* P, 
   }
   const double limit = finite ? eps * scale : -1.0;  // nothing is replaced in a non-finite matrix
   for (int i = 0; i < r; ++i) {
-    project_out_twice(p, n, r, i, dots, sh);
+    project_out(p, n, r, i, dots, sh);
+    const double first = column_norm(p, n, r, i, sh);
+    project_out(p, n, r, i, dots, sh);
     double norm = column_norm(p, n, r, i, sh);
-    if (norm <= limit) {  // the same decision on every thread (block-wide values)
+    if (limit >= 0.0 && (norm <= limit || norm < 0.5 * first)) {  // the same on every thread (block-wide values)
       const int64_t j = furthest_row(p, n, r, i, sh);
       for (int64_t row = threadIdx.x; row < n; row += kThreadsOrtho) p[row * r + i] = row == j ? 1.0f : 0.0f;
       __syncthreads();
-      project_out_twice(p, n, r, i, dots, sh);
+      project_out(p, n, r, i, dots, sh);
+      project_out(p, n, r, i, dots, sh);
       norm = column_norm(p, n, r, i, sh);
     }
     for (int64_t row = threadIdx.x; row < n; row += kThreadsOrtho) {

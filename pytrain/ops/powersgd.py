@@ -8,8 +8,8 @@ M (b, n, m), Q (b, m, r), P (b, n, r).
 
     s = max_j |p_j|                                         the input's scale (column norms before any change)
     for i = 0..r-1, with U = [u_0 .. u_{i-1}] the finished columns:
-        v = p_i;  v -= U (U^T v);  v -= U (U^T v)          classical Gram-Schmidt, twice ("twice is enough")
-        if |v| <= eps * s and s is finite:                  numerically dependent (or zero) column:
+        v = p_i;  v -= U (U^T v) -> v1;  v1 -= U (U^T v1) -> v   classical Gram-Schmidt, twice ("twice is enough")
+        if (|v| <= eps * s or |v| < |v1| / 2) and s finite:     numerically dependent (or zero) column:
             j = argmin_row |U[row, :]|^2 (first such row)   the unit vector e_j furthest from span(U):
             v = e_j;  v -= U (U^T v);  v -= U (U^T v)       |v|^2 >= 1 - i / n > 0
         u_i = v / |v|
@@ -19,16 +19,20 @@ M of rank k < r the PowerSGD approximation P (M^T P)^T = P P^T M stays exact: th
 meets with its QR (Householder's extra columns are also orthonormal directions outside the data).  Projecting twice
 matters: after one pass a dependent column is rounding noise that still leans on the earlier columns, and
 normalising it (what one-pass modified Gram-Schmidt does) makes P P^T a non-projector and the approximation wrong
-(relative error 0.1-0.8 on a rank-2 gradient at rank 4).  A zero P gives the first r columns of the identity, as
+(relative error 0.1-0.8 on a rank-2 gradient at rank 4).  Twice is enough unless the second pass still removes
+much (|v| < |v1| / 2): then v1 was rounding noise lying mostly in span(U), and v would not be orthogonal to
+working precision, so such a column counts as dependent too.  A zero P gives the first r columns of the identity, as
 LAPACK's QR does, so a zero gradient never freezes the warm-started Q at zero.  eps is relative to the scale s
-(default ``EPS``); a non-finite P stays non-finite (NaN / inf never turn into clean columns).
+(default ``EPS`` = 1e-8, below float32 rounding: a direction above the rounding noise is always kept, as QR keeps
+it; a column at the noise level is normalised noise orthogonal to U, which keeps P P^T M exact as well); a
+non-finite P stays non-finite (NaN / inf never turn into clean columns).
 
 Backends: ``csrc/cpu/powersgd.cpp``, ``csrc/cuda/powersgd.cu``, ``kernels/powersgd.py`` (float32; other
 dtypes go to the reference).  ``pytrain.comm.powersgd`` chains them; the DDP hook all-reduces in between.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -39,7 +43,7 @@ from .registry import registry
 P_SCHEMA = "(Tensor M, Tensor Q) -> Tensor"
 Q_SCHEMA = "(Tensor M, Tensor P) -> Tensor"
 ORTHO_SCHEMA = "(Tensor(a!) P, float eps) -> ()"
-EPS = 1e-6  # a column left with a norm <= EPS * (largest input column norm) after projection is dependent
+EPS = 1e-8  # a column left with a norm <= EPS * (largest input column norm) after projection is dependent
 
 
 # ------------------------------------------------------------------------------------------ references
@@ -53,10 +57,13 @@ def powersgd_q_reference(M: Tensor, P: Tensor) -> Tensor:
     return torch.matmul(M.transpose(-2, -1), P)
 
 
-def _project_out_twice(v: Tensor, U: Tensor) -> None:
-    """v (b, n, 1) -= U (U^T v), twice; U (b, n, i) with orthonormal columns."""
+def _project_out_twice(v: Tensor, U: Tensor) -> Tuple[Tensor, Tensor]:
+    """v (b, n, 1) -= U (U^T v), twice; U (b, n, i) with orthonormal columns.  Returns |v| after each pass (b,)."""
+    norms = []
     for _ in range(2):
         v -= U @ (U.transpose(1, 2) @ v)
+        norms.append(torch.linalg.vector_norm(v, dim=(1, 2)))
+    return norms[0], norms[1]
 
 
 def orthogonalize_reference(P: Tensor, eps: float) -> None:
@@ -66,14 +73,13 @@ def orthogonalize_reference(P: Tensor, eps: float) -> None:
     limit = torch.where(torch.isfinite(scale), eps * scale, -1.0)  # -1: nothing is replaced in a non-finite matrix
     for i in range(mats.shape[2]):
         U, v = mats[:, :, :i], mats[:, :, i : i + 1]
-        _project_out_twice(v, U)
-        norm = torch.linalg.vector_norm(v, dim=1, keepdim=True)
-        for mat in (norm.view(-1) <= limit).nonzero().view(-1).tolist():
+        first, norm = _project_out_twice(v, U)
+        dependent = ((norm <= limit) | (norm < first / 2)) & (limit >= 0)
+        for mat in dependent.nonzero().view(-1).tolist():
             row = int(U[mat].pow(2).sum(dim=1).argmin()) if i else 0
             v[mat].zero_()[row] = 1.0
-            _project_out_twice(v[mat : mat + 1], U[mat : mat + 1])
-            norm[mat] = torch.linalg.vector_norm(v[mat])
-        v /= norm
+            norm[mat] = _project_out_twice(v[mat : mat + 1], U[mat : mat + 1])[1][0]
+        v /= norm.view(-1, 1, 1)
 
 
 # ------------------------------------------------------------------------------------------ ops
@@ -167,7 +173,7 @@ def orthogonalize_(P: Tensor, eps: float = EPS, *, impl: Optional[str] = None) -
     """Orthonormalize the r columns of P (b, n, r) or (n, r) in place; returns P.
 
     Gram-Schmidt twice per column; a column whose norm after removing the earlier ones is <= eps times the largest
-    input column norm (dependent, or zero) is replaced by the unit vector e_j furthest from the earlier columns,
+    input column norm, or that the second pass halves (dependent, or zero), is replaced by the unit vector e_j furthest from the earlier columns,
     orthogonalised against them (see the module docstring).  The result always has orthonormal columns spanning
     the input's columns, so P P^T M is exact for a rank-deficient M.  eps: finite, in [0, 1) (relative).
     A non-finite P stays non-finite.  Needs r <= n.
