@@ -46,11 +46,6 @@ DTYPES = FLOAT_DTYPES + (torch.float64,)
 _generators: Dict[torch.device, torch.Generator] = {}
 
 
-def topk_k(numel: int, ratio: float) -> int:
-    """The k that ``topk`` selects for ``numel`` entries: max(1, round(ratio * numel))."""
-    return max(1, round(ratio * numel))
-
-
 def check_ratio(where: str, ratio) -> float:
     """``ratio`` as a float in (0, 1]: TypeError for a non-number (a bool included), ValueError out of range."""
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
@@ -58,6 +53,11 @@ def check_ratio(where: str, ratio) -> float:
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"{where}: ratio must be in (0, 1], got {ratio!r}")
     return float(ratio)
+
+
+def topk_k(numel: int, ratio: float) -> int:
+    """The k that ``topk`` selects for ``numel`` entries: max(1, round(ratio * numel))."""
+    return max(1, round(check_ratio("pytrain.comm.topk_k", ratio) * numel))
 
 
 def _check(x: Tensor, ratio: float, generator: Optional[torch.Generator]) -> None:
