@@ -306,6 +306,11 @@ def scenario_resume_load(data) -> dict:
                 opt.step()
             runs[how] = {"params": flat_params(model), "grads": grads, "iter": state.iter}
         out[name] = runs
+    state = RESUME["powersgd"][0]()  # last: the failed backward leaves its DDP model unusable
+    state.load_state_dict(torch.load(_resume_file("saved", "powersgd"), weights_only=True)["hook"])
+    other = DDP(torch.nn.Sequential(torch.nn.Linear(D_IN, 64), torch.nn.ReLU(), torch.nn.Linear(64, CLASSES)))
+    register_comm_hook(other, state)
+    out["wrong_model"] = _error(lambda: backward(other, data, 0))
     return out
 
 

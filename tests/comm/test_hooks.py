@@ -210,3 +210,9 @@ def test_resume_in_fresh_processes_is_bitwise(resumed, name, how):
         for step, (a, b) in enumerate(zip(want["grads"], got["grads"])):
             assert torch.equal(a, b), f"rank {rank}, step {step} after resuming: max |diff| {float((a - b).abs().max()):.2e}"
         assert torch.equal(want["params"], got["params"]) and want["iter"] == got["iter"]
+
+
+def test_resume_into_another_model_is_a_clear_error(resumed):
+    for rank in range(2):
+        assert "parameter 0 has shape (64, 32), the state was saved with (128, 32)" in \
+            resumed[1][rank]["resume_load"]["wrong_model"]

@@ -101,7 +101,8 @@ class _OrderedWorker:
             try:
                 result = job(fut)
             except BaseException as exc:  # noqa: BLE001 (handed to the waiting backward)
-                fut.set_exception(exc)
+                if not fut.done():
+                    fut.set_exception(exc)
                 continue
             if result is not None:
                 fut.set_result(result)
@@ -290,6 +291,20 @@ class HookState:
     def step(self, bucket: dist.GradBucket, fut: torch.futures.Future) -> Optional[Tensor]:
         """One bucket's job (on the ordered worker): its averaged buffer, or None when it completes ``fut`` later
         (regrouping: see the module docstring)."""
+        try:
+            x = self._step(bucket, fut)
+        except BaseException as exc:  # the backward fails: every future of it gets the error, the next starts clean
+            for _, _, waiting in self._regroup.waiting if self._regroup is not None else ():
+                if waiting is not fut:
+                    waiting.set_exception(exc)
+            self._regroup, self._finished = None, set()
+            raise
+        if bucket.is_last():
+            self.iter += 1
+            self._finished = set()
+        return x
+
+    def _step(self, bucket: dist.GradBucket, fut: torch.futures.Future) -> Optional[Tensor]:
         where = self.positions(bucket)
         index = bucket.index()
         if not self._finished and self._regroup is None:  # a backward's first bucket
@@ -302,20 +317,9 @@ class HookState:
             x = bucket.buffer()
             self.run(bucket, x)
             self._finished.add(index)
-        else:
-            x = None
-            try:
-                self.regroup(bucket, where, fut)
-            except BaseException as exc:
-                for _, _, waiting in self._regroup.waiting if self._regroup is not None else ():
-                    if waiting is not fut:
-                        waiting.set_exception(exc)
-                self._regroup = None
-                raise
-        if bucket.is_last():
-            self.iter += 1
-            self._finished = set()
-        return x
+            return x
+        self.regroup(bucket, where, fut)
+        return None
 
     def run(self, bucket, x: Tensor) -> None:
         """Plain average before ``start_iter``, then ``compress``; waits for the device before DDP reads x."""
@@ -350,13 +354,13 @@ class HookState:
             rg.done.add(index)
             for left, _, _ in rg.waiting:
                 left.difference_update(members)
+        if bucket.is_last() and len(rg.done) != len(self.layout):
+            raise ValueError(f"{type(self).__name__}: the saved layout's buckets {sorted(set(self.layout) - rg.done)} "
+                             "did not all arrive in this backward: the state belongs to another model")
         for entry in [w for w in rg.waiting if not w[0]]:
             rg.waiting.remove(entry)
             entry[2].set_result(entry[1])
         if bucket.is_last():
-            if rg.waiting or len(rg.done) != len(self.layout):
-                raise ValueError(f"{type(self).__name__}: the saved layout's buckets {sorted(set(self.layout) - rg.done)} "
-                                 "did not all arrive in this backward: the state belongs to another model")
             self._regroup = None
 
     def compress(self, bucket: dist.GradBucket, x: Tensor) -> None:
