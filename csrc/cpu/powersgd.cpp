@@ -1,18 +1,20 @@
-// PowerSGD compression kernels for CPU float32 tensors (Vogels et al. 2019; reference in
-// pytrain/testing/compress_ref.py).  Batched over same-shape matrices: M (b, n, m), Q (b, m, r), P (b, n, r).
+// PowerSGD compression kernels for CPU float32 tensors (Vogels et al. 2019; contract and reference in
+// pytrain/ops/powersgd.py).  Batched over same-shape matrices: M (b, n, m), Q (b, m, r), P (b, n, r).
 //
 //   powersgd_p:     P = M Q        per row of M, r dot products against the rows of Q^T
 //   powersgd_q:     Q = M^T P      per column block of M, accumulate sum_i M[i, j] P[i, c] over the rows
-//   orthogonalize:  modified Gram-Schmidt on the columns of P, in place:
-//                   p_i /= (|p_i| + eps);  p_j -= (p_i . p_j) p_i  for j > i
+//   orthogonalize:  Gram-Schmidt on the columns of P, in place, robust to rank deficiency: with s the largest
+//                   input column norm and U the finished columns, per column i:
+//                   v1 = p_i - U (U^T p_i);  v = v1 - U (U^T v1);  if (|v| <= eps * s or |v| < |v1| / 2) and s
+//                   finite: v = e_j with j the first row of least |U[j, :]|, projected out twice;  u_i = v / |v|
 //
 // Both products are skinny (r is a few columns) and memory-bound: each reads M exactly once, streaming its rows,
 // while the r-column operand stays in cache (Q^T is r * m floats; the accumulators of Q^T's column block
 // r * kColBlock floats, in L1).  powersgd_q takes four rows of M per sweep of its accumulators, so they are
 // loaded and stored once per four rows.  Its work is cut into (matrix, column block, row segment) tasks; the
 // row segments' partial sums (only when there are too few column blocks to feed every thread) are added in a
-// fixed order.  Gram-Schmidt touches only P (n * r floats): one pass per column computes the column's squared
-// norm and its dot products with the later columns (in double), a second pass normalises and subtracts.
+// fixed order.  Gram-Schmidt touches only P (n * r floats): per column two passes per projection (dot products
+// with the finished columns, in double; then the update, summed in double), one for the norm, one to normalise.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -134,25 +136,63 @@ at::Tensor powersgd_q(const at::Tensor& M_in, const at::Tensor& P_in) {
 }
 
 // ------------------------------------------------------------------------------------------ orthogonalize
-// Gram-Schmidt on one matrix p (n, r), row-major.
+// Column i of p (n, r, row-major) minus its projection on columns [0, i) (U^T v in double).
+void project_out(float* p, int64_t n, int64_t r, int64_t i, std::vector<double>& dots) {
+  std::fill(dots.begin(), dots.begin() + i, 0.0);
+  for (int64_t row = 0; row < n; ++row) {
+    const float* x = p + row * r;
+    for (int64_t k = 0; k < i; ++k) dots[k] += static_cast<double>(x[k]) * x[i];
+  }
+  for (int64_t row = 0; row < n; ++row) {
+    float* x = p + row * r;
+    double v = x[i];
+    for (int64_t k = 0; k < i; ++k) v -= dots[k] * x[k];
+    x[i] = static_cast<float>(v);
+  }
+}
+
+double column_norm(const float* p, int64_t n, int64_t r, int64_t i) {
+  double sq = 0.0;
+  for (int64_t row = 0; row < n; ++row) sq += static_cast<double>(p[row * r + i]) * p[row * r + i];
+  return std::sqrt(sq);
+}
+
+// The first row j of least |p[j, 0:i)|^2: e_j is the unit vector furthest from the finished columns.
+int64_t furthest_row(const float* p, int64_t n, int64_t r, int64_t i) {
+  int64_t best_row = 0;
+  double best = INFINITY;
+  for (int64_t row = 0; row < n; ++row) {
+    double sq = 0.0;
+    for (int64_t k = 0; k < i; ++k) sq += static_cast<double>(p[row * r + k]) * p[row * r + k];
+    if (sq < best) best = sq, best_row = row;
+  }
+  return best_row;
+}
+
+// Gram-Schmidt on one matrix p (n, r), row-major (contract: pytrain/ops/powersgd.py).
 void gram_schmidt(float* p, int64_t n, int64_t r, double eps) {
+  double scale = 0.0;
+  bool finite = true;
+  for (int64_t j = 0; j < r; ++j) {
+    const double norm = column_norm(p, n, r, j);
+    finite = finite && std::isfinite(norm);
+    scale = std::max(scale, norm);
+  }
+  const double limit = finite ? eps * scale : -1.0;  // nothing is replaced in a non-finite matrix
   std::vector<double> dots(r);
-  std::vector<float> coef(r);
   for (int64_t i = 0; i < r; ++i) {
-    std::fill(dots.begin(), dots.end(), 0.0);
-    for (int64_t row = 0; row < n; ++row) {
-      const float* x = p + row * r;
-      const double xi = x[i];
-      for (int64_t j = i; j < r; ++j) dots[j] += xi * x[j];
+    project_out(p, n, r, i, dots);
+    const double first = column_norm(p, n, r, i);
+    project_out(p, n, r, i, dots);
+    double norm = column_norm(p, n, r, i);
+    if (limit >= 0.0 && (norm <= limit || norm < 0.5 * first)) {
+      const int64_t j = furthest_row(p, n, r, i);
+      for (int64_t row = 0; row < n; ++row) p[row * r + i] = row == j ? 1.0f : 0.0f;
+      project_out(p, n, r, i, dots);
+      project_out(p, n, r, i, dots);
+      norm = column_norm(p, n, r, i);
     }
-    const float inv = static_cast<float>(1.0 / (std::sqrt(dots[i]) + eps));
-    for (int64_t j = i + 1; j < r; ++j) coef[j] = static_cast<float>(dots[j]) * inv;  // (p_i / |p_i|) . p_j
-    for (int64_t row = 0; row < n; ++row) {
-      float* x = p + row * r;
-      const float xi = x[i] * inv;
-      x[i] = xi;
-      for (int64_t j = i + 1; j < r; ++j) x[j] -= coef[j] * xi;
-    }
+    for (int64_t row = 0; row < n; ++row) p[row * r + i] = static_cast<float>(p[row * r + i] / norm);
   }
 }
 

@@ -1,13 +1,15 @@
 // PowerSGD compression kernels for CUDA float32 tensors (Vogels et al. 2019), mirroring csrc/cpu/powersgd.cpp
-// (reference: pytrain/testing/compress_ref.py).  Batched: M (b, n, m), Q (b, m, r), P (b, n, r).
+// (contract and reference: pytrain/ops/powersgd.py).  Batched: M (b, n, m), Q (b, m, r), P (b, n, r).
 //
 //   powersgd_p:     P = M Q     one warp per row of M: lanes stride over the row, kCols columns of Q at a time,
 //                               then a shuffle reduction (M read once for r <= kCols)
 //   powersgd_q:     Q = M^T P   one thread per column of M, rows split into segments (grid.y) so the grid fills
 //                               the GPU; coalesced row reads, kCols accumulators per thread; the segments'
 //                               partial sums are added by at::sum in a fixed order (deterministic)
-//   orthogonalize:  modified Gram-Schmidt, one block per matrix: per column i, block reductions (double) of
-//                   p_i . p_j for j >= i, then p_i /= (|p_i| + eps) and p_j -= (p_i . p_j) p_i for j > i
+//   orthogonalize:  Gram-Schmidt robust to rank deficiency, as the CPU kernel: one block per matrix; per column
+//                   i, v -= U (U^T v) twice (block reductions in double), a column with |v| <= eps * (largest
+//                   input column norm) or halved by the second pass replaced by e_j (j: first row of least
+//                   |U[j, :]|) projected out twice, then v / |v|
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -112,27 +114,111 @@ at::Tensor powersgd_q_cuda(const at::Tensor& M_in, const at::Tensor& P_in) {
 }
 
 // ------------------------------------------------------------------------------------------ orthogonalize
-__global__ void __launch_bounds__(kThreadsOrtho) orthogonalize_kernel(float* P, int64_t n, int r, float eps) {
-  using Reduce = cub::BlockReduce<double, kThreadsOrtho>;
-  __shared__ typename Reduce::TempStorage storage;
-  extern __shared__ double dots[];  // r entries
-  float* p = P + blockIdx.x * n * r;
-  for (int i = 0; i < r; ++i) {
-    for (int j = i; j < r; ++j) {
-      double part = 0.0;
-      for (int64_t row = threadIdx.x; row < n; row += kThreadsOrtho) {
-        part += static_cast<double>(p[row * r + i]) * p[row * r + j];
-      }
-      const double sum = Reduce(storage).Sum(part);
-      if (threadIdx.x == 0) dots[j] = sum;
-      __syncthreads();  // dots[j] visible, storage reusable
-    }
-    const float inv = static_cast<float>(1.0 / (sqrt(dots[i]) + eps));
+using OrthoReduce = cub::BlockReduce<double, kThreadsOrtho>;
+
+struct RowSq {  // a row's squared norm over the finished columns, and the row
+  double sq;
+  int64_t row;
+};
+
+struct FirstLeast {  // the smaller squared norm; on a tie the first row
+  __device__ RowSq operator()(const RowSq& a, const RowSq& b) const {
+    return (b.sq < a.sq || (b.sq == a.sq && b.row < a.row)) ? b : a;
+  }
+};
+
+using RowReduce = cub::BlockReduce<RowSq, kThreadsOrtho>;
+
+struct OrthoShared {
+  union {
+    OrthoReduce::TempStorage sum;
+    RowReduce::TempStorage row;
+  } storage;
+  double total;
+  int64_t row;
+};
+
+// The block's sum of `part`, returned to every thread.
+__device__ double block_sum(double part, OrthoShared& sh) {
+  const double total = OrthoReduce(sh.storage.sum).Sum(part);
+  if (threadIdx.x == 0) sh.total = total;
+  __syncthreads();
+  const double out = sh.total;
+  __syncthreads();  // sh reusable
+  return out;
+}
+
+__device__ double column_norm(const float* p, int64_t n, int r, int i, OrthoShared& sh) {
+  double part = 0.0;
+  for (int64_t row = threadIdx.x; row < n; row += kThreadsOrtho) {
+    part += static_cast<double>(p[row * r + i]) * p[row * r + i];
+  }
+  return sqrt(block_sum(part, sh));
+}
+
+// Column i minus its projection on columns [0, i); dots: r doubles of shared memory.
+__device__ void project_out(float* p, int64_t n, int r, int i, double* dots, OrthoShared& sh) {
+  for (int k = 0; k < i; ++k) {
+    double part = 0.0;
     for (int64_t row = threadIdx.x; row < n; row += kThreadsOrtho) {
-      float* x = p + row * r;
-      const float unit = x[i] * inv;
-      x[i] = unit;
-      for (int j = i + 1; j < r; ++j) x[j] -= static_cast<float>(dots[j]) * inv * unit;
+      part += static_cast<double>(p[row * r + k]) * p[row * r + i];
+    }
+    const double dot = block_sum(part, sh);
+    if (threadIdx.x == 0) dots[k] = dot;
+  }
+  __syncthreads();  // dots visible
+  for (int64_t row = threadIdx.x; row < n; row += kThreadsOrtho) {
+    float* x = p + row * r;
+    double v = x[i];
+    for (int k = 0; k < i; ++k) v -= dots[k] * x[k];
+    x[i] = static_cast<float>(v);
+  }
+  __syncthreads();  // column i final before it is read again, dots reusable
+}
+
+// The first row of least |p[row, 0:i)|^2, for every thread.
+__device__ int64_t furthest_row(const float* p, int64_t n, int r, int i, OrthoShared& sh) {
+  RowSq best{INFINITY, n};
+  for (int64_t row = threadIdx.x; row < n; row += kThreadsOrtho) {
+    double sq = 0.0;
+    for (int k = 0; k < i; ++k) sq += static_cast<double>(p[row * r + k]) * p[row * r + k];
+    if (sq < best.sq) best = RowSq{sq, row};
+  }
+  const RowSq least = RowReduce(sh.storage.row).Reduce(best, FirstLeast());
+  if (threadIdx.x == 0) sh.row = least.row;
+  __syncthreads();
+  const int64_t out = sh.row;
+  __syncthreads();
+  return out;
+}
+
+__global__ void __launch_bounds__(kThreadsOrtho) orthogonalize_kernel(float* P, int64_t n, int r, double eps) {
+  __shared__ OrthoShared sh;
+  extern __shared__ double dots[];  // r entries
+  float* p = P + static_cast<int64_t>(blockIdx.x) * n * r;
+  double scale = 0.0;
+  bool finite = true;
+  for (int j = 0; j < r; ++j) {
+    const double norm = column_norm(p, n, r, j, sh);
+    finite = finite && isfinite(norm);
+    scale = fmax(scale, norm);
+  }
+  const double limit = finite ? eps * scale : -1.0;  // nothing is replaced in a non-finite matrix
+  for (int i = 0; i < r; ++i) {
+    project_out(p, n, r, i, dots, sh);
+    const double first = column_norm(p, n, r, i, sh);
+    project_out(p, n, r, i, dots, sh);
+    double norm = column_norm(p, n, r, i, sh);
+    if (limit >= 0.0 && (norm <= limit || norm < 0.5 * first)) {  // the same on every thread (block-wide values)
+      const int64_t j = furthest_row(p, n, r, i, sh);
+      for (int64_t row = threadIdx.x; row < n; row += kThreadsOrtho) p[row * r + i] = row == j ? 1.0f : 0.0f;
+      __syncthreads();
+      project_out(p, n, r, i, dots, sh);
+      project_out(p, n, r, i, dots, sh);
+      norm = column_norm(p, n, r, i, sh);
+    }
+    for (int64_t row = threadIdx.x; row < n; row += kThreadsOrtho) {
+      p[row * r + i] = static_cast<float>(p[row * r + i] / norm);
     }
     __syncthreads();  // column i final before the next column's reductions
   }
@@ -144,7 +230,7 @@ void orthogonalize_cuda(const at::Tensor& P_in, double eps) {
   const int r = static_cast<int>(P.size(2));
   const c10::cuda::CUDAGuard guard(P.device());
   orthogonalize_kernel<<<b, kThreadsOrtho, r * sizeof(double), at::cuda::getCurrentCUDAStream()>>>(
-      P.data_ptr<float>(), n, r, static_cast<float>(eps));
+      P.data_ptr<float>(), n, r, eps);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -1,7 +1,8 @@
-"""One rank of the DDP hook tests: ``python ddp_worker.py RANK WORLD STORE_FILE OUT_FILE``.
+"""One rank of the DDP hook tests: ``python ddp_worker.py RANK WORLD STORE_FILE OUT_FILE [SCENARIO ...]``.
 
-Runs every scenario of tests/comm/test_hooks.py in one process pair (process start-up dominates the cost) and
-saves a dict of results to OUT_FILE for the test to check.  gloo, CPU, one thread per rank; a collective that
+Runs the named scenarios (default: every scenario of tests/comm/test_hooks.py, ``SCENARIOS``) in one process pair
+(process start-up dominates the cost) and saves a dict of results to OUT_FILE for the test to check; scenarios
+that keep files between launches (``resume_save`` / ``resume_load``) use OUT_FILE's directory.  gloo, CPU, one thread per rank; a collective that
 hangs raises after TIMEOUT instead of hanging CI.
 
 Model and data (documented for the convergence checks): an MLP 32 -> 128 -> 128 -> 128 -> 10 (ReLU; 38.5k
@@ -16,6 +17,7 @@ from __future__ import annotations
 import datetime
 import io
 import sys
+from pathlib import Path
 from typing import Callable, Dict, List
 
 import torch
@@ -173,8 +175,8 @@ def roundtrip(state_dict: dict) -> dict:
 
 def scenario_save_load(data) -> dict:
     """Train 8 steps, save model + optimizer + hook state, train 6 more; a fresh run (new DDP) resumed from the
-    save must end bitwise equal.  The continued run reloads its own state too: a loaded state runs its first
-    iteration plainly (the new DDP's first-iteration buckets differ), so both runs do the same steps."""
+    save must end bitwise equal.  The continued run reloads its own state too (a state loaded into the DDP it
+    was saved from continues as it was)."""
     out = {}
     for name in ("powersgd", "topk", "int8"):
         make = {"powersgd": lambda: PowerSGDState(None, rank=2, start_iter=3)}.get(name, STATES[name])
@@ -226,19 +228,111 @@ def scenario_errors(data) -> dict:
     return out
 
 
+def scenario_rank_deficient(data) -> dict:
+    """2 ranks x batch 1: every weight gradient has rank <= 2 < 4.  Averaged gradients of plain DDP, torch's
+    powerSGD_hook and pytrain's (rank 4, one bucket, same seed) at the same parameters, 6 steps."""
+    def one_sample(model, step):
+        model.zero_grad(set_to_none=True)
+        x, y = batch(data, step)
+        F.cross_entropy(model(x[:1]), y[:1]).backward()
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+    theirs = DDP(mlp(), bucket_cap_mb=ONE_BUCKET_MB)
+    theirs.register_comm_hook(torch_psgd.PowerSGDState(None, matrix_approximation_rank=4, start_powerSGD_iter=2,
+                                                       min_compression_rate=2, use_error_feedback=True,
+                                                       warm_start=True, random_seed=0,
+                                                       batch_tensors_with_same_shape=True), torch_psgd.powerSGD_hook)
+    ours, _ = hooked(PowerSGDState(None, rank=4, start_iter=2), ONE_BUCKET_MB)
+    plain = DDP(mlp(), bucket_cap_mb=ONE_BUCKET_MB)
+    return {name: [one_sample(model, step) for step in range(6)]
+            for name, model in (("torch", theirs), ("pytrain", ours), ("allreduce", plain))}
+
+
+#: resume_save / resume_load: hook states (one bucket of 38.5k elements: top-k's sampled selection; small
+#: buckets: several in flight and a first layout unlike the rebuilt one)
+RESUME = {"powersgd": (lambda: PowerSGDState(None, rank=2, start_iter=3), SMALL_BUCKETS_MB),
+          "powersgd_one_bucket": (lambda: PowerSGDState(None, rank=4, start_iter=2), ONE_BUCKET_MB),
+          "topk": (lambda: TopKState(None, ratio=0.01), ONE_BUCKET_MB),
+          "topk_small_buckets": (lambda: TopKState(None, ratio=0.01), SMALL_BUCKETS_MB),
+          "int8": (lambda: QuantState(None, fmt="int8", block_size=256), SMALL_BUCKETS_MB)}
+RESUME_AT, RESUME_END = 8, 14
+WORKDIR = Path(".")
+
+
+def _resume_file(kind: str, name: str) -> Path:
+    return WORKDIR / f"{kind}_{name}_rank{dist.get_rank()}.pt"
+
+
+def scenario_resume_save(data) -> dict:
+    """Uninterrupted runs of RESUME_END steps; at RESUME_AT each saves model, optimizer, the state's state_dict
+    and the pickled state itself (torch.save(state)) for ``resume_load`` in fresh processes."""
+    out = {}
+    for name, (make, cap) in RESUME.items():
+        state = make()
+        model, opt = hooked(state, cap)
+        train(model, data, range(RESUME_AT), opt)
+        torch.save({"model": model.module.state_dict(), "optimizer": opt.state_dict(),
+                    "hook": roundtrip(state.state_dict())}, _resume_file("saved", name))
+        torch.save(state, _resume_file("pickled", name))  # the state object itself, as torch's PowerSGDState allows
+        grads = []
+        for step in range(RESUME_AT, RESUME_END):
+            backward(model, data, step)
+            grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+            opt.step()
+        out[name] = {"params": flat_params(model), "grads": grads, "iter": state.iter}
+    return out
+
+
+def scenario_resume_load(data) -> dict:
+    """Fresh processes: a new state given the saved state_dict by a plain load_state_dict (no priming backward),
+    and the unpickled state object, each with a new DDP, run from RESUME_AT to RESUME_END."""
+    out = {}
+    for name, (make, cap) in RESUME.items():
+        saved = torch.load(_resume_file("saved", name), weights_only=True)
+        runs = {}
+        for how in ("load_state_dict", "unpickled"):
+            if how == "load_state_dict":
+                state = make()
+                state.load_state_dict(saved["hook"])
+            else:
+                state = torch.load(_resume_file("pickled", name), weights_only=False)
+            model, opt = hooked(state, cap)
+            model.module.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            grads = []
+            for step in range(RESUME_AT, RESUME_END):
+                backward(model, data, step)
+                grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+                opt.step()
+            runs[how] = {"params": flat_params(model), "grads": grads, "iter": state.iter}
+        out[name] = runs
+    state = RESUME["powersgd"][0]()  # last: the failed backward leaves its DDP model unusable
+    state.load_state_dict(torch.load(_resume_file("saved", "powersgd"), weights_only=True)["hook"])
+    other = DDP(torch.nn.Sequential(torch.nn.Linear(D_IN, 64), torch.nn.ReLU(), torch.nn.Linear(64, CLASSES)))
+    register_comm_hook(other, state)
+    out["wrong_model"] = _error(lambda: backward(other, data, 0))
+    return out
+
+
 SCENARIOS = {"train": scenario_train, "torch_powersgd": scenario_torch_powersgd, "nan": scenario_nan,
              "save_load": scenario_save_load, "half": scenario_half, "errors": scenario_errors}
+#: run only when named on the command line
+EXTRA_SCENARIOS = {"rank_deficient": scenario_rank_deficient, "resume_save": scenario_resume_save,
+                   "resume_load": scenario_resume_load}
 
 
-def main(rank: int, world: int, store: str, out_file: str) -> None:
+def main(rank: int, world: int, store: str, out_file: str, names: List[str]) -> None:
+    global WORKDIR
+    WORKDIR = Path(out_file).parent
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=TIMEOUT)
     data = dataset()
-    results = {name: fn(data) for name, fn in SCENARIOS.items()}
+    chosen = {name: {**SCENARIOS, **EXTRA_SCENARIOS}[name] for name in names} if names else SCENARIOS
+    results = {name: fn(data) for name, fn in chosen.items()}
     torch.save(results, out_file)
     dist.barrier()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5:])

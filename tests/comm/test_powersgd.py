@@ -2,6 +2,8 @@
 (pytrain/ops/powersgd.py) and torch's own ops (matmul + torch.linalg.qr, equal up to column signs)."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import Tensor
@@ -9,6 +11,7 @@ from torch import Tensor
 from pytrain.comm import orthogonalize_, powersgd_compress, powersgd_p, powersgd_q
 from pytrain.ops import NoImplementationError
 from pytrain.ops import powersgd as powersgd_ops
+from pytrain.testing import powersgd as psgd_checks
 from pytrain.testing.backends import impl_or_skip, triton_device
 from pytrain.testing.tolerances import assert_close, assert_product_close
 
@@ -61,7 +64,7 @@ def test_orthogonalize_matches_float64(impl, case):
     device = _device("orthogonalize", impl)
     P = _randn(batch, n, r, gen=torch.Generator().manual_seed(2)).float()
     expected = P.double()
-    powersgd_ops.orthogonalize_reference(expected, 1e-8)
+    powersgd_ops.orthogonalize_reference(expected, powersgd_ops.EPS)
     got = P.to(device)
     assert orthogonalize_(got, impl=impl) is got
     assert_close(got, expected, torch.float32, msg=f"{impl} Gram-Schmidt")
@@ -101,17 +104,26 @@ def test_warm_start_recovers_low_rank():
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_zero_and_dependent_columns_stay_finite(impl):
-    device = _device("orthogonalize", impl)
-    P = torch.randn(50, 4)
-    P[:, 1] = 0.0
-    P[:, 3] = 2.0 * P[:, 0]  # dependent: rounding noise after projection, then normalised
-    P = P.to(device)
-    orthogonalize_(P, impl=impl)
-    assert torch.isfinite(P).all()
-    assert P[:, 1].abs().max() == 0.0
-    assert P[:, 3].norm() <= 1.0 + 1e-6
-    torch.testing.assert_close(P[:, 0].norm().cpu(), torch.tensor(1.0), atol=1e-6, rtol=0)
+def test_rank_deficient_columns(impl):
+    """Zero, dependent and low-rank inputs: orthonormal columns spanning the input (one-pass Gram-Schmidt left
+    normalised rounding noise there, and P P^T was no projector), the reference's replacement columns."""
+    psgd_checks.check_deficient(impl, _device("orthogonalize", impl))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_non_finite_stays_non_finite(impl):
+    psgd_checks.check_non_finite(impl, _device("orthogonalize", impl))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_compress_exact_for_low_rank(impl):
+    """M of rank 2 < r = 4: one compression step reproduces M to float32 rounding (torch's hook, with QR, does)."""
+    device = _device("powersgd_p", impl)
+    gen = torch.Generator().manual_seed(6)
+    M = (torch.randn(2, 64, 2, generator=gen) @ torch.randn(2, 2, 48, generator=gen)).to(device)
+    P, Q_new = powersgd_compress(M, torch.randn(2, 48, 4, generator=gen).to(device), impl=impl)
+    rel = float((P @ Q_new.transpose(1, 2) - M).norm() / M.norm())
+    assert rel <= 1e-6, f"{impl}: relative error {rel:.2e} of P Q^T for a rank-2 M at rank 4"
 
 
 def test_nan_propagates():
@@ -145,6 +157,11 @@ def test_other_dtypes_use_the_reference():
     (lambda: powersgd_p(torch.randn(4, 5), torch.randn(5, 2, dtype=torch.float64)), "float64"),
     (lambda: orthogonalize_(torch.randn(3, 5)), "more columns than rows"),
     (lambda: orthogonalize_(torch.randn(5, 3), eps=-1.0), "eps must be"),
+    (lambda: orthogonalize_(torch.randn(5, 3), eps=math.inf), "eps must be finite and in"),
+    (lambda: orthogonalize_(torch.randn(5, 3), eps=math.nan), "eps must be finite and in"),
+    (lambda: orthogonalize_(torch.randn(5, 3), eps=1.0), r"in \[0, 1\)"),
+    (lambda: orthogonalize_(torch.randn(5, 3), eps=True), "eps must be a float"),
+    (lambda: orthogonalize_(torch.randn(5, 3), eps="1e-6"), "eps must be a float"),
 ])
 def test_bad_inputs(call, match):
     with pytest.raises((ValueError, TypeError), match=match):

@@ -162,6 +162,25 @@ def test_bad_ratio(ratio):
         topk(torch.randn(10), ratio)
 
 
+@pytest.mark.parametrize("ratio", [True, False, "0.1", None, torch.tensor(0.1)])
+def test_ratio_must_be_a_number(ratio):
+    with pytest.raises(TypeError, match="ratio must be a float in"):
+        topk(torch.randn(10), ratio)
+
+
+def test_generator_argument():
+    """The sample follows the given generator: equal states give equal selections; a wrong one is refused."""
+    x = torch.randn(200003, generator=torch.Generator().manual_seed(7))
+    gen = torch.Generator().manual_seed(3)
+    state = gen.get_state()
+    first = topk(x, 0.01, generator=gen)
+    gen.set_state(state)
+    again = topk(x, 0.01, generator=gen)
+    assert torch.equal(first[1], again[1])
+    with pytest.raises(TypeError, match="generator must be a torch.Generator on cpu"):
+        topk(x, 0.01, generator=0)
+
+
 def test_bad_inputs():
     with pytest.raises(TypeError, match="dtype torch.int32 not supported"):
         topk(torch.ones(10, dtype=torch.int32), 0.1)

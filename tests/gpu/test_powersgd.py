@@ -1,6 +1,8 @@
 """GPU: PowerSGD kernels (``powersgd_p``, ``powersgd_q``, ``orthogonalize_``) of the "cuda" and "triton" backends on
 CUDA float32 tensors against the float64 reference (products within the dot-product error bound, Gram-Schmidt to
-float32 rounding, orthonormal columns), ``powersgd_compress`` against torch's QR, and poisoned outputs."""
+float32 rounding, orthonormal columns; rank-deficient, zero and non-finite inputs; bitwise repeatable, which a
+missing barrier between the Gram-Schmidt passes breaks), ``powersgd_compress`` against torch's QR, a matrix of
+more than 2^31 elements (int64 offsets), and poisoned outputs."""
 import pytest
 import torch
 from torch import Tensor
@@ -8,6 +10,7 @@ from torch import Tensor
 from pytrain.comm import orthogonalize_, powersgd_compress, powersgd_p, powersgd_q
 from pytrain.ops import powersgd as powersgd_ops
 from pytrain.testing import gpu
+from pytrain.testing import powersgd as psgd_checks
 from pytrain.testing.backends import impl_or_skip
 from pytrain.testing.tolerances import assert_close, assert_product_close
 
@@ -65,7 +68,7 @@ def test_orthogonalize_matches_float64(impl, case):
     batch, n, _, r = case
     P = _randn(batch, n, r, gen=torch.Generator().manual_seed(2)).float()
     expected = P.double()
-    powersgd_ops.orthogonalize_reference(expected, 1e-8)
+    powersgd_ops.orthogonalize_reference(expected, powersgd_ops.EPS)
     got = P.to(gpu.DEVICE)
     assert orthogonalize_(got, impl=impl) is got
     assert_close(got, expected, torch.float32, msg=f"{impl} {case} Gram-Schmidt")
@@ -73,17 +76,52 @@ def test_orthogonalize_matches_float64(impl, case):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_zero_and_dependent_columns_stay_finite(impl):
+def test_rank_deficient_columns(impl):
     impl_or_skip("orthogonalize", impl, gpu.DEVICE)
-    P = torch.randn(50, 4, generator=torch.Generator().manual_seed(3))
-    P[:, 1] = 0.0
-    P[:, 3] = 2.0 * P[:, 0]  # dependent: rounding noise after projection, then normalised
-    P = P.to(gpu.DEVICE)
-    orthogonalize_(P, impl=impl)
-    assert torch.isfinite(P).all()
-    assert P[:, 1].abs().max() == 0.0
-    assert P[:, 3].norm() <= 1.0 + 1e-6
-    torch.testing.assert_close(P[:, 0].norm().cpu(), torch.tensor(1.0), atol=1e-6, rtol=0)
+    psgd_checks.check_deficient(impl, gpu.DEVICE)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_non_finite_stays_non_finite(impl):
+    impl_or_skip("orthogonalize", impl, gpu.DEVICE)
+    psgd_checks.check_non_finite(impl, gpu.DEVICE)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_orthogonalize_repeatable(impl):
+    """Ten runs on one input, bitwise equal: each pass reads what other threads wrote in the one before."""
+    impl_or_skip("orthogonalize", impl, gpu.DEVICE)
+    gen = torch.Generator().manual_seed(5)
+    given = (torch.randn(4, 3001, 6, generator=gen, dtype=torch.float64)
+             @ torch.randn(4, 6, 32, generator=gen, dtype=torch.float64)).float().to(gpu.DEVICE)
+    given[:, :, :6] += torch.randn(4, 3001, 6, generator=gen).to(gpu.DEVICE)
+    runs = []
+    for _ in range(10):
+        got = given.clone()
+        orthogonalize_(got, impl=impl)
+        runs.append(got)
+    assert all(torch.equal(runs[0], run) for run in runs[1:]), f"{impl}: Gram-Schmidt is not repeatable (a race)"
+    psgd_checks.assert_orthonormal_span(runs[0], given.cpu(), f"{impl} rank 6 of 32")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_products_past_int32_offsets(impl):
+    """One matrix of 2^31 + 2^20 elements (8.6 GB): its last rows need int64 offsets."""
+    impl_or_skip("powersgd_p", impl, gpu.DEVICE)
+    n, m = (1 << 21) + 1024, 1024
+    if torch.cuda.mem_get_info()[0] < 10 * n * m:
+        pytest.skip("needs ~10 GB of free GPU memory")
+    M = torch.ones(n, m, device=gpu.DEVICE)
+    M[-3:] = torch.arange(3 * m, device=gpu.DEVICE, dtype=torch.float32).view(3, m) / m
+    Q = torch.ones(m, 2, device=gpu.DEVICE)
+    P = powersgd_p(M, Q, impl=impl)
+    expected = M[-3:].double() @ Q.double()
+    torch.testing.assert_close(P[-3:].double(), expected, rtol=1e-6, atol=0)
+    assert bool((P[:-3] == m).all()), f"{impl}: rows before the last three"
+    Q_new = powersgd_q(M, torch.ones(n, 2, device=gpu.DEVICE), impl=impl)  # column sums of M
+    expected = (n - 3) + M[-3:].double().sum(0)
+    torch.testing.assert_close(Q_new[:, 0].double(), expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(Q_new[:, 1].double(), expected, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -13,6 +13,17 @@ share one link anyway).  The alternative, blocking inside the hook, would stall 
 round trips.  Single-collective hooks (``allreduce_hook``) issue their collective directly in the hook, which
 is ordered already.
 
+Bucket layouts and resuming.  DDP puts the gradients into buckets in parameter order for a fresh model's first
+backward and rebuilds them in gradient-ready order after it, so the memories a state keeps per bucket (error
+feedback, warm-start Qs) belong to the rebuilt layout, which a resumed run's new DDP only reaches after one
+backward.  A state therefore names each parameter by its position in the first layout it sees (the same in every
+process for one model and DDP configuration), records which positions each bucket held (``layout``, saved with
+the memories), and when an iteration's buckets differ from the layout its memories belong to (the first backward
+after a plain ``load_state_dict``), it regroups: the live buckets' gradients are gathered into the saved buckets,
+each processed in its saved order as soon as all its gradients have arrived (the futures of the live buckets
+complete when all their gradients are done; DDP waits for them only at the end of backward), and the results are
+written back.  So a resumed run's gradients equal an uninterrupted run's with no priming step.
+
 Byte model (``CommStats``): bytes one rank sends with bandwidth-optimal algorithms over W ranks, per
 ``pytrain.cost.collectives.bytes_sent`` (the one traffic model): all-reduce of B bytes 2 (W - 1) / W * B (ring
 reduce-scatter + all-gather); all-gather of c bytes per rank (W - 1) * c; all-to-all of B bytes (B / W per
@@ -23,8 +34,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import asdict, dataclass
-from typing import Callable, Dict, Optional, Tuple
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.distributed as dist
@@ -62,15 +73,17 @@ def wait_allreduce(x: Tensor, group) -> Tensor:
 class _OrderedWorker:
     """One daemon thread running submitted jobs one at a time, in submission order.
 
-    Each job runs with the submitting thread's intra-op thread count: with OpenMP that setting is per thread,
-    and a fresh thread would use every core (oversubscribing, e.g. with one thread per rank set by the user)."""
+    A job gets its future: it returns the result (set on the future here), or None when it has kept the future
+    to complete it from a later job (``HookState`` regrouping buckets).  Each job runs with the submitting
+    thread's intra-op thread count: with OpenMP that setting is per thread, and a fresh thread would use every
+    core (oversubscribing, e.g. with one thread per rank set by the user)."""
 
     def __init__(self) -> None:
-        self._jobs: "queue.SimpleQueue[Tuple[Callable[[], Tensor], torch.futures.Future, int]]" = queue.SimpleQueue()
+        self._jobs: "queue.SimpleQueue[Tuple[Callable[[torch.futures.Future], Optional[Tensor]], torch.futures.Future, int]]" = queue.SimpleQueue()
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
 
-    def submit(self, job: Callable[[], Tensor]) -> torch.futures.Future:
+    def submit(self, job: Callable[[torch.futures.Future], Optional[Tensor]]) -> torch.futures.Future:
         """Queue ``job``; the returned future gets its result (or its exception)."""
         fut: torch.futures.Future = torch.futures.Future()
         with self._lock:
@@ -86,11 +99,13 @@ class _OrderedWorker:
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
             try:
-                result = job()
+                result = job(fut)
             except BaseException as exc:  # noqa: BLE001 (handed to the waiting backward)
-                fut.set_exception(exc)
+                if not fut.done():
+                    fut.set_exception(exc)
                 continue
-            fut.set_result(result)
+            if result is not None:
+                fut.set_result(result)
 
 
 _ORDERED = _OrderedWorker()
@@ -101,7 +116,7 @@ def submit(hook: str, state: "HookState", state_type: type, bucket: dist.GradBuc
     if not isinstance(state, state_type):
         raise TypeError(f"{hook} needs a {state_type.__name__}, got {type(state).__name__}")
     state.check_bucket(bucket, COMPRESS_DTYPES)
-    return _ORDERED.submit(lambda: state.step(bucket))
+    return _ORDERED.submit(lambda fut: state.step(bucket, fut))
 
 
 # ------------------------------------------------------------------------------------------ states
@@ -114,34 +129,111 @@ def _resolve_group(name: str, process_group) -> Tuple[object, Tuple[int, ...]]:
     return group, tuple(dist.get_process_group_ranks(group))
 
 
-class HookState:
-    """Base of the hook states: process group, statistics, iteration count, per-bucket memories.
+class _SavedBucket:
+    """A bucket of the layout the memories belong to, assembled from live buckets' gradients: the part of
+    ``dist.GradBucket``'s interface the states use (index, buffer, gradients)."""
 
-    ``iter`` counts backward passes (incremented after the last bucket, index 0, of each).  Subclasses list
-    their hyperparameters in ``config()`` and their tensors in ``memories`` (name -> {bucket index -> list of
-    tensors}); ``state_dict`` / ``load_state_dict`` save and restore both, checking the process group.
+    def __init__(self, index: int, grads: List[Tensor]) -> None:
+        self._index = index
+        self._buffer = torch.cat([g.reshape(-1) for g in grads])
+        self._grads = [v.view(g.shape) for v, g in zip(self._buffer.split([g.numel() for g in grads]), grads)]
+
+    def index(self) -> int:
+        return self._index
+
+    def buffer(self) -> Tensor:
+        return self._buffer
+
+    def gradients(self) -> List[Tensor]:
+        return self._grads
+
+    def is_last(self) -> bool:
+        return False  # the iteration count follows the live buckets
+
+
+@dataclass
+class _Regroup:
+    """One backward whose live buckets differ from the saved layout (see the module docstring)."""
+
+    grads: Dict[int, Tensor] = field(default_factory=dict)  # parameter position -> live gradient (a view)
+    done: Set[int] = field(default_factory=set)  # saved bucket indices processed
+    waiting: List[Tuple[Set[int], Tensor, torch.futures.Future]] = field(default_factory=list)
+
+
+class HookState:
+    """Base of the hook states: process group, statistics, iteration count, per-bucket memories, bucket layout.
+
+    ``iter`` counts backward passes (incremented after the last bucket of each).  Subclasses list their
+    hyperparameters in ``config()`` and their tensors in ``memories`` (name -> {bucket index -> list of tensors});
+    ``state_dict`` / ``load_state_dict`` save and restore both with the bucket layout they belong to, checking
+    the process group; after a plain ``load_state_dict`` the next backward already continues the saved run
+    (see the module docstring).
+
+    Pickling (``torch.save(state)``, ``copy.deepcopy``), as torch's ``PowerSGDState``: everything but the process
+    group and the process-local parameter names is kept.  An unpickled state has ``process_group`` None: it runs
+    on the default group, provided that group has the saved ranks (else the first hook call raises and asks for
+    ``state.process_group = group``); assigning ``process_group`` re-resolves the group and its ranks.
     """
 
     memory_names: Tuple[str, ...] = ()
-    #: iterations of plain all-reduce before compressing: DDP rebuilds its buckets after the first iteration,
-    #: so memories kept per bucket start from the second
+    #: iterations of plain all-reduce before compressing
     start_iter = 1
 
     def __init__(self, process_group=None) -> None:
-        self.process_group, self.group_ranks = _resolve_group(type(self).__name__, process_group)
+        self._process_group, self.group_ranks = _resolve_group(type(self).__name__, process_group)
         self.world_size = len(self.group_ranks)
         self.stats = CommStats()
         self.iter = 0
         self.memories: Dict[str, Dict[int, list]] = {name: {} for name in self.memory_names}
-        self.plain_until = 0  # iterations before this one run plainly (set by load_state_dict)
         self.scratch: Dict[int, object] = {}  # per-bucket work buffers, kept to avoid allocations (not saved)
+        self.param_shapes: List[Tuple[int, ...]] = []  # by position in the first layout seen
+        self.layout: Dict[int, Tuple[int, ...]] = {}  # bucket index -> parameter positions (memories' layout)
+        self.binding = False  # the layout has served a compressed step: later layouts regroup into it
+        self._reset_local()
+
+    def _reset_local(self) -> None:
+        """Process-local naming of the parameters (not saved, not pickled)."""
+        self._positions: Dict[int, int] = {}  # id(parameter) -> position
+        self._params: List[Tensor] = []  # keeps the ids valid
+        self._named = False  # True once a whole backward has named every parameter
+        self._regroup: Optional[_Regroup] = None
+        self._finished: Set[int] = set()  # bucket indices processed in this backward
+        self._adopt = False  # this backward's buckets become the layout
 
     def config(self) -> dict:
         return {}
 
+    @property
+    def process_group(self):
+        return self._process_group
+
+    @process_group.setter
+    def process_group(self, group) -> None:
+        self._process_group, self.group_ranks = _resolve_group(type(self).__name__, group)
+        self.world_size = len(self.group_ranks)
+
+    # -------------------------------------------------------------------------------------- pickling
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_process_group"] = None
+        for key in ("_positions", "_params", "_named", "_regroup", "_finished", "_adopt"):
+            del state[key]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset_local()
+
     # -------------------------------------------------------------------------------------- checks
     def check_bucket(self, bucket: dist.GradBucket, dtypes: Tuple[torch.dtype, ...]) -> Tensor:
         """The bucket's buffer, after checking this process is in the state's group and the dtype."""
+        if self._process_group is None:  # unpickled: the default group, if it has the saved ranks
+            group, ranks = _resolve_group(type(self).__name__, None)
+            if ranks != self.group_ranks:
+                raise RuntimeError(f"{type(self).__name__}: this unpickled state was built for process group ranks "
+                                   f"{list(self.group_ranks)}, the default group has ranks {list(ranks)}: assign "
+                                   "state.process_group = <the group> before training")
+            self._process_group = group
         if dist.get_rank() not in self.group_ranks:
             raise RuntimeError(f"{type(self).__name__}: this process (rank {dist.get_rank()}) is not in the "
                                f"state's process group (ranks {list(self.group_ranks)}): the state was built for "
@@ -170,18 +262,106 @@ class HookState:
         self.count(nbytes, nbytes)
         return wait_allreduce(x, self.process_group).div_(self.world_size)
 
-    def step(self, bucket: dist.GradBucket) -> Tensor:
-        """One bucket's job (on the ordered worker): plain average before ``start_iter``, then ``compress``."""
-        x = bucket.buffer()
-        if self.iter < max(self.start_iter, self.plain_until):
+    # -------------------------------------------------------------------------------------- one bucket
+    def positions(self, bucket: dist.GradBucket) -> Tuple[int, ...]:
+        """The bucket's parameters as positions in the first layout this process saw (named during that backward)."""
+        out = []
+        for p in bucket.parameters():
+            pos = self._positions.get(id(p))
+            if pos is None:
+                if self._named:
+                    raise ValueError(f"{type(self).__name__}: a parameter of shape {tuple(p.shape)} that was not in "
+                                     "the first backward this state saw: one state per DDP model")
+                pos = len(self._params)
+                if pos < len(self.param_shapes) and tuple(p.shape) != self.param_shapes[pos]:
+                    raise ValueError(f"{type(self).__name__}: parameter {pos} has shape {tuple(p.shape)}, the state was "
+                                     f"saved with {self.param_shapes[pos]}: it belongs to another model or bucket setup")
+                self._positions[id(p)] = pos
+                self._params.append(p)
+            out.append(pos)
+        if bucket.is_last():
+            self._named = True
+            shapes = [tuple(p.shape) for p in self._params]
+            if self.param_shapes and shapes != self.param_shapes:
+                raise ValueError(f"{type(self).__name__}: the model has {len(shapes)} parameters, the state was saved "
+                                 f"with {len(self.param_shapes)}: it belongs to another model")
+            self.param_shapes = shapes
+        return tuple(out)
+
+    def step(self, bucket: dist.GradBucket, fut: torch.futures.Future) -> Optional[Tensor]:
+        """One bucket's job (on the ordered worker): its averaged buffer, or None when it completes ``fut`` later
+        (regrouping: see the module docstring)."""
+        try:
+            x = self._step(bucket, fut)
+        except BaseException as exc:  # the backward fails: every future of it gets the error, the next starts clean
+            for _, _, waiting in self._regroup.waiting if self._regroup is not None else ():
+                if waiting is not fut:
+                    waiting.set_exception(exc)
+            self._regroup, self._finished = None, set()
+            raise
+        if bucket.is_last():
+            self.iter += 1
+            self._finished = set()
+        return x
+
+    def _step(self, bucket: dist.GradBucket, fut: torch.futures.Future) -> Optional[Tensor]:
+        where = self.positions(bucket)
+        index = bucket.index()
+        if not self._finished and self._regroup is None:  # a backward's first bucket
+            self._adopt = not self.binding  # no compressed step has used the layout yet: take this backward's
+            if self._adopt:
+                self.layout = {}
+        if self._regroup is None and (self._adopt or self.layout.get(index) == where):
+            if self._adopt:
+                self.layout[index] = where
+            x = bucket.buffer()
+            self.run(bucket, x)
+            self._finished.add(index)
+            return x
+        self.regroup(bucket, where, fut)
+        return None
+
+    def run(self, bucket, x: Tensor) -> None:
+        """Plain average before ``start_iter``, then ``compress``; waits for the device before DDP reads x."""
+        if self.iter < self.start_iter:
             self.average(x)
         else:
             self.compress(bucket, x)
-        if bucket.is_last():
-            self.iter += 1
+            self.binding = True
         if x.is_cuda:  # the future carries no CUDA events: finish the worker's kernels before DDP reads x
             torch.cuda.current_stream(x.device).synchronize()
-        return x
+
+    def regroup(self, bucket: dist.GradBucket, where: Tuple[int, ...], fut: torch.futures.Future) -> None:
+        """Gather a live bucket into the saved layout; process every saved bucket that is complete, in order."""
+        rg = self._regroup = self._regroup or _Regroup(done=set(self._finished))
+        known = {pos for ps in self.layout.values() for pos in ps}
+        for pos, grad in zip(where, bucket.gradients()):
+            if pos not in known:
+                raise ValueError(f"{type(self).__name__}: parameter {pos} is in no bucket of the saved layout: the "
+                                 "state belongs to another model")
+            rg.grads[pos] = grad
+        rg.waiting.append((set(where), bucket.buffer(), fut))
+        for index in sorted(self.layout):
+            if index in rg.done:
+                continue
+            members = self.layout[index]
+            if not all(pos in rg.grads for pos in members):
+                break  # saved buckets run in their order, as in the saved run
+            saved = _SavedBucket(index, [rg.grads[pos] for pos in members])
+            self.run(saved, saved.buffer())
+            for pos, grad in zip(members, saved.gradients()):
+                rg.grads[pos].copy_(grad)
+            rg.done.add(index)
+            for left, _, _ in rg.waiting:
+                left.difference_update(members)
+        if bucket.is_last() and len(rg.done) != len(self.layout):
+            raise ValueError(f"{type(self).__name__}: the saved layout's buckets {sorted(set(self.layout) - rg.done)} "
+                             "did not all arrive in this backward: the state belongs to another model")
+        for entry in [w for w in rg.waiting if not w[0]]:
+            rg.waiting.remove(entry)
+            entry[2].set_result(entry[1])
+        if bucket.is_last():
+            self._regroup = None
 
     def compress(self, bucket: dist.GradBucket, x: Tensor) -> None:
         """Replace ``x`` (the flat bucket) in place by its average over the ranks, compressed on the wire.
@@ -214,19 +394,22 @@ class HookState:
         pass
 
     def state_dict(self) -> dict:
-        """Hyperparameters, group ranks, iteration, statistics and memories (call between steps)."""
+        """Hyperparameters, group ranks, iteration, statistics, memories and the bucket layout they belong to
+        (call between backward passes)."""
         return {"kind": type(self).__name__, "config": self.config(), "group_ranks": list(self.group_ranks),
                 "iter": self.iter, "stats": asdict(self.stats),
                 "memories": {name: {i: [t.clone() for t in ts] for i, ts in m.items()}
                              for name, m in self.memories.items()},
+                "param_shapes": [list(s) for s in self.param_shapes],
+                "layout": {i: list(ps) for i, ps in self.layout.items()}, "binding": self.binding,
                 **self.extra_state()}
 
     def load_state_dict(self, state: dict, *, buckets_rebuilt: bool = False) -> None:
-        """Restore a ``state_dict``.  The next iteration runs a plain all-reduce and keeps the memories: a
-        resumed run wraps its model in a new DDP, whose first-iteration buckets differ from the rebuilt ones
-        the memories belong to (DDP rebuilds them after that iteration).  ``buckets_rebuilt=True`` says the
-        caller has already run one iteration of the new DDP (e.g. a zero-loss backward), so the memories fit
-        the next iteration and it compresses at once: the resumed run then matches an uninterrupted one."""
+        """Restore a ``state_dict``: the next backward continues the saved run, whatever the bucket layout of the
+        DDP model it runs in (a resumed run's fresh DDP included; see the module docstring).
+
+        ``buckets_rebuilt`` is accepted for callers written for the earlier contract (prime the DDP buckets with
+        one backward, then pass True) and changes nothing: priming is no longer needed."""
         name = type(self).__name__
         if state.get("kind") != name:
             raise ValueError(f"{name}.load_state_dict: got the state of a {state.get('kind')}")
@@ -235,9 +418,18 @@ class HookState:
                              f"this state's group has ranks {list(self.group_ranks)}")
         if state["config"] != self.config():
             raise ValueError(f"{name}.load_state_dict: saved with {state['config']}, this state has {self.config()}")
+        if "layout" not in state:
+            raise ValueError(f"{name}.load_state_dict: the state has no bucket layout (saved by an older pytrain)")
+        shapes = [tuple(s) for s in state["param_shapes"]]
+        if self._named and shapes and [tuple(p.shape) for p in self._params] != shapes:
+            raise ValueError(f"{name}.load_state_dict: saved for parameters of shapes {shapes}, this state's model "
+                             f"has {[tuple(p.shape) for p in self._params]}")
         self.iter = int(state["iter"])
-        self.plain_until = 0 if buckets_rebuilt else self.iter + 1
         self.stats = CommStats(**state["stats"])
         self.memories = {name: {int(i): [t.clone() for t in ts] for i, ts in state["memories"][name].items()}
                          for name in self.memory_names}
+        self.param_shapes = shapes
+        self.layout = {int(i): tuple(int(p) for p in ps) for i, ps in state["layout"].items()}
+        self.binding = bool(state["binding"])
+        self._regroup = None
         self.load_extra_state(state)

@@ -28,6 +28,7 @@ checked), so it never comes back finite; that group's error memory is zeroed and
 step that GradScaler skips does not poison later steps.  Collectives run on the ordered worker (see _common).
 """
 
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
@@ -98,8 +99,12 @@ class PowerSGDState(HookState):
         if (error_feedback or warm_start) and start_iter < 2:
             raise ValueError("PowerSGDState: start_iter must be >= 2 with error_feedback or warm_start "
                              "(DDP rebuilds its buckets after the first iteration)")
-        if not min_compression_rate > 0:
-            raise ValueError(f"PowerSGDState: min_compression_rate must be > 0, got {min_compression_rate!r}")
+        if isinstance(min_compression_rate, bool) or not isinstance(min_compression_rate, (int, float)):
+            raise TypeError(f"PowerSGDState: min_compression_rate must be a number, got {min_compression_rate!r}")
+        if not 0 < min_compression_rate < math.inf:
+            raise ValueError(f"PowerSGDState: min_compression_rate must be finite and > 0, got {min_compression_rate!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+            raise ValueError(f"PowerSGDState: seed must be an int in [0, 2^32), got {seed!r}")
         super().__init__(process_group)
         self.rank = rank
         self.start_iter = start_iter

@@ -10,15 +10,19 @@ Per bucket x (flattened) on each of W ranks, with r the residual of the previous
 
 Bytes per rank: (W - 1) * 8 * max count (+ 8 for the count), against 2 (W - 1) / W * 4 * numel for a plain
 all-reduce: ratio 0.01 on 2 ranks sends ~50x less.  The first iteration runs a plain all-reduce (DDP rebuilds
-its buckets after it).  Non-finite entries sort above every number in ``topk``, so a NaN / inf is always sent
+its buckets after it).  The approximate selection samples with the state's own generators (one per device,
+seeded with ``pytrain.comm.topk.SEED``), saved in ``state_dict`` so that a resumed run selects what the
+uninterrupted one would.  Non-finite entries sort above every number in ``topk``, so a NaN / inf is always sent
 and lands in the average; the residual is zeroed after such a step.  Buckets need fewer than 2^31 elements.
 """
+
+from typing import Dict
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..topk import topk
+from ..topk import SEED, check_ratio, topk
 from ...cost.collectives import bytes_sent
 from ._common import HookState, submit
 
@@ -32,15 +36,29 @@ class TopKState(HookState):
     memory_names = ("residual",)
 
     def __init__(self, process_group=None, ratio: float = 0.01, error_feedback: bool = True, exact: bool = False):
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio <= 1.0:
-            raise ValueError(f"TopKState: ratio must be in (0, 1], got {ratio!r}")
+        ratio = check_ratio("TopKState", ratio)
         super().__init__(process_group)
-        self.ratio = float(ratio)
+        self.ratio = ratio
         self.error_feedback = bool(error_feedback)
         self.exact = bool(exact)
+        self.generators: Dict[str, torch.Generator] = {}  # device -> the sampling generator
 
     def config(self) -> dict:
         return {"ratio": self.ratio, "error_feedback": self.error_feedback, "exact": self.exact}
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        if key not in self.generators:
+            self.generators[key] = torch.Generator(device=device).manual_seed(SEED)
+        return self.generators[key]
+
+    def extra_state(self) -> dict:
+        return {"generators": {key: gen.get_state() for key, gen in self.generators.items()}}
+
+    def load_extra_state(self, extra: dict) -> None:
+        self.generators = {}
+        for key, rng in extra["generators"].items():
+            self.generator(torch.device(key)).set_state(rng)
 
     def compress(self, bucket: dist.GradBucket, x: Tensor) -> None:
         if x.numel() >= INDEX_LIMIT:
@@ -48,7 +66,7 @@ class TopKState(HookState):
         res = self.residual(bucket.index(), x, x.dtype) if self.error_feedback else None
         if res is not None:
             x.add_(res)
-        values, indices = topk(x, self.ratio, exact=self.exact)
+        values, indices = topk(x, self.ratio, exact=self.exact, generator=self.generator(x.device))
         vals, idx, sent = self.gather(values, indices)
         if res is not None:
             res.copy_(x).index_fill_(0, indices, 0)
