@@ -4,9 +4,13 @@ import math
 import pytest
 import torch
 
+from pytrain.ops.adamw import dequantize_m, dequantize_v
+from pytrain.ops.multi_tensor import storage_perm
 from pytrain.optim import FusedAdamW
 from pytrain.testing.backends import CPU_IMPLS, impl_or_skip
-from pytrain.testing.optim_compare import ODD_SHAPES, clone_params, make_params, random_grads, run_side_by_side
+from pytrain.testing.optim_compare import (LAYOUTS, ODD_SHAPES, clone_params, layout_params, make_params,
+                                           random_grads, run_side_by_side, states_keep_layout,
+                                           storage_frame_mismatches)
 
 STEPS = 50
 FP32_MAX_REL = 1e-5
@@ -225,7 +229,113 @@ def test_bad_input_is_rejected_clearly():
     sparse(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(RuntimeError, match="sparse gradients"):
         FusedAdamW(sparse.parameters()).step()
-    p = make_params([(4, 4)])[0]
-    p.grad = torch.arange(16.0).view(4, 4).t()  # non-contiguous
-    with pytest.raises(ValueError, match="contiguous"):
-        FusedAdamW([p]).step()
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_non_contiguous_params_match_torch(impl, layout):
+    """channels_last conv weights, transposed and sliced weights step as torch.optim.AdamW steps them."""
+    impl_or_skip("adamw_step", impl)
+    ours = layout_params(layout)
+    theirs = clone_params(ours)
+    opt = FusedAdamW(ours, lr=1e-2, amsgrad=True, impl=impl)
+    worst = run_side_by_side(ours, opt, theirs, torch.optim.AdamW(theirs, lr=1e-2, amsgrad=True, foreach=False),
+                             random_grads(ours, STEPS_BY_IMPL.get(impl, 10)))
+    assert worst <= FP32_MAX_REL
+    assert states_keep_layout(opt)
+
+
+LAYOUT_SETTINGS = {
+    "fp32": (torch.float32, dict()),
+    "int8": (torch.float32, dict(state_dtype="int8")),
+    "bf16_masters": (torch.bfloat16, dict(master_weights=True)),
+    "bf16_states": (torch.float32, dict(state_dtype=torch.bfloat16, max_grad_norm=1.0)),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("setting", LAYOUT_SETTINGS)
+def test_non_contiguous_params_step_in_storage_order(layout, setting):
+    """Any layout (int8 states, bf16 masters too) is the contiguous kernel on the storage order, bit for bit."""
+    dtype, kwargs = LAYOUT_SETTINGS[setting]
+    assert storage_frame_mismatches(lambda ps: FusedAdamW(ps, lr=1e-2, **kwargs), layout, dtype) == []
+
+
+def test_channels_last_model_trains_like_torch():
+    """model.to(memory_format=torch.channels_last): real autograd grads, params stay channels_last."""
+    def model():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+        return net.to(memory_format=torch.channels_last)
+
+    ours, theirs = model(), model()
+    opt_ours = FusedAdamW(ours.parameters(), lr=1e-2)
+    opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-2, foreach=False)
+    x = torch.randn(2, 3, 12, 12).to(memory_format=torch.channels_last)
+    for _ in range(5):
+        for net, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    assert ours[0].weight.is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=FP32_MAX_REL, atol=1e-6)
+
+
+def test_float64_params_keep_float64_moments():
+    """float64 params: float64 moments, so the run is torch.optim.AdamW's to float64 rounding over many steps."""
+    ours = make_params(ODD_SHAPES, torch.float64)
+    theirs = clone_params(ours)
+    opt = FusedAdamW(ours, lr=1e-2, amsgrad=True)
+    worst = run_side_by_side(ours, opt, theirs, torch.optim.AdamW(theirs, lr=1e-2, amsgrad=True, foreach=False),
+                             random_grads(ours, 200))
+    assert worst <= 1e-12
+    assert all(v.dtype == torch.float64 for k, v in opt.state[ours[1]].items() if k != "step")
+
+
+@pytest.mark.parametrize("saved,loaded", [(torch.float32, "int8"), ("int8", torch.float32),
+                                          (torch.float32, torch.bfloat16), ("int8", torch.bfloat16)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_load_state_dict_converts_to_the_state_dtype(saved, loaded, layout):
+    """After load_state_dict the states have the loading optimizer's format (int8 codes, not 4x the memory)."""
+    def params():
+        return layout_params("channels_last") if layout == "channels_last" else make_params(ODD_SHAPES)
+
+    source_params, target_params = params(), params()
+    source = FusedAdamW(source_params, lr=1e-2, state_dtype=saved)
+    grads = list(random_grads(source_params, 4))
+    run_side_by_side(source_params, source, clone_params(source_params), FusedAdamW(clone_params(source_params)),
+                     iter(grads))
+    target = FusedAdamW(target_params, lr=1e-2, state_dtype=loaded)
+    target.load_state_dict(source.state_dict())
+    fresh = FusedAdamW(params(), lr=1e-2, state_dtype=loaded)
+    run_side_by_side(fresh.param_groups[0]["params"], fresh, clone_params(source_params),
+                     FusedAdamW(clone_params(source_params)), iter(grads[:1]))
+    for p, q in zip(target_params, fresh.param_groups[0]["params"]):
+        got, want = target.state[p], fresh.state[q]
+        assert sorted(got) == sorted(want)
+        for key in want:
+            assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape, key
+            assert got[key].stride() == want[key].stride(), key
+    # the converted moments are the saved ones up to the format's rounding
+    for p, q in zip(target_params, source_params):
+        for key in ("exp_avg", "exp_avg_sq"):
+            a, b = _float_moment(target.state[p], key), _float_moment(source.state[q], key)
+            torch.testing.assert_close(a, b, rtol=0.02, atol=0.02 * float(b.abs().max()))
+    # and stepping continues
+    run_side_by_side(target_params, target, clone_params(target_params), FusedAdamW(clone_params(target_params)),
+                     iter(grads[:2]))
+    assert all(torch.isfinite(p).all() for p in target_params)
+
+
+def _float_moment(state, key):
+    """exp_avg / exp_avg_sq of a state as float32 values shaped like the param (int8 codes dequantized in the
+    storage order their blocks follow)."""
+    q = state[key]
+    if q.is_floating_point():
+        return q.float()
+    dequantize = dequantize_m if key == "exp_avg" else dequantize_v
+    perm = storage_perm(q) or tuple(range(q.dim()))
+    out = torch.empty_like(q, dtype=torch.float32)
+    out.permute(perm).copy_(dequantize(q.permute(perm), state[f"{key}_scale"], torch.float32))
+    return out
