@@ -1,4 +1,5 @@
 """FusedAdamW against torch.optim.AdamW step by step, on every backend that runs here."""
+import functools
 import math
 
 import pytest
@@ -173,28 +174,60 @@ def test_compact_states_use_less_memory():
     assert state_bytes("int8") <= 0.3 * fp32
 
 
-def _train_tiny_regression(state_dtype, steps=300):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.GELU(), torch.nn.Linear(16, 1))
-    data = torch.randn(512, 32)
-    target = torch.sin(data[:, :1] * 2) + data[:, 1:2] * data[:, 2:3] + 0.3 * torch.randn(512, 1)
-    opt = FusedAdamW(model.parameters(), lr=3e-3, state_dtype=state_dtype)
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(data), target)
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        return float(torch.nn.functional.mse_loss(model(data), target))
+SEEDS = 8
+
+
+@functools.lru_cache(maxsize=None)
+def _final_losses(state_dtype) -> torch.Tensor:
+    """Final training losses of a small MLP regression (300 full-batch steps), one per init seed 0..SEEDS-1,
+    plus the loss at init of seed 0 last.  One thread: torch's CPU matmuls round differently with the
+    OpenMP team size (pytrain's kernels do not: tests/ops/test_multi_tensor.py), so pinning it makes every
+    run repeat bit for bit on a given CPU whatever the machine's load or OMP_NUM_THREADS."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        data = torch.randn(512, 32, generator=gen)
+        target = torch.sin(data[:, :1] * 2) + data[:, 1:2] * data[:, 2:3] + 0.3 * torch.randn(512, 1, generator=gen)
+        losses, initial = [], None
+        for seed in range(SEEDS):
+            torch.manual_seed(seed)
+            model = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.GELU(), torch.nn.Linear(16, 1))
+            opt = FusedAdamW(model.parameters(), lr=3e-3, state_dtype=state_dtype)
+            for _ in range(300):
+                opt.zero_grad()
+                loss = torch.nn.functional.mse_loss(model(data), target)
+                initial = float(loss.detach()) if initial is None else initial
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                losses.append(float(torch.nn.functional.mse_loss(model(data), target)))
+        return torch.tensor(losses + [initial], dtype=torch.float64)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("state_dtype", [torch.bfloat16, "int8"])
 def test_compact_states_train_like_fp32(state_dtype):
-    fp32 = _train_tiny_regression(torch.float32)
-    compact = _train_tiny_regression(state_dtype)
-    # 3%: fp32 matmuls round differently per CPU (AVX-512 vs AMX kernels), which moves both runs; on an
-    # Intel Xeon with AMX the int8 run ends 2.01% above fp32 (on an AMD EPYC it stayed within 2%).
-    assert abs(compact - fp32) <= 0.03 * fp32
+    """Compact states train as well as fp32 ones, judged against fp32 training's own spread.
+
+    A bound on one run cannot be derived: training is chaotic, so a rounding difference anywhere grows into
+    a different end point (on this machine one int8 run ends 0.5% apart between 1 and 2 matmul threads, and
+    the int8-minus-fp32 difference per init seed ranged from -19% to +35% of the mean loss over seeds 0-7,
+    while the means differed by 5%).  What is stable is the distribution over init seeds: the mean final
+    loss of compact states must lie within 3 standard errors of the difference of the two means, the
+    standard errors estimated from the seeds' spread itself (each run's end point is an independent draw
+    from its optimizer's distribution; 3 SE: a 0.3% false alarm rate for equal means under a normal
+    approximation, measured z = 0.06 (bfloat16) and 0.43 (int8) here).  With 8 seeds that is a shift of
+    about a third of the mean loss (31% and 35% here): an optimizer that does not train (stale, wrongly
+    scaled or zeroed moments) ends far beyond it, and both must also have learnt (below half the loss at
+    init, 1.57 here).
+    """
+    fp32, compact = _final_losses(torch.float32), _final_losses(state_dtype)
+    initial, fp32, compact = fp32[-1], fp32[:-1], compact[:-1]
+    standard_error = math.sqrt(fp32.var() / SEEDS + compact.var() / SEEDS)
+    assert abs(compact.mean() - fp32.mean()) <= 3 * standard_error, (compact.tolist(), fp32.tolist())
+    assert fp32.mean() < 0.5 * initial and compact.mean() < 0.5 * initial
 
 
 def test_lr_scheduler_and_closure():
@@ -339,3 +372,24 @@ def _float_moment(state, key):
     out = torch.empty_like(q, dtype=torch.float32)
     out.permute(perm).copy_(dequantize(q.permute(perm), state[f"{key}_scale"], torch.float32))
     return out
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("scale", [1e20, 1e-25])
+def test_clipping_huge_and_tiny_grads_is_not_a_skip(impl, scale):
+    """Finite gradients whose float32 squares overflow (1e20) or underflow (1e-25) are clipped like torch's
+    clip_grad_norm_ clips them in float64, never taken for an overflow (a skipped step) or for 0."""
+    impl_or_skip("global_norm", impl)
+    ours = make_params(ODD_SHAPES)
+    theirs = clone_params(ours, torch.float64)
+    fused = FusedAdamW(ours, lr=1e-2, max_grad_norm=1.0, impl=impl)
+    torch_opt = torch.optim.AdamW(theirs, lr=1e-2, foreach=False)
+
+    class ClipThenStep:
+        def step(self):
+            torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+            torch_opt.step()
+
+    worst = run_side_by_side(ours, fused, theirs, ClipThenStep(), random_grads(ours, 3, scale=scale))
+    assert fused.skipped_steps == 0 and math.isfinite(fused.last_grad_norm) and fused.last_grad_norm > 0
+    assert worst <= FP32_MAX_REL
