@@ -41,6 +41,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.skipped_steps = 0
         self.last_grad_norm: Optional[float] = None
 
+    def __getstate__(self) -> dict:
+        """torch's keeps only defaults, state and param_groups: a deepcopy or pickle would lose the settings
+        (impl, max_grad_norm, state_dtype...) and the skip counters, and step with other ones."""
+        return {**super().__getstate__(), **{k: v for k, v in self.__dict__.items() if not k.startswith("_")}}
+
     # ------------------------------------------------------------------------------------ validation
     def _check_group(self, group: dict, where: str) -> None:
         """Hyper-parameters (one rule per key, ``hyperparameters.py``), then the params: one device, real floats."""
