@@ -89,38 +89,42 @@ def resumed_run_difference(make_optimizer: Callable[[List[Tensor]], torch.optim.
 LAYOUTS = ("channels_last", "transposed", "sliced")
 
 
-def layout_params(layout: str, dtype=torch.float32, seed: int = 0) -> List[Tensor]:
+def layout_params(layout: str, dtype=torch.float32, seed: int = 0, device="cpu") -> List[Tensor]:
     """Leaf params in ``layout`` (see LAYOUTS), plus a contiguous one in the same list."""
     torch.manual_seed(seed)
     if layout == "channels_last":
         model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 5, (3, 2)))
-        params = [p.detach().to(dtype) for p in model.to(memory_format=torch.channels_last).parameters()]
-        params = [torch.empty_like(p).copy_(p) for p in params]  # keeps channels_last through the cast
+        params = [p.detach() for p in model.to(memory_format=torch.channels_last).parameters()]
         assert params[0].is_contiguous(memory_format=torch.channels_last) and not params[0].is_contiguous()
     elif layout == "transposed":
-        params = [torch.randn(37, 300).to(dtype).t(), torch.randn(5, 7, 11).to(dtype).permute(2, 0, 1),
-                  torch.randn(300).to(dtype)]
+        params = [torch.randn(37, 300).t(), torch.randn(5, 7, 11).permute(2, 0, 1), torch.randn(300)]
     elif layout == "sliced":
-        params = [torch.randn(40, 301).to(dtype)[:, 1:290], torch.randn(600).to(dtype)[::2],
-                  torch.randn(300).to(dtype)]
+        params = [torch.randn(40, 301)[:, 1:290], torch.randn(600)[::2], torch.randn(300)]
     else:
         raise ValueError(f"unknown layout {layout!r}")
-    return [p.requires_grad_() for p in params]
+    return [_strided_copy(p, dtype, device) for p in params]
+
+
+def _strided_copy(p: Tensor, dtype, device) -> Tensor:
+    """A leaf like ``p`` in ``dtype`` on ``device`` with the same strides (a slice stays a view of a larger base)."""
+    base = torch.empty(p.storage_offset() + p.untyped_storage().nbytes() // p.element_size(), dtype=dtype,
+                       device=device)
+    return base.as_strided(p.shape, p.stride(), p.storage_offset()).copy_(p).requires_grad_()
 
 
 def storage_frame_mismatches(make_optimizer: Callable[[List[Tensor]], torch.optim.Optimizer], layout: str,
-                             dtype=torch.float32, steps: int = 4) -> List[int]:
+                             dtype=torch.float32, steps: int = 4, device="cpu") -> List[int]:
     """Steps params in ``layout`` and contiguous copies of them in their storage order (the params permuted to
     it, for dense ones, else as they are) side by side: the fused kernels see the same elements in the same
     order, so the params must agree bit for bit.  Returns the indices of params that differ."""
-    ours = layout_params(layout, dtype)
+    ours = layout_params(layout, dtype, device=device)
     perms = [storage_perm(p) or tuple(range(p.dim())) for p in ours]
     frames = [p.detach().permute(perm).contiguous().requires_grad_() for p, perm in zip(ours, perms)]
     opt_ours, opt_frames = make_optimizer(ours), make_optimizer(frames)
     for gs in random_grads(ours, steps):
         for p, q, perm, g in zip(ours, frames, perms, gs):
             p.grad = torch.empty_like(p).copy_(g)
-            q.grad = g.to(dtype).permute(perm).contiguous()
+            q.grad = g.to(dtype=dtype, device=device).permute(perm).contiguous()
         opt_ours.step()
         opt_frames.step()
     return [i for i, (p, q, perm) in enumerate(zip(ours, frames, perms))
