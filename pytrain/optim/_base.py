@@ -47,10 +47,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         return {**super().__getstate__(), **{k: v for k, v in self.__dict__.items() if not k.startswith("_")}}
 
     # ------------------------------------------------------------------------------------ validation
+    def _check_hyperparameters(self, group: dict, where: str) -> None:
+        """One rule per key (``hyperparameters.py``); optimizers add rules that tie keys together."""
+        check_group(type(self).__name__, where, group, self.hyperparameters)
+
     def _check_group(self, group: dict, where: str) -> None:
-        """Hyper-parameters (one rule per key, ``hyperparameters.py``), then the params: one device, real floats."""
+        """Hyper-parameters, then the params: one device, real floats."""
         name = type(self).__name__
-        check_group(name, where, group, self.hyperparameters)
+        self._check_hyperparameters(group, where)
         devices = {p.device for p in group["params"]}
         if len(devices) > 1:
             raise ValueError(f"{name}: a param group mixes devices {sorted(map(str, devices))}; "
@@ -143,7 +147,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         instead of the param's, and the param's memory layout (channels_last...).  The saved groups'
         hyper-parameters are validated before anything is replaced."""
         for i, group in enumerate(state_dict["param_groups"]):
-            check_group(type(self).__name__, f"saved param group {i}", group, self.hyperparameters)
+            self._check_hyperparameters(group, f"saved param group {i}")
         saved_state = state_dict["state"]
         super().load_state_dict({**state_dict, "state": {}})
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]

@@ -57,8 +57,8 @@ class FusedAdamW(FusedOptimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
         super().__init__(params, defaults, impl)
 
-    def _check_group(self, group: dict, where: str) -> None:
-        super()._check_group(group, where)
+    def _check_hyperparameters(self, group: dict, where: str) -> None:
+        super()._check_hyperparameters(group, where)
         reasons = adamw_op.unsupported(quantized=self.state_dtype == "int8", amsgrad=group["amsgrad"])
         if reasons:
             raise ValueError(f"FusedAdamW: {'; '.join(reasons)} (state_dtype={self.state_dtype!r}, "
@@ -89,10 +89,8 @@ class FusedAdamW(FusedOptimizer):
             return t.permute(perm)
 
         quantized = not state["exp_avg"].is_floating_point()
-        if self.state_dtype == "int8" and not quantized:
-            if "max_exp_avg_sq" in state:
-                raise ValueError("FusedAdamW: the loaded state has max_exp_avg_sq (amsgrad), which int8 states "
-                                 "do not support")
+        if self.state_dtype == "int8" and not quantized:  # (amsgrad groups were refused before loading)
+            state.pop("max_exp_avg_sq", None)
             codes = self._zero_states(p, amsgrad=False)
             adamw_op.quantize_m(frame(state["exp_avg"]).float(), frame(codes["exp_avg"]), codes["exp_avg_scale"])
             adamw_op.quantize_v(frame(state["exp_avg_sq"]).float(), frame(codes["exp_avg_sq"]),

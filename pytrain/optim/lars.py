@@ -33,8 +33,8 @@ class FusedLARS(FusedOptimizer):
                         always_adapt=always_adapt)
         super().__init__(params, defaults, impl)
 
-    def _check_group(self, group: dict, where: str) -> None:
-        super()._check_group(group, where)
+    def _check_hyperparameters(self, group: dict, where: str) -> None:
+        super()._check_hyperparameters(group, where)
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError(f"FusedLARS: Nesterov momentum requires a momentum and zero dampening ({where})")
 

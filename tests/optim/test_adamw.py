@@ -361,6 +361,18 @@ def test_load_state_dict_converts_to_the_state_dtype(saved, loaded, layout):
     assert all(torch.isfinite(p).all() for p in target_params)
 
 
+def test_int8_refuses_an_amsgrad_state_dict_before_replacing_anything():
+    params = make_params(ODD_SHAPES)
+    torch_opt = torch.optim.AdamW(params, lr=1e-2, amsgrad=True)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    torch_opt.step()
+    ours = FusedAdamW(clone_params(params), lr=0.5, state_dtype="int8")
+    with pytest.raises(ValueError, match=r"amsgrad is not supported with int8 states.*saved param group 0"):
+        ours.load_state_dict(torch_opt.state_dict())
+    assert ours.param_groups[0]["lr"] == 0.5 and not ours.state
+
+
 def _float_moment(state, key):
     """exp_avg / exp_avg_sq of a state as float32 values shaped like the param (int8 codes dequantized in the
     storage order their blocks follow)."""
