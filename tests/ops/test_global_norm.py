@@ -8,7 +8,7 @@ import pytrain.ops as ops
 from pytrain.testing.multi_tensor import (FLOATS, IMPLS, LARGE_SHAPES, assert_deterministic, backend_device, cpu_op,
                                           f32, global_norm_args, randn)
 from pytrain.testing.tolerances import assert_close, tolerance
-from pytrain.testing.optim_compare import ODD_SHAPES
+from pytrain.testing.optim_compare import LAYOUTS, ODD_SHAPES, layout_params
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -67,3 +67,14 @@ def test_global_norm_beyond_float32_is_inf(impl):
     device = backend_device("global_norm", impl, [torch.float32]) if impl != "reference" else "cpu"
     norm = ops.global_norm([torch.full((100,), 3e38, device=device)], impl=impl)
     assert norm.dtype == torch.float32 and torch.isinf(norm)
+
+
+@pytest.mark.parametrize("impl", IMPLS + ["reference"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_global_norm_any_layout(impl, layout):
+    """Tensors in any strided layout: the norm of their elements, whatever their order in memory."""
+    device = backend_device("global_norm", impl, [torch.float32]) if impl != "reference" else "cpu"
+    tensors = layout_params(layout, device=device)
+    norm = ops.global_norm(tensors, impl=impl)
+    exact = torch.sqrt(sum(t.detach().double().pow(2).sum() for t in tensors))
+    assert_close(norm, exact, dtype=torch.float32)
