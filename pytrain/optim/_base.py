@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from .hyperparameters import check_group
+from .hyperparameters import check_group, check_max_grad_norm
 
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s epsilon: coef = max_norm / (norm + 1e-6)
 
@@ -114,6 +114,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _begin_step(self, max_grad_norm: Optional[float], clip_eps: float = CLIP_EPS) -> Optional[float]:
         """Returns the gradient scale for this step, or None (and records a skipped step) if it must be skipped."""
+        check_max_grad_norm(max_grad_norm)  # it may have been set since construction (DDPTrainer does)
         scale = self._grad_scale(max_grad_norm, clip_eps) if max_grad_norm is not None else 1.0
         self.last_step_skipped = scale is None
         if scale is None:

@@ -93,6 +93,12 @@ def test_bad_value_in_a_loaded_state_dict_replaces_nothing(name):
 def test_max_grad_norm(name, value):
     with pytest.raises(ValueError, match="Invalid max_grad_norm"):
         OPTIMIZERS[name](make_params([(3,)]), max_grad_norm=value)
+    params = make_params([(3,)])
+    opt = OPTIMIZERS[name](params)
+    opt.max_grad_norm = value  # as a trainer may set it later
+    params[0].grad = torch.ones(3)
+    with pytest.raises(ValueError, match="Invalid max_grad_norm"):
+        opt.step()
 
 
 def test_nesterov_rule_per_group():
