@@ -140,25 +140,29 @@ def store(ptr, offs, n, x, MASKED: tl.constexpr):
 
 @triton.jit
 def _segment_sum_kernel(partials, n_partials, bounds, out, n_segments, SQRT: tl.constexpr, CHUNK: tl.constexpr):
-    """out[k, s] = sum of partials[k, bounds[s]:bounds[s + 1]] (sqrt'ed if SQRT), always in the same order."""
+    """out[k, s] = sum of partials[k, bounds[s]:bounds[s + 1]] (sqrt'ed if SQRT), always in the same order,
+    accumulated in the partials' dtype and rounded once to float32."""
     seg = tl.program_id(0)
     k = tl.program_id(1)
     lo = tl.load(bounds + seg)
     hi = tl.load(bounds + seg + 1)
     src = partials + k * n_partials
-    acc = tl.zeros([CHUNK], dtype=tl.float32)
+    acc = tl.zeros([CHUNK], dtype=partials.dtype.element_ty)
     for i in range(lo, hi, CHUNK):
         offs = i + tl.arange(0, CHUNK)
         acc += tl.load(src + offs, mask=offs < hi, other=0.0)
     total = tl.sum(acc, axis=0)
     if SQRT:
-        total = tl.sqrt_rn(total)
-    tl.store(out + k * n_segments + seg, total)
+        if partials.dtype.element_ty == tl.float64:
+            total = tl.sqrt(total)  # float64 square roots are IEEE-rounded
+        else:
+            total = tl.sqrt_rn(total)  # float32 tl.sqrt may be the approximate one
+    tl.store(out + k * n_segments + seg, total.to(tl.float32))
 
 
 def segment_sums(partials: Tensor, bounds: Tensor, n_segments: int, sqrt: bool = False) -> Tensor:
-    """Sum each row of ``partials`` (K, P) float32 over the segments ``bounds`` (n_segments + 1 entries)
-    -> (K, n_segments) float32, deterministic; square-rooted if ``sqrt``."""
+    """Sum each row of ``partials`` (K, P) float32 or float64 over the segments ``bounds`` (n_segments + 1
+    entries) -> (K, n_segments) float32, deterministic; square-rooted (before rounding to float32) if ``sqrt``."""
     k, n = partials.shape
     out = torch.empty((k, n_segments), dtype=torch.float32, device=partials.device)
     _segment_sum_kernel[(n_segments, k)](partials, n, bounds, out, n_segments, SQRT=sqrt, **SEGMENT_CONFIG)

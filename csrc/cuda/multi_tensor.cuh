@@ -170,9 +170,10 @@ __device__ void block_sum(T (&v)[K]) {
   __syncthreads();  // warp_totals may be reused by the next call
 }
 
-// Sums rows [begin, end) of a row-major (rows x K) float array in double, in a fixed order; result in thread 0.
-template <int K>
-__device__ void block_sum_rows(const float* rows, int64_t begin, int64_t end, double (&out)[K]) {
+// Sums rows [begin, end) of a row-major (rows x K) float or double array in double, in a fixed order; result in
+// thread 0.
+template <int K, class Row>
+__device__ void block_sum_rows(const Row* rows, int64_t begin, int64_t end, double (&out)[K]) {
 #pragma unroll
   for (int k = 0; k < K; ++k) out[k] = 0.0;
   for (int64_t r = begin + threadIdx.x; r < end; r += kThreads) {
@@ -182,17 +183,18 @@ __device__ void block_sum_rows(const float* rows, int64_t begin, int64_t end, do
   block_sum(out);
 }
 
-// Stage 1 of the two-stage reductions: partials[chunk * K + k] = sum over the chunk of term k.
+// Stage 1 of the two-stage reductions: partials[chunk * K + k] = sum over the chunk of term k, accumulated and
+// stored in Acc (float, or double where squares of finite floats must neither overflow nor underflow).
 // Terms: kVec (elements per thread and group), aligned(chunk), and
 // operator()(chunk, i, count, vec, acc) adding the terms of elements [i, i + count) to acc[0..K).
-template <int Depth, int K, class Terms>
+template <int Depth, int K, class Terms, class Acc = float>
 struct ChunkSumOp {
   Terms terms;
-  float* partials;
+  Acc* partials;
 
   __device__ void operator()(const Chunk<Depth>& c) const {
     const bool vec = terms.aligned(c);
-    float acc[K] = {};
+    Acc acc[K] = {};
     for_each_group<Terms::kVec>(c.n, [&](int i, int count) { terms(c, i, count, vec, acc); });
     block_sum(acc);
     if (threadIdx.x == 0) {

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from .library import define_op
-from .multi_tensor import check_params, check_states, compute_dtype, fake_step, select
+from .multi_tensor import StorageOrder, check_params, check_states, compute_dtype, fake_step, select
 
 INT8_BLOCK = 256  # elements per int8 / uint8 state scale
 
@@ -178,7 +178,10 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_par
                exp_avg_sq_scales, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                step: int, amsgrad: bool = False, maximize: bool = False, grad_scale: float = 1.0,
                impl: Optional[str] = None) -> None:
-    """One fused AdamW step, in place, over N params (shapes and maths: ``adamw_step_reference``)."""
+    """One fused AdamW step, in place, over N params (shapes and maths: ``adamw_step_reference``).
+
+    Any strided layouts: each param is stepped in its storage order (``multi_tensor.StorageOrder``), so the
+    int8 blocks of a channels_last param are runs of 256 elements in memory."""
     check_params("adamw_step", params, grads)
     if not params:
         return
@@ -196,7 +199,11 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_par
     if reasons:
         raise ValueError("adamw_step: " + "; ".join(reasons))
     fn = select("adamw_step", params, impl).fn
-    fn(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, exp_avg_scales, exp_avg_sq_scales,
-       lr, beta1, beta2, eps, weight_decay, step, amsgrad, maximize, grad_scale)
+    order = StorageOrder("adamw_step", params, dict(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                                      max_exp_avg_sqs=max_exp_avg_sqs, master_params=master_params),
+                         written=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "master_params"))
+    fn(*order.lists.values(), exp_avg_scales, exp_avg_sq_scales, lr, beta1, beta2, eps, weight_decay, step, amsgrad,
+       maximize, grad_scale)
+    order.write_back()
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .library import define_op
-from .multi_tensor import check_params, check_states, compute_dtype, fake_step, select, trust_ratio_or_one
+from .multi_tensor import StorageOrder, check_params, check_states, compute_dtype, fake_step, select, trust_ratio_or_one
 
 LAMB_SCHEMA = (
     "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, float lr, "
@@ -82,14 +82,18 @@ def lamb_step(params, grads, exp_avgs, exp_avg_sqs, *, lr: float, beta1: float, 
               eps: float, weight_decay: float, bias_correction1: float, bias_correction2: float,
               grad_scale: float = 1.0, adapt: bool = True, trust_clip: bool = False,
               impl: Optional[str] = None) -> None:
-    """One fused LAMB step, in place (shapes and maths: ``lamb_step_reference``)."""
+    """One fused LAMB step, in place (shapes and maths: ``lamb_step_reference``; any strided layouts:
+    ``multi_tensor.StorageOrder``)."""
     check_params("lamb_step", params, grads)
     if not params:
         return
     check_states("lamb_step", params, "exp_avgs", exp_avgs, params[0].dtype, False)
     check_states("lamb_step", params, "exp_avg_sqs", exp_avg_sqs, params[0].dtype, False)
     fn = select("lamb_step", params, impl).fn
-    fn(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, beta3, eps, weight_decay, bias_correction1,
+    order = StorageOrder("lamb_step", params, dict(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs),
+                         written=("params", "exp_avgs", "exp_avg_sqs"))
+    fn(*order.lists.values(), lr, beta1, beta2, beta3, eps, weight_decay, bias_correction1,
        bias_correction2, grad_scale, adapt, trust_clip)
+    order.write_back()
 
 

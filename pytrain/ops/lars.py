@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .library import define_op
-from .multi_tensor import check_params, check_states, compute_dtype, fake_step, select, trust_ratio_or_one
+from .multi_tensor import StorageOrder, check_params, check_states, compute_dtype, fake_step, select, trust_ratio_or_one
 
 LARS_SCHEMA = (
     "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, float lr, float momentum, "
@@ -79,7 +79,8 @@ define_op("lars_step", LARS_SCHEMA, reference=lars_step_reference, fake=_fake, t
 def lars_step(params, grads, momentum_buffers, *, lr: float, momentum: float, dampening: float,
               weight_decay: float, trust_coefficient: float, eps: float, nesterov: bool, trust_clip: bool,
               adapt: bool, init_buffers: bool, impl: Optional[str] = None) -> None:
-    """One fused LARS step, in place (shapes and maths: ``lars_step_reference``)."""
+    """One fused LARS step, in place (shapes and maths: ``lars_step_reference``; any strided layouts:
+    ``multi_tensor.StorageOrder``)."""
     check_params("lars_step", params, grads)
     if not params:
         return
@@ -87,7 +88,10 @@ def lars_step(params, grads, momentum_buffers, *, lr: float, momentum: float, da
     if momentum != 0 and len(momentum_buffers) != len(params):
         raise ValueError("lars_step: momentum != 0 needs one momentum buffer per param")
     fn = select("lars_step", params, impl).fn
-    fn(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, trust_coefficient, eps, nesterov,
+    order = StorageOrder("lars_step", params, dict(params=params, grads=grads, momentum_buffers=momentum_buffers),
+                         written=("params", "momentum_buffers"))
+    fn(*order.lists.values(), lr, momentum, dampening, weight_decay, trust_coefficient, eps, nesterov,
        trust_clip, adapt, init_buffers)
+    order.write_back()
 
 

@@ -2,12 +2,24 @@
 the checks of their tensor lists, the arithmetic dtype of their references and backend selection.
 
 Twin of ``kernels/multi_tensor.py`` (Triton address tables) and ``csrc/cpu/multi_tensor.h`` /
-``csrc/cuda/multi_tensor.cuh`` (the C++ engines).  Every tensor list holds one tensor per param,
-contiguous, on the params' device.
+``csrc/cuda/multi_tensor.cuh`` (the C++ engines).  Every tensor list holds one tensor per param, on the
+params' device.
+
+Memory layouts.  The backends step contiguous tensors; the public ops take any strided layout, as
+torch.optim does, and hand the backends contiguous tensors (``StorageOrder``):
+  * a param that is dense and non-overlapping with permuted strides (channels_last, a transposed weight) is
+    stepped in its storage order: every tensor of its index is viewed through the same permutation of
+    dims, ``t.permute(perm)``, which is contiguous without a copy when ``t`` shares the param's layout (the
+    fused optimizers create states with ``memory_format=torch.preserve_format``, and autograd gives such a
+    param grads of its layout).  Elementwise steps do not depend on the order of elements and norms
+    only up to summation order, so this is the step of the logical tensor; int8 state blocks are runs of
+    256 elements in that storage order.
+  * any other layout (a sliced weight, a grad or state in another layout) is stepped through a contiguous
+    copy of the permuted view, written back afterwards if the op writes that list.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -39,7 +51,7 @@ def trust_ratio_or_one(ratio: Tensor, w_norm: Tensor, d_norm: Tensor) -> Tensor:
 
 
 def check_params(op: str, params: List[Tensor], grads: List[Tensor]) -> None:
-    """Params and grads: same count, one device, one floating dtype, dense, contiguous, same shapes."""
+    """Params and grads: same count, one device, one floating dtype, dense (strided), same shapes."""
     if len(params) != len(grads):
         raise ValueError(f"{op}: {len(params)} params but {len(grads)} grads")
     if not params:
@@ -57,8 +69,6 @@ def check_params(op: str, params: List[Tensor], grads: List[Tensor]) -> None:
             raise TypeError(f"{op}: params[{i}] / grads[{i}] have dtype {p.dtype} / {g.dtype}, expected {dtype}")
         if p.shape != g.shape:
             raise ValueError(f"{op}: grads[{i}] has shape {tuple(g.shape)}, params[{i}] {tuple(p.shape)}")
-        if not (p.is_contiguous() and g.is_contiguous()):
-            raise ValueError(f"{op}: params[{i}] and grads[{i}] must be contiguous")
 
 
 def check_states(op: str, params: List[Tensor], name: str, states: List[Tensor], dtype: Optional[torch.dtype],
@@ -68,10 +78,51 @@ def check_states(op: str, params: List[Tensor], name: str, states: List[Tensor],
     if len(states) != len(params):
         raise ValueError(f"{op}: {name} has {len(states)} tensors, expected {len(params)} (one per param)")
     for i, (p, s) in enumerate(zip(params, states)):
-        if s.device != p.device or not s.is_contiguous():
-            raise ValueError(f"{op}: {name}[{i}] must be contiguous and on {p.device}")
+        if s.device != p.device or s.layout != torch.strided:
+            raise ValueError(f"{op}: {name}[{i}] must be a dense tensor on {p.device} (got {s.layout} on {s.device})")
         if dtype is not None and s.dtype != dtype:
             raise TypeError(f"{op}: {name}[{i}] has dtype {s.dtype}, expected {dtype}")
+
+
+def storage_perm(t: Tensor) -> Optional[Tuple[int, ...]]:
+    """The permutation of dims with ``t.permute(perm)`` contiguous (``t``'s elements in storage order), if
+    ``t`` is dense and non-overlapping; None otherwise (a slice, an expanded or overlapping view)."""
+    perm = tuple(sorted(range(t.dim()), key=lambda d: (-t.stride(d), -t.size(d))))
+    return perm if t.permute(perm).is_contiguous() else None
+
+
+class StorageOrder:
+    """Contiguous stand-ins for an op's tensor lists, in each param's storage order (module docstring).
+
+    ``op``: the op's name for errors; ``lists``: name -> list of tensors (one per param, shaped like it; empty lists pass through);
+    ``written``: the names of the lists the op writes.  ``lists`` of the instance holds the stand-ins;
+    ``write_back()`` copies the stand-ins that are copies into the caller's tensors.
+    """
+
+    def __init__(self, op: str, params: Sequence[Tensor], lists: Dict[str, List[Tensor]], written: Sequence[str]):
+        self.lists: Dict[str, List[Tensor]] = {name: list(ts) for name, ts in lists.items()}
+        self._copies: List[Tuple[Tensor, Tensor]] = []
+        for i, p in enumerate(params):
+            for name, ts in lists.items():
+                if ts and ts[i].shape != p.shape:
+                    raise ValueError(f"{op}: {name}[{i}] has shape {tuple(ts[i].shape)}, params[{i}] {tuple(p.shape)}")
+            if all(ts[i].is_contiguous() for ts in lists.values() if ts):
+                continue
+            perm = storage_perm(p) or tuple(range(p.dim()))
+            for name, ts in lists.items():
+                if not ts:
+                    continue
+                view = ts[i].permute(perm)
+                if view.is_contiguous():
+                    self.lists[name][i] = view
+                else:
+                    self.lists[name][i] = view.contiguous()
+                    if name in written:
+                        self._copies.append((view, self.lists[name][i]))
+
+    def write_back(self) -> None:
+        for target, stand_in in self._copies:
+            target.copy_(stand_in)
 
 
 def select(op: str, params: List[Tensor], impl: Optional[str], **call) -> Implementation:

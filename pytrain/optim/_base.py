@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from .hyperparameters import check_group, check_max_grad_norm
 
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s epsilon: coef = max_norm / (norm + 1e-6)
 
@@ -29,33 +30,52 @@ CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s epsilon: coef = max_norm / (
 class FusedOptimizer(torch.optim.Optimizer):
     """Base class: validation, bucketing, global-norm clipping, dtype-preserving ``load_state_dict``."""
 
-    #: state keys (per param) that keep their own dtype instead of the param's on ``load_state_dict``
-    state_dtypes: Dict[str, Optional[torch.dtype]] = {}
+    #: group keys the optimizer reads, each validated by ``hyperparameters.RULES``
+    hyperparameters: Tuple[str, ...] = ()
 
     def __init__(self, params, defaults: dict, impl: Optional[str] = None):
+        check_group(type(self).__name__, "defaults", defaults, self.hyperparameters)
         super().__init__(params, defaults)
         self.impl = impl
         self.last_step_skipped = False
         self.skipped_steps = 0
         self.last_grad_norm: Optional[float] = None
-        for group in self.param_groups:
-            self._check_group(group)
+
+    def __getstate__(self) -> dict:
+        """torch's keeps only defaults, state and param_groups: a deepcopy or pickle would lose the settings
+        (impl, max_grad_norm, state_dtype...) and the skip counters, and step with other ones."""
+        return {**super().__getstate__(), **{k: v for k, v in self.__dict__.items() if not k.startswith("_")}}
 
     # ------------------------------------------------------------------------------------ validation
-    def _check_group(self, group: dict) -> None:
+    def _check_hyperparameters(self, group: dict, where: str) -> None:
+        """One rule per key (``hyperparameters.py``); optimizers add rules that tie keys together."""
+        check_group(type(self).__name__, where, group, self.hyperparameters)
+
+    def _check_group(self, group: dict, where: str) -> None:
+        """Hyper-parameters, then the params: one device, real floats."""
+        name = type(self).__name__
+        self._check_hyperparameters(group, where)
         devices = {p.device for p in group["params"]}
         if len(devices) > 1:
-            raise ValueError(f"{type(self).__name__}: a param group mixes devices {sorted(map(str, devices))}; "
+            raise ValueError(f"{name}: a param group mixes devices {sorted(map(str, devices))}; "
                              "put the params of each device in their own group")
         for p in group["params"]:
             if p.is_complex() or not p.is_floating_point():
-                raise ValueError(f"{type(self).__name__}: param of dtype {p.dtype} is not supported "
+                raise ValueError(f"{name}: param of dtype {p.dtype} is not supported "
                                  "(real floating-point params only)")
 
     def add_param_group(self, param_group: dict) -> None:
+        """torch's, then the new group is validated (and taken out again if it is invalid)."""
         super().add_param_group(param_group)
-        if hasattr(self, "impl"):  # base __init__ adds the first groups before our attributes exist
-            self._check_group(self.param_groups[-1])
+        try:
+            self._check_group(self.param_groups[-1], f"param group {len(self.param_groups) - 1}")
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+
+    def _check_groups(self) -> None:
+        for i, group in enumerate(self.param_groups):
+            self._check_group(group, f"param group {i}")
 
     def _params_with_grads(self, group: dict) -> List[Tensor]:
         out = []
@@ -89,13 +109,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in self._params_with_grads(group):
                 buckets[(p.grad.device, p.grad.dtype)].append(p.grad)
-        total = 0.0
-        for grads in buckets.values():
-            total += float(ops.global_norm(grads, impl=self.impl)) ** 2
-        return math.sqrt(total)
+        # hypot: the norms of float64 buckets may be far beyond 1e154, where squaring them overflows
+        return math.hypot(*(float(ops.global_norm(grads, impl=self.impl)) for grads in buckets.values()))
 
     def _begin_step(self, max_grad_norm: Optional[float], clip_eps: float = CLIP_EPS) -> Optional[float]:
         """Returns the gradient scale for this step, or None (and records a skipped step) if it must be skipped."""
+        check_max_grad_norm(max_grad_norm)  # it may have been set since construction (DDPTrainer does)
         scale = self._grad_scale(max_grad_norm, clip_eps) if max_grad_norm is not None else 1.0
         self.last_step_skipped = scale is None
         if scale is None:
@@ -118,25 +137,40 @@ class FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_groups()  # a scheduler or the caller may have written a group since the last step
         self._step()  # defined by each optimizer
         return loss
 
     # ------------------------------------------------------------------------------------ state dict
     def load_state_dict(self, state_dict: dict) -> None:
-        """Like torch's, but states listed in ``state_dtypes`` (fp32 masters, int8 codes, fp32 moments of
-        bf16 params...) keep their dtype instead of being cast to the param's dtype."""
+        """Like torch's, but each state tensor gets the dtype the optimizer's setting gives it
+        (``state_dtype``: fp32 masters, int8 codes, fp32 moments of bf16 params...; see ``_state_dtype``)
+        instead of the param's, and the param's memory layout (channels_last...).  The saved groups'
+        hyper-parameters are validated before anything is replaced."""
+        for i, group in enumerate(state_dict["param_groups"]):
+            self._check_hyperparameters(group, f"saved param group {i}")
         saved_state = state_dict["state"]
         super().load_state_dict({**state_dict, "state": {}})
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(saved_ids, params):
             if pid in saved_state:
-                self.state[p] = {k: self._restore(k, v, p) for k, v in saved_state[pid].items()}
+                self.state[p] = self._convert_state(p, {k: self._restore(k, v, p) for k, v in saved_state[pid].items()})
+
+    def _state_dtype(self, key: str, param: Tensor) -> Optional[torch.dtype]:
+        """The dtype of floating state ``key`` of ``param`` (None: keep the saved one); default: the param's."""
+        return param.dtype
+
+    def _convert_state(self, param: Tensor, state: dict) -> dict:
+        """Hook: a loaded state converted to the optimizer's format (AdamW: int8 codes <-> float moments)."""
+        return state
 
     def _restore(self, key: str, value, param: Tensor):
         if not torch.is_tensor(value):
             return value
         if key == "step":
             return value.detach().to(dtype=torch.float32, device="cpu").clone()
-        dtype = self.state_dtypes.get(key, param.dtype) if value.is_floating_point() else value.dtype
-        return value.detach().to(device=param.device, dtype=dtype or value.dtype).clone()
+        dtype = (self._state_dtype(key, param) if value.is_floating_point() else None) or value.dtype
+        if value.shape == param.shape:  # a state like the param also gets its layout (no copy at each step)
+            return torch.empty_like(param, dtype=dtype).copy_(value.detach())
+        return value.detach().to(device=param.device, dtype=dtype).clone()

@@ -23,7 +23,9 @@ from torch import Tensor
 from .. import ops
 from ..ops import adamw as adamw_op
 from ..ops.adamw import INT8_BLOCK
+from ..ops.multi_tensor import storage_perm
 from ._base import FusedOptimizer
+from .hyperparameters import check_max_grad_norm
 
 StateDtype = Union[torch.dtype, str]
 
@@ -40,53 +42,94 @@ class FusedAdamW(FusedOptimizer):
         impl: force a backend ("cpu", "cuda", "triton", "reference"); default: automatic.
     """
 
+    hyperparameters = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
+
     def __init__(self, params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, maximize: bool = False, *,
                  max_grad_norm: Optional[float] = None, master_weights: bool = False,
                  state_dtype: StateDtype = torch.float32, impl: Optional[str] = None):
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"Invalid betas: {betas}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (must be > 0 or None)")
+        check_max_grad_norm(max_grad_norm)
         if state_dtype not in (torch.float32, torch.bfloat16, "int8"):
             raise ValueError(f"Invalid state_dtype: {state_dtype!r} (torch.float32, torch.bfloat16 or 'int8')")
-        reasons = adamw_op.unsupported(quantized=state_dtype == "int8", amsgrad=amsgrad)
-        if reasons:
-            raise ValueError(f"FusedAdamW: {'; '.join(reasons)} (state_dtype={state_dtype!r}, amsgrad={amsgrad})")
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
         self.max_grad_norm = max_grad_norm
         self.master_weights = master_weights
         self.state_dtype = state_dtype
-        float_state = torch.float32 if state_dtype == "int8" else state_dtype
-        self.state_dtypes = {"exp_avg": float_state, "exp_avg_sq": float_state, "max_exp_avg_sq": float_state,
-                             "master_param": torch.float32, "exp_avg_scale": torch.float32,
-                             "exp_avg_sq_scale": torch.float32}
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
         super().__init__(params, defaults, impl)
+
+    def _check_hyperparameters(self, group: dict, where: str) -> None:
+        super()._check_hyperparameters(group, where)
+        reasons = adamw_op.unsupported(quantized=self.state_dtype == "int8", amsgrad=group["amsgrad"])
+        if reasons:
+            raise ValueError(f"FusedAdamW: {'; '.join(reasons)} (state_dtype={self.state_dtype!r}, "
+                             f"amsgrad={group['amsgrad']}, {where})")
+
+    def _moment_dtype(self, p: Tensor) -> torch.dtype:
+        """Float moments: the ``state_dtype`` setting, but float64 params keep float64 moments under the
+        float32 default (float32 moments would make a float64 run drift from torch.optim.AdamW)."""
+        float_state = torch.float32 if self.state_dtype == "int8" else self.state_dtype
+        return torch.float64 if p.dtype == torch.float64 and float_state == torch.float32 else float_state
+
+    def _state_dtype(self, key: str, param: Tensor) -> Optional[torch.dtype]:
+        if key in ("master_param", "exp_avg_scale", "exp_avg_sq_scale"):
+            return torch.float32
+        if key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            return self._moment_dtype(param)  # int8 codes are not floating: they keep their dtype
+        return None
+
+    def _convert_state(self, p: Tensor, state: dict) -> dict:
+        """A loaded state in this optimizer's format: float moments quantized to int8 codes for
+        ``state_dtype="int8"``, int8 codes dequantized for a float ``state_dtype`` (then as ``_moment_dtype``).
+        Blocks are runs of 256 elements in the param's storage order, as ``adamw_step`` steps them."""
+        if "exp_avg" not in state:
+            return state
+        perm = storage_perm(p) or tuple(range(p.dim()))
+
+        def frame(t: Tensor) -> Tensor:  # the elements in the order adamw_step's int8 blocks follow
+            return t.permute(perm)
+
+        quantized = not state["exp_avg"].is_floating_point()
+        if self.state_dtype == "int8" and not quantized:  # (amsgrad groups were refused before loading)
+            state.pop("max_exp_avg_sq", None)
+            codes = self._zero_states(p, amsgrad=False)
+            adamw_op.quantize_m(frame(state["exp_avg"]).float(), frame(codes["exp_avg"]), codes["exp_avg_scale"])
+            adamw_op.quantize_v(frame(state["exp_avg_sq"]).float(), frame(codes["exp_avg_sq"]),
+                                codes["exp_avg_sq_scale"])
+            return {**state, **codes}
+        if self.state_dtype != "int8" and quantized:
+            moments = self._zero_states(p, amsgrad=False)
+            frame(moments["exp_avg"]).copy_(
+                adamw_op.dequantize_m(frame(state.pop("exp_avg")), state.pop("exp_avg_scale"), torch.float32))
+            frame(moments["exp_avg_sq"]).copy_(
+                adamw_op.dequantize_v(frame(state.pop("exp_avg_sq")), state.pop("exp_avg_sq_scale"), torch.float32))
+            state.update(moments)
+        return state
+
+    def _zero_states(self, p: Tensor, amsgrad: bool) -> dict:
+        """Zero moments (and scales) for ``p``, with its memory layout (``preserve_format``: channels_last,
+        transposed...), so params, grads and states are stepped in storage order without copies."""
+        def like_p(dtype):
+            return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+
+        if self.state_dtype == "int8":
+            blocks = (p.numel() + INT8_BLOCK - 1) // INT8_BLOCK
+            states = {"exp_avg": like_p(torch.int8), "exp_avg_sq": like_p(torch.uint8),
+                      "exp_avg_scale": torch.zeros(blocks, dtype=torch.float32, device=p.device),
+                      "exp_avg_sq_scale": torch.zeros(blocks, dtype=torch.float32, device=p.device)}
+        else:
+            states = {"exp_avg": like_p(self._moment_dtype(p)), "exp_avg_sq": like_p(self._moment_dtype(p))}
+        if amsgrad:
+            states["max_exp_avg_sq"] = torch.zeros_like(states["exp_avg_sq"], memory_format=torch.preserve_format)
+        return states
 
     def _init_state(self, p: Tensor, amsgrad: bool) -> dict:
         state = self.state[p]
         if state:
             return state
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        if self.state_dtype == "int8":
-            blocks = (p.numel() + INT8_BLOCK - 1) // INT8_BLOCK
-            state["exp_avg"] = torch.zeros_like(p, dtype=torch.int8, memory_format=torch.contiguous_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.uint8, memory_format=torch.contiguous_format)
-            state["exp_avg_scale"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
-            state["exp_avg_sq_scale"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
-        else:
-            state["exp_avg"] = torch.zeros_like(p, dtype=self.state_dtype, memory_format=torch.contiguous_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.state_dtype, memory_format=torch.contiguous_format)
-        if amsgrad:
-            state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
+        state.update(self._zero_states(p, amsgrad))
         if self.master_weights and p.dtype in (torch.bfloat16, torch.float16):
-            state["master_param"] = p.detach().float().contiguous()
+            state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
         return state
 
     def _step(self) -> None:

@@ -49,7 +49,7 @@ def _state(state: dict) -> dict:
     out = {"step": torch.as_tensor(state["step"], dtype=torch.float32).detach().to("cpu").clone()}
     for key in STATE_KEYS:
         if key in state:
-            out[key] = state[key].detach().contiguous()
+            out[key] = state[key].detach()  # any layout: torch's states follow the param's, as ours do
     return out
 
 

@@ -17,21 +17,20 @@ import torch
 
 from .. import ops
 from ._base import FusedOptimizer
+from .hyperparameters import check_max_grad_norm
 
 
 class FusedLAMB(FusedOptimizer):
     """LAMB.  Args as timm's ``Lamb``; ``impl`` forces a backend."""
 
+    hyperparameters = ("lr", "betas", "eps", "weight_decay", "bias_correction", "grad_averaging", "trust_clip",
+                       "always_adapt")
+
     def __init__(self, params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.01, *, max_grad_norm: Optional[float] = 1.0, trust_clip: bool = False,
                  bias_correction: bool = True, grad_averaging: bool = True, always_adapt: bool = False,
                  impl: Optional[str] = None):
-        if lr < 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"Invalid betas: {betas}")
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (must be > 0 or None)")
+        check_max_grad_norm(max_grad_norm)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
                         grad_averaging=grad_averaging, trust_clip=trust_clip, always_adapt=always_adapt)
         self.max_grad_norm = max_grad_norm
@@ -50,8 +49,8 @@ class FusedLAMB(FusedOptimizer):
         bc1, bc2 = (1 - beta1**step, 1 - beta2**step) if group["bias_correction"] else (1.0, 1.0)
         for p in params:
             if not self.state[p]:
-                self.state[p]["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                self.state[p]["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                self.state[p]["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                self.state[p]["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         for bucket in self.bucket(params, lambda p: None).values():
             ops.lamb_step(
                 bucket, [p.grad for p in bucket], [self.state[p]["exp_avg"] for p in bucket],

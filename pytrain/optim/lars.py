@@ -18,25 +18,25 @@ from ._base import FusedOptimizer
 
 
 class FusedLARS(FusedOptimizer):
-    """LARS / LARC.  Args as timm's ``Lars`` (``trust_coefficient`` = timm's ``trust_coeff``);
-    ``impl`` forces a backend."""
+    """LARS / LARC.  Args as timm's ``Lars`` (``trust_coefficient`` = timm's ``trust_coeff``; ``lr`` defaults
+    to 1.0 as there, and a param group may set its own); ``impl`` forces a backend."""
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+    hyperparameters = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "trust_coefficient", "eps",
+                       "trust_clip", "always_adapt")
+
+    def __init__(self, params, lr: float = 1.0, momentum: float = 0.9, weight_decay: float = 0.0,
                  trust_coefficient: float = 1e-3, eps: float = 1e-8, nesterov: bool = False, *,
                  dampening: float = 0.0, trust_clip: bool = False, always_adapt: bool = False,
                  impl: Optional[str] = None):
-        if lr < 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if momentum < 0.0:
-            raise ValueError(f"Invalid momentum value: {momentum}")
-        if weight_decay < 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, trust_coefficient=trust_coefficient, eps=eps, trust_clip=trust_clip,
                         always_adapt=always_adapt)
         super().__init__(params, defaults, impl)
+
+    def _check_hyperparameters(self, group: dict, where: str) -> None:
+        super()._check_hyperparameters(group, where)
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError(f"FusedLARS: Nesterov momentum requires a momentum and zero dampening ({where})")
 
     def _step(self) -> None:
         for group in self.param_groups:
@@ -44,7 +44,7 @@ class FusedLARS(FusedOptimizer):
             with_momentum = group["momentum"] != 0
             fresh = {p for p in params if with_momentum and "momentum_buffer" not in self.state[p]}
             for p in fresh:
-                self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             for (_, _, init), bucket in self.bucket(params, lambda p: p in fresh).items():
                 ops.lars_step(
                     bucket, [p.grad for p in bucket],

@@ -9,9 +9,13 @@ backend's, so each step is checked from identical inputs while the states evolve
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+import subprocess
+import sys
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import pytest
 import torch
@@ -183,3 +187,73 @@ def lamb_inputs(shapes, dtype, adapt: bool, trust_clip: bool, grad_scale: float,
                    bias_correction1=1 - beta1**t, bias_correction2=1 - beta2**t, grad_scale=grad_scale,
                    adapt=adapt, trust_clip=trust_clip) for t in range(1, steps + 1)]
     return lists, kwargs, grads
+
+
+# ------------------------------------------------------------------------------- thread-count independence
+def adamw_int8_args():
+    gen = torch.Generator().manual_seed(6)
+    lists = adamw_lists(LARGE_SHAPES, torch.bfloat16, "int8", "masters", gen)
+    lists["grads"] = randn(LARGE_SHAPES, torch.bfloat16, gen, 0.1)
+    return lists, adamw_kwargs("masters", 1)
+
+
+def adamw_float_args():
+    gen = torch.Generator().manual_seed(11)
+    lists = adamw_lists(LARGE_SHAPES, torch.float32, "float32", "amsgrad", gen)
+    lists["grads"] = randn(LARGE_SHAPES, torch.float32, gen, 0.1)
+    return lists, adamw_kwargs("amsgrad", 3)
+
+
+def lars_args():
+    gen = torch.Generator().manual_seed(7)
+    lists = {"params": randn(LARGE_SHAPES, torch.float32, gen), "grads": randn(LARGE_SHAPES, torch.float32, gen),
+             "momentum_buffers": randn(LARGE_SHAPES, torch.float32, gen)}
+    return lists, dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.01, trust_coefficient=0.001, eps=1e-8,
+                       nesterov=False, trust_clip=False, adapt=True, init_buffers=False)
+
+
+def lamb_args():
+    gen = torch.Generator().manual_seed(8)
+    lists = {"params": randn(LARGE_SHAPES, torch.bfloat16, gen), "grads": randn(LARGE_SHAPES, torch.bfloat16, gen),
+             "exp_avgs": zeros(LARGE_SHAPES, torch.bfloat16), "exp_avg_sqs": zeros(LARGE_SHAPES, torch.bfloat16)}
+    return lists, dict(lr=1e-2, beta1=0.9, beta2=0.999, beta3=0.1, eps=1e-6, weight_decay=0.01,
+                       bias_correction1=0.1, bias_correction2=0.001, adapt=True)
+
+
+def global_norm_args():
+    return {"tensors": randn(LARGE_SHAPES, torch.float32, torch.Generator().manual_seed(9))}, {}
+
+
+#: (op, inputs) of the CPU kernels' determinism checks: several 64K-element chunks per tensor, so 2+ threads
+#: split the work (ChunkPlan gives each thread at least 32K elements).
+DETERMINISM_CASES: Dict[str, Tuple[str, Callable]] = {
+    "adamw_int8": ("adamw_step", adamw_int8_args),
+    "adamw_float": ("adamw_step", adamw_float_args),
+    "lars": ("lars_step", lars_args),
+    "lamb": ("lamb_step", lamb_args),
+    "global_norm": ("global_norm", global_norm_args),
+}
+
+
+def output_digest(case: str) -> str:
+    """SHA-256 of every output byte of one CPU kernel call of ``DETERMINISM_CASES[case]`` in this process."""
+    op, make_args = DETERMINISM_CASES[case]
+    (outputs,) = cpu_runs(op, make_args, threads=[torch.get_num_threads()])
+    digest = hashlib.sha256()
+    for t in outputs:
+        digest.update(t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def digests_with_threads(cases: Sequence[str], threads: int) -> Dict[str, str]:
+    """``output_digest`` of each case in a fresh process whose OpenMP team has ``threads`` threads
+    (OMP_NUM_THREADS, read by torch's pool at start-up)."""
+    code = ("import sys; from pytrain.testing.multi_tensor import output_digest; "
+            "import torch; assert torch.get_num_threads() == int(sys.argv[1]), torch.get_num_threads(); "
+            "print(*[f'{c}={output_digest(c)}' for c in sys.argv[2:]])")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    out = subprocess.run([sys.executable, "-c", code, str(threads), *cases], env=env, capture_output=True, text=True,
+                         timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"digest subprocess with OMP_NUM_THREADS={threads} failed:\n{out.stderr[-3000:]}")
+    return dict(item.split("=") for item in out.stdout.split())

@@ -12,7 +12,8 @@ import torch
 from pytrain.testing import gpu
 from pytrain.testing.backends import impl_or_skip
 from pytrain.testing.multi_tensor import STATE_DTYPES, STEPS, adamw_kwargs, adamw_lists, randn, run_and_compare
-from pytrain.testing.optim_compare import ODD_SHAPES
+from pytrain.optim import FusedAdamW
+from pytrain.testing.optim_compare import LAYOUTS, ODD_SHAPES, storage_frame_mismatches
 
 pytestmark = pytest.mark.gpu
 
@@ -59,3 +60,14 @@ def test_many_tensors(impl, param, state, variant):
 @pytest.mark.parametrize("state", ["float32", "int8"])
 def test_large(impl, state):
     run(impl, LARGE_SHAPES, "bfloat16", state, "masters", steps=2, seed=3)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kwargs", [dict(lr=1e-2), dict(lr=1e-2, state_dtype="int8"), dict(lr=1e-2, master_weights=True)], ids=["float32", "int8", "bf16_masters"])
+def test_non_contiguous_params(impl, layout, kwargs):
+    """FusedAdamW on CUDA params in any layout (channels_last, transposed, sliced) steps them as the contiguous
+    kernel steps their storage order, bit for bit."""
+    impl_or_skip("adamw_step", impl, gpu.DEVICE)
+    dtype = torch.bfloat16 if kwargs.get("master_weights") else torch.float32
+    assert storage_frame_mismatches(lambda ps: FusedAdamW(ps, impl=impl, **kwargs), layout, dtype, device=gpu.DEVICE) == []

@@ -46,3 +46,18 @@ def test_poisoned_buffers(impl, shapes):
     for byte in gpu.POISON_BYTES:
         with gpu.poisoned(byte):
             check_norm(impl, "float32", SHAPES[shapes], seed=6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("value", [1e20, 1e-25, 3e30])
+@pytest.mark.parametrize("shapes", ["odd", "many"])
+def test_extreme_values(impl, dtype, value, shapes):
+    """Finite values whose float32 squares overflow or underflow: float64 sums keep the norm exact to float32."""
+    impl_or_skip("global_norm", impl, gpu.DEVICE)
+    gen = torch.Generator().manual_seed(7)
+    tensors = [(value * torch.rand(s, generator=gen, dtype=torch.float64)).to(FLOATS[dtype]) for s in SHAPES[shapes]]
+    norm = ops.global_norm([t.to(gpu.DEVICE) for t in tensors], impl=impl)
+    exact = value * torch.sqrt(sum((t.double() / value).pow(2).sum() for t in tensors))
+    assert torch.isfinite(norm) and abs(float(norm) / float(exact) - 1) <= 2e-6, (float(norm), float(exact))
+    assert torch.isinf(ops.global_norm([torch.full((100,), 3e38, device=gpu.DEVICE)], impl=impl))

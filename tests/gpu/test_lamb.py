@@ -7,7 +7,8 @@ import torch
 from pytrain.testing import gpu
 from pytrain.testing.backends import impl_or_skip
 from pytrain.testing.multi_tensor import STEPS, lamb_inputs, run_and_compare
-from pytrain.testing.optim_compare import ODD_SHAPES
+from pytrain.optim import FusedLAMB
+from pytrain.testing.optim_compare import LAYOUTS, ODD_SHAPES, storage_frame_mismatches
 
 pytestmark = pytest.mark.gpu
 
@@ -42,3 +43,14 @@ def test_many_tensors(impl, dtype):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_large(impl):
     lamb_run(impl, "float32", LARGE_SHAPES, adapt=True, trust_clip=True, grad_scale=0.5, steps=2, seed=6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kwargs", [dict(lr=1e-2, weight_decay=0.1)], ids=["default"])
+def test_non_contiguous_params(impl, layout, kwargs):
+    """FusedLAMB on CUDA params in any layout (channels_last, transposed, sliced) steps them as the contiguous
+    kernel steps their storage order, bit for bit."""
+    impl_or_skip("lamb_step", impl, gpu.DEVICE)
+    dtype = torch.float32
+    assert storage_frame_mismatches(lambda ps: FusedLAMB(ps, impl=impl, **kwargs), layout, dtype, device=gpu.DEVICE) == []

@@ -7,7 +7,8 @@ import torch
 from pytrain.testing import gpu
 from pytrain.testing.backends import impl_or_skip
 from pytrain.testing.multi_tensor import STEPS, lars_inputs, run_and_compare
-from pytrain.testing.optim_compare import ODD_SHAPES
+from pytrain.optim import FusedLARS
+from pytrain.testing.optim_compare import LAYOUTS, ODD_SHAPES, storage_frame_mismatches
 
 pytestmark = pytest.mark.gpu
 
@@ -42,3 +43,14 @@ def test_many_tensors(impl, dtype):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_large(impl):
     lars_run(impl, "float32", LARGE_SHAPES, "heavy_ball", adapt=True, trust_clip=False, steps=2, seed=5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kwargs", [dict(lr=0.5, weight_decay=1e-4, nesterov=True)], ids=["nesterov"])
+def test_non_contiguous_params(impl, layout, kwargs):
+    """FusedLARS on CUDA params in any layout (channels_last, transposed, sliced) steps them as the contiguous
+    kernel steps their storage order, bit for bit."""
+    impl_or_skip("lars_step", impl, gpu.DEVICE)
+    dtype = torch.float32
+    assert storage_frame_mismatches(lambda ps: FusedLARS(ps, impl=impl, **kwargs), layout, dtype, device=gpu.DEVICE) == []

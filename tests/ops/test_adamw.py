@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from pytrain.testing.multi_tensor import (ADAMW_VARIANTS, FLOATS, IMPLS, LARGE_SHAPES, STATE_DTYPES, STEPS,
-                                          adamw_kwargs, adamw_lists, assert_deterministic, backend_device, cpu_op,
-                                          f32, randn, run_and_compare)
+                                          adamw_int8_args, adamw_kwargs, adamw_lists, assert_deterministic,
+                                          backend_device, cpu_op, f32, randn, run_and_compare)
 from pytrain.testing.optim_compare import ODD_SHAPES
 
 
@@ -37,11 +37,6 @@ def test_adamw_large(impl, state):
                     codes=("exp_avgs", "exp_avg_sqs") if state == "int8" else ())
 
 
-def adamw_int8_args():
-    gen = torch.Generator().manual_seed(6)
-    lists = adamw_lists(LARGE_SHAPES, torch.bfloat16, "int8", "masters", gen)
-    lists["grads"] = randn(LARGE_SHAPES, torch.bfloat16, gen, 0.1)
-    return lists, adamw_kwargs("masters", 1)
 
 
 def test_cpu_deterministic():

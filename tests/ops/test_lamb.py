@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pytrain.testing.multi_tensor import (FLOATS, IMPLS, LARGE_SHAPES, STEPS, assert_deterministic, backend_device,
-                                          cpu_op, f32, lamb_inputs, randn, run_and_compare, zeros)
+                                          cpu_op, f32, lamb_args, lamb_inputs, run_and_compare)
 from pytrain.testing.optim_compare import ODD_SHAPES
 
 
@@ -27,12 +27,6 @@ def test_lamb_large(impl):
     lamb_run(impl, torch.float32, LARGE_SHAPES, adapt=True, trust_clip=True, grad_scale=0.5, steps=2)
 
 
-def lamb_args():
-    gen = torch.Generator().manual_seed(8)
-    lists = {"params": randn(LARGE_SHAPES, torch.bfloat16, gen), "grads": randn(LARGE_SHAPES, torch.bfloat16, gen),
-             "exp_avgs": zeros(LARGE_SHAPES, torch.bfloat16), "exp_avg_sqs": zeros(LARGE_SHAPES, torch.bfloat16)}
-    return lists, dict(lr=1e-2, beta1=0.9, beta2=0.999, beta3=0.1, eps=1e-6, weight_decay=0.01,
-                       bias_correction1=0.1, bias_correction2=0.001, adapt=True)
 
 
 def test_cpu_deterministic():

@@ -4,8 +4,8 @@ CPU repeats whatever the thread count; the C++ input checks.  Helpers: ``pytrain
 import pytest
 import torch
 
-from pytrain.testing.multi_tensor import (FLOATS, IMPLS, LARGE_SHAPES, STEPS, assert_deterministic, backend_device,
-                                          LARS_MOMENTUM, cpu_op, f32, lars_inputs, randn, run_and_compare)
+from pytrain.testing.multi_tensor import (FLOATS, IMPLS, LARGE_SHAPES, LARS_MOMENTUM, STEPS, assert_deterministic,
+                                          backend_device, cpu_op, f32, lars_args, lars_inputs, run_and_compare)
 from pytrain.testing.optim_compare import ODD_SHAPES
 
 
@@ -30,12 +30,6 @@ def test_lars_large(impl):
     lars_run(impl, torch.float32, LARGE_SHAPES, "nesterov", adapt=True, trust_clip=False, steps=2)
 
 
-def lars_args():
-    gen = torch.Generator().manual_seed(7)
-    lists = {"params": randn(LARGE_SHAPES, torch.float32, gen), "grads": randn(LARGE_SHAPES, torch.float32, gen),
-             "momentum_buffers": randn(LARGE_SHAPES, torch.float32, gen)}
-    return lists, dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.01, trust_coefficient=0.001, eps=1e-8,
-                       nesterov=False, trust_clip=False, adapt=True, init_buffers=False)
 
 
 def test_cpu_deterministic():

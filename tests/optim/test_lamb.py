@@ -6,8 +6,9 @@ import torch
 
 from pytrain.optim import FusedLAMB
 from pytrain.testing.backends import CPU_IMPLS, impl_or_skip
-from pytrain.testing.optim_compare import (ODD_SHAPES, clone_params, make_params, random_grads,
-                                             resumed_run_difference, run_side_by_side)
+from pytrain.testing.optim_compare import (LAYOUTS, ODD_SHAPES, clone_params, layout_params, make_params,
+                                           random_grads, resumed_run_difference, run_side_by_side, states_keep_layout,
+                                           storage_frame_mismatches)
 
 timm_optim = pytest.importorskip("timm.optim", reason="timm (test extra) is not installed")
 
@@ -59,3 +60,25 @@ def test_non_finite_grads_skip_the_step():
 
 def test_state_dict_round_trip():
     assert resumed_run_difference(lambda ps: FusedLAMB(ps)) == 0.0
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_non_contiguous_params_match_timm(impl, layout):
+    """channels_last conv weights, transposed and sliced weights step as timm steps them."""
+    impl_or_skip("lamb_step", impl)
+    ours = layout_params(layout)
+    theirs = clone_params(ours)
+    kwargs = dict(lr=1e-2, weight_decay=0.1)
+    opt = FusedLAMB(ours, impl=impl, **kwargs)
+    worst = run_side_by_side(ours, opt, theirs, timm_optim.Lamb(theirs, foreach=False, **kwargs), random_grads(ours, STEPS_BY_IMPL.get(impl, 10)))
+    assert worst <= FP32_MAX_REL
+    assert states_keep_layout(opt)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_non_contiguous_params_step_in_storage_order(layout, dtype):
+    """Any layout is the contiguous kernel on the storage order, bit for bit."""
+    kwargs = dict(lr=1e-2, weight_decay=0.1)
+    assert storage_frame_mismatches(lambda ps: FusedLAMB(ps, **kwargs), layout, dtype) == []

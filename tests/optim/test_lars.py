@@ -4,8 +4,9 @@ import torch
 
 from pytrain.optim import FusedLARS
 from pytrain.testing.backends import CPU_IMPLS, impl_or_skip
-from pytrain.testing.optim_compare import (ODD_SHAPES, clone_params, make_params, random_grads,
-                                             resumed_run_difference, run_side_by_side)
+from pytrain.testing.optim_compare import (LAYOUTS, ODD_SHAPES, clone_params, layout_params, make_params,
+                                           random_grads, resumed_run_difference, run_side_by_side, states_keep_layout,
+                                           storage_frame_mismatches)
 
 timm_optim = pytest.importorskip("timm.optim", reason="timm (test extra) is not installed")
 
@@ -67,3 +68,25 @@ def test_state_dict_round_trip():
 def test_nesterov_needs_momentum():
     with pytest.raises(ValueError, match="Nesterov"):
         FusedLARS(make_params([(3,)]), lr=0.1, momentum=0.0, nesterov=True)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_non_contiguous_params_match_timm(impl, layout):
+    """channels_last conv weights, transposed and sliced weights step as timm steps them."""
+    impl_or_skip("lars_step", impl)
+    ours = layout_params(layout)
+    theirs = clone_params(ours)
+    kwargs = dict(lr=0.5, momentum=0.9, weight_decay=1e-4, nesterov=True)
+    opt = FusedLARS(ours, impl=impl, **kwargs)
+    worst = run_side_by_side(ours, opt, theirs, timm_optim.Lars(theirs, **timm_kwargs(kwargs)), random_grads(ours, STEPS_BY_IMPL.get(impl, 10)))
+    assert worst <= FP32_MAX_REL
+    assert states_keep_layout(opt)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_non_contiguous_params_step_in_storage_order(layout, dtype):
+    """Any layout is the contiguous kernel on the storage order, bit for bit."""
+    kwargs = dict(lr=0.5, momentum=0.9, weight_decay=1e-4, nesterov=True)
+    assert storage_frame_mismatches(lambda ps: FusedLARS(ps, **kwargs), layout, dtype) == []
