@@ -23,11 +23,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, List
 
+from ._checks import count, real
 from .collectives import Link, ring_allreduce
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20
 FIRST_BUCKET_BYTES = 2**20
 BACKWARD_FRACTION = 2.0 / 3.0
+#: the most buckets ``bucket_sizes`` lists (and ``ddp_step`` times one by one): 26 TB of gradients in 25 MiB buckets
+MAX_BUCKETS = 10**6
 
 
 @dataclass(frozen=True, repr=False)
@@ -54,15 +57,18 @@ class DDPStepEstimate:
 def bucket_sizes(n_bytes: float, bucket_bytes: float = DEFAULT_BUCKET_BYTES,
                  first_bucket_bytes: float = FIRST_BUCKET_BYTES) -> List[float]:
     """DDP's bucket sizes in bytes, in the order they are reduced: ``first_bucket_bytes``, then
-    ``bucket_bytes`` each, the remainder last (parameter boundaries ignored)."""
-    if n_bytes < 0 or bucket_bytes <= 0 or first_bucket_bytes <= 0:
-        raise ValueError(f"need n_bytes >= 0 and bucket sizes > 0, got {n_bytes}, {bucket_bytes}, {first_bucket_bytes}")
-    sizes, left, cap = [], float(n_bytes), float(first_bucket_bytes)
-    while left > 0:
-        sizes.append(min(cap, left))
-        left -= sizes[-1]
-        cap = bucket_bytes
-    return sizes
+    ``bucket_bytes`` each, the remainder last (parameter boundaries ignored).  Raises ValueError for more
+    than ``MAX_BUCKETS`` buckets."""
+    total = real("n_bytes", n_bytes)
+    cap = real("bucket_bytes", bucket_bytes, strict=True)
+    first = real("first_bucket_bytes", first_bucket_bytes, strict=True)
+    if total <= first:
+        return [total] if total > 0 else []
+    full, rest = divmod(total - first, cap)
+    if 1 + full + (rest > 0) > MAX_BUCKETS:
+        raise ValueError(f"n_bytes={n_bytes!r} makes {1 + full + (rest > 0):.3g} buckets of bucket_bytes="
+                         f"{bucket_bytes!r}, more than the {MAX_BUCKETS:,} modelled: use larger buckets")
+    return [first] + [cap] * int(full) + ([rest] if rest > 0 else [])
 
 
 def ddp_step(n_params: int, *, compute_s: float, world_size: int, link: Link,
@@ -74,17 +80,17 @@ def ddp_step(n_params: int, *, compute_s: float, world_size: int, link: Link,
     or FLOPs / rate); ``optimizer_s``: the optimizer step after the last bucket; ``codec_s``: compression work
     per step; ``copy_s``: gradient copies into and out of the buckets; ``allreduce(n_bytes, p, link)``: the
     collective's cost model (ring by default)."""
-    if not (isinstance(n_params, int) and n_params >= 0):
-        raise ValueError(f"n_params must be an int >= 0, got {n_params!r}")
-    if not (isinstance(world_size, int) and world_size >= 1):
-        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
-    if min(compute_s, codec_s, optimizer_s, copy_s) < 0:
-        raise ValueError(f"times must be >= 0 s, got compute_s={compute_s}, codec_s={codec_s}, "
-                         f"optimizer_s={optimizer_s}, copy_s={copy_s}")
-    if not 0 < compression_ratio <= 1.0:
-        raise ValueError(f"compression_ratio must be in (0, 1] (bytes sent / gradient bytes), got {compression_ratio}")
-    if not 0 <= backward_fraction <= 1:
-        raise ValueError(f"backward_fraction must be in [0, 1], got {backward_fraction}")
+    n_params, bytes_per_element = count("n_params", n_params, 0), count("bytes_per_element", bytes_per_element)
+    world_size = count("world_size", world_size)
+    for name, seconds in (("compute_s", compute_s), ("codec_s", codec_s), ("optimizer_s", optimizer_s),
+                          ("copy_s", copy_s)):
+        real(name, seconds, unit="s")
+    real("compression_ratio (bytes sent / gradient bytes)", compression_ratio, strict=True, maximum=1.0)
+    real("backward_fraction", backward_fraction, maximum=1.0)
+    if not isinstance(link, Link):
+        raise TypeError(f"link must be a pytrain.cost.Link, got {type(link).__name__}")
+    if not callable(allreduce):
+        raise TypeError(f"allreduce must be a cost function (n_bytes, p, link) -> seconds, got {allreduce!r}")
     total = n_params * bytes_per_element
     buckets = bucket_sizes(total, bucket_bytes, first_bucket_bytes)
     forward = (1 - backward_fraction) * compute_s

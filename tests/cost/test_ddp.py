@@ -1,7 +1,10 @@
 """DDP step model: buckets, overlap with the backward pass, compression; hand-computed cases and limits."""
+import math
+
 import pytest
 
 from pytrain.cost import Link, bucket_sizes, ddp_step, ring_allreduce
+from pytrain.cost.ddp import MAX_BUCKETS
 
 MiB = 2**20
 LINK = Link(alpha=100e-6, beta=1e-9)
@@ -11,6 +14,22 @@ def test_bucket_sizes():
     assert bucket_sizes(60 * MiB) == [MiB, 25 * MiB, 25 * MiB, 9 * MiB]
     assert bucket_sizes(MiB // 2) == [MiB // 2]
     assert bucket_sizes(0) == []
+    assert bucket_sizes(3.5, bucket_bytes=1, first_bucket_bytes=1) == [1, 1, 1, 0.5]
+
+
+@pytest.mark.parametrize("args, match", [
+    ((math.inf,), "n_bytes"), ((math.nan,), "n_bytes"), ((-1,), "n_bytes"),
+    ((MiB, math.nan), "bucket_bytes"), ((MiB, 0), "bucket_bytes"), ((MiB, 1, math.inf), "first_bucket_bytes"),
+    ((MAX_BUCKETS + 0.5, 1, 1), "buckets"),  # a finite count the list cannot hold: refused, not looped over
+    ((2**120,), "buckets"),
+])
+def test_bucket_sizes_bad_input(args, match):
+    with pytest.raises(ValueError, match=match):
+        bucket_sizes(*args)
+
+
+def test_bucket_sizes_at_the_limit():
+    assert len(bucket_sizes(MAX_BUCKETS, 1, 1)) == MAX_BUCKETS
 
 
 def test_one_process_has_no_communication():
@@ -60,11 +79,15 @@ def test_monotonic():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(world_size=0), "world_size"),
-    (dict(compute_s=-1.0), "times"),
+    (dict(world_size=True), "world_size"),
+    (dict(compute_s=-1.0), "compute_s"),
+    (dict(compute_s=math.nan), "compute_s"),
+    (dict(optimizer_s=math.inf), "optimizer_s"),
     (dict(compression_ratio=0.0), "compression_ratio"),
     (dict(compression_ratio=1.5), "compression_ratio"),
     (dict(backward_fraction=2.0), "backward_fraction"),
     (dict(bucket_bytes=0), "bucket"),
+    (dict(bucket_bytes=math.nan), "bucket_bytes"),
 ])
 def test_bad_input(kwargs, match):
     args = {**dict(compute_s=0.1, world_size=2, link=LINK), **kwargs}
