@@ -24,7 +24,9 @@ PyTorch's module.  Every replacement returns the function that undoes it.
 ``patch_sdpa`` routes the calls ``flash_attention`` computes exactly (4-D q/k/v, no mask,
 ``is_causal`` with seqlen_q == seqlen_k since SDPA aligns causal masks top-left, GQA with
 ``enable_gqa``, head dim 16..256, fp32/bf16/fp16) and passes every other call (masks, attention
-bias, ...) to PyTorch unchanged, counting it with its reason in the report.
+bias, ...) to PyTorch unchanged, counting it with its reason in the report.  It refuses (ValueError) a
+key and value of different sequence lengths, which PyTorch's CPU kernel accepts and answers with
+garbage that changes from call to call.
 """
 from __future__ import annotations
 
@@ -122,10 +124,20 @@ def sdpa_decline_reason(query: Tensor, key: Tensor, value: Tensor, attn_mask: Op
     return kernel_decline_reason(query, key, value)
 
 
+def _check_kv_lengths(key, value) -> None:
+    """ValueError unless key and value hold as many positions (dim -2): each output row is a softmax-weighted
+    sum of value rows, one per key.  PyTorch's CPU SDPA does not check this and reads past the shorter one."""
+    if (isinstance(key, Tensor) and isinstance(value, Tensor) and not (key.is_nested or value.is_nested)
+            and key.dim() >= 2 and value.dim() >= 2 and key.shape[-2] != value.shape[-2]):
+        raise ValueError(f"scaled_dot_product_attention: key and value must have the same sequence length "
+                         f"(dim -2), got key {tuple(key.shape)} and value {tuple(value.shape)}")
+
+
 def _routed_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                  dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
                  enable_gqa: bool = False) -> Tensor:
     """``F.scaled_dot_product_attention`` while ``patch_sdpa`` is on (same signature)."""
+    _check_kv_lengths(key, value)
     reason = sdpa_decline_reason(query, key, value, attn_mask, is_causal, enable_gqa)
     if _active:
         _active[-1][0].record(_active[-1][1], reason)
@@ -284,6 +296,7 @@ def swap(model: nn.Module, *, attention: bool = True, optimizer: Optional[torch.
         inplace: must be True: the model is changed in place (``unswap`` restores it).  Deep-copy the
             model first to keep an untouched one.
     """
+    _check_model("pytrain.swap", model)
     if not inplace:
         raise ValueError("pytrain.swap: only inplace=True is supported; swap a copy.deepcopy(model) instead")
     if ATTRIBUTE in model.__dict__:
@@ -297,6 +310,11 @@ def swap(model: nn.Module, *, attention: bool = True, optimizer: Optional[torch.
     for path, module in model.named_modules():
         module.__dict__[ATTRIBUTE] = (report, path)
     return report
+
+
+def _check_model(caller: str, model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{caller}: model must be a torch.nn.Module, got {type(model).__name__}")
 
 
 def _apply_rules(model: nn.Module, report: SwapReport) -> None:
@@ -317,6 +335,7 @@ def _apply_rules(model: nn.Module, report: SwapReport) -> None:
 
 def unswap(model: nn.Module) -> SwapReport:
     """Undo ``swap(model)`` (the optimizer conversion stays); returns the swap's report."""
+    _check_model("pytrain.unswap", model)
     tag = model.__dict__.get(ATTRIBUTE)
     if tag is None:
         raise RuntimeError("pytrain.unswap: this model was not swapped by pytrain.swap")

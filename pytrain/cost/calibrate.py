@@ -27,6 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from ._checks import count, real
 from .collectives import COLLECTIVES, Link, coefficients
 
 DEFAULT_SIZES = (16 * 2**10, 512 * 2**10, 8 * 2**20)  # bytes: latency-, mixed- and bandwidth-dominated
@@ -87,10 +88,10 @@ def measure_collective(sizes: Sequence[int], group=None, *, repeats: int = 20, w
     reduction's arithmetic, e.g. fp16 on a CPU, costs per byte too).  Every rank of the group must call it."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("measure_collective needs an initialized torch.distributed process group")
-    if not sizes or any(not isinstance(n, int) or n <= 0 for n in sizes):
+    if not sizes:
         raise ValueError(f"sizes must be a non-empty sequence of positive ints (bytes), got {sizes!r}")
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    sizes = [count(f"sizes[{i}] (bytes)", n) for i, n in enumerate(sizes)]
+    repeats, warmup = count("repeats", repeats), count("warmup", warmup, 0)
     p = dist.get_world_size(group)
     runs = [_collective(op, n, p, group, dtype) for n in sizes]
     samples: List[List[float]] = [[] for _ in sizes]
@@ -144,10 +145,11 @@ def fit_line(x: Sequence[float], y: Sequence[float], iterations: int = 20) -> Tu
 
 def fit_link(sizes: Sequence[int], seconds: Sequence[float], p: int, op: str = "all_reduce") -> Calibration:
     """Fit alpha, beta of ``op`` on ``p`` ranks to measured (bytes, seconds) pairs: ``t = a(p) alpha + b(p) beta n``."""
-    if p < 2:
+    if count("p", p) < 2:
         raise ValueError(f"calibration needs a group of >= 2 ranks (one rank communicates nothing), got {p}")
     a, b = coefficients(op, p)
-    c0, c1 = fit_line([float(n) for n in sizes], list(seconds))
+    x = [real(f"sizes[{i}]", n, strict=True, unit="bytes") for i, n in enumerate(sizes)]
+    c0, c1 = fit_line(x, [real(f"seconds[{i}]", t, strict=True, unit="s") for i, t in enumerate(seconds)])
     return Calibration(Link(c0 / a, c1 / b), op, p, dict(zip(sizes, seconds)))
 
 

@@ -26,34 +26,45 @@ from .plan import PlanConfig, plan
 GIB = 2**30
 
 
+def _count(text: str) -> int:
+    """argparse type of a count flag: an int >= 1 (argparse names the flag in its usage error, exit status 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
+    return value
+
+
 def _parser(command: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=f"pytrain {command}", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cluster", default="8xH100-400G", choices=sorted(PRESETS),
                     help="cluster preset, one node type (default: %(default)s)")
-    ap.add_argument("--nodes", type=int, default=1, help="number of nodes (default: %(default)s)")
+    ap.add_argument("--nodes", type=_count, default=1, help="number of nodes (default: %(default)s)")
     ap.add_argument("--utilisation", type=float, default=None,
                     help="fraction of peak FLOP/s a step reaches, e.g. measured on your machine "
                          "(default: the GPU's preset, with its source)")
     ap.add_argument("--params", type=float, default=7e9, help="model parameters (default: %(default)g)")
-    ap.add_argument("--layers", type=int, default=32, help="transformer layers (default: %(default)s)")
-    ap.add_argument("--hidden", type=int, default=4096, help="hidden size (default: %(default)s)")
-    ap.add_argument("--heads", type=int, default=None, help="attention heads (default: hidden / 128)")
-    ap.add_argument("--seq", type=int, default=4096, help="sequence length in tokens (default: %(default)s)")
-    ap.add_argument("--batch", type=int, default=512, help="global batch in sequences per step (default: %(default)s)")
+    ap.add_argument("--layers", type=_count, default=32, help="transformer layers (default: %(default)s)")
+    ap.add_argument("--hidden", type=_count, default=4096, help="hidden size (default: %(default)s)")
+    ap.add_argument("--heads", type=_count, default=None, help="attention heads (default: hidden / 128)")
+    ap.add_argument("--seq", type=_count, default=4096, help="sequence length in tokens (default: %(default)s)")
+    ap.add_argument("--batch", type=_count, default=512, help="global batch in sequences per step (default: %(default)s)")
     ap.add_argument("--optimizer", default="adamw", choices=("adamw", "adam", "lamb", "lars", "sgd_momentum", "sgd"),
                     help="optimizer, for its state memory (default: %(default)s)")
     ap.add_argument("--state-dtype", default="fp32", choices=("fp32", "bf16", "int8"),
                     help="optimizer state storage (default: %(default)s)")
     if command == "plan":
-        ap.add_argument("--top", type=int, default=10, help="rows to print (default: %(default)s)")
+        ap.add_argument("--top", type=_count, default=10, help="rows to print (default: %(default)s)")
         ap.add_argument("--pytrain-only", action="store_true",
                         help="only configurations pytrain's trainers run today (default: all, each marked)")
     else:
-        ap.add_argument("--dp", type=int, help="data-parallel degree (default: the fastest configuration's)")
-        ap.add_argument("--pp", type=int, help="pipeline stages (default: the fastest configuration's)")
-        ap.add_argument("--tp", type=int, help="tensor-parallel degree (default: the fastest configuration's)")
-        ap.add_argument("--micro-batch", type=int, help="micro-batch size (default: the fastest configuration's)")
+        ap.add_argument("--dp", type=_count, help="data-parallel degree (default: the fastest configuration's)")
+        ap.add_argument("--pp", type=_count, help="pipeline stages (default: the fastest configuration's)")
+        ap.add_argument("--tp", type=_count, help="tensor-parallel degree (default: the fastest configuration's)")
+        ap.add_argument("--micro-batch", type=_count, help="micro-batch size (default: the fastest configuration's)")
         ap.add_argument("--collective", type=float,
                         help="print the collectives' times for this many bytes instead (default: off)")
     return ap

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Dict
 
+from ._checks import count, real
 from .collectives import Link
 
 GB = 1e9
@@ -34,8 +35,7 @@ class Utilisation:
     source: str
 
     def __post_init__(self):
-        if not (isinstance(self.value, (int, float)) and 0 < self.value <= 1):
-            raise ValueError(f"utilisation must be in (0, 1], got {self.value!r}")
+        real("utilisation", self.value, strict=True, maximum=1.0)
         if not (isinstance(self.source, str) and self.source.strip()):
             raise ValueError("a utilisation needs its source (where the number comes from), got an empty one")
 
@@ -74,12 +74,14 @@ class Cluster:
         if not isinstance(self.utilisation, Utilisation):
             raise TypeError(f"utilisation must be a pytrain.cost.Utilisation(value, source), "
                             f"got {type(self.utilisation).__name__}")
-        if not (isinstance(self.gpus_per_node, int) and self.gpus_per_node >= 1
-                and isinstance(self.nodes, int) and self.nodes >= 1):
-            raise ValueError(f"gpus_per_node and nodes must be ints >= 1, got {self.gpus_per_node!r}, {self.nodes!r}")
-        if not (self.flops > 0 and self.memory_bytes > 0):
-            raise ValueError(f"flops and memory_bytes must be > 0, got {self.flops!r}, {self.memory_bytes!r}")
-        if not 0 <= self.reserve_bytes < self.memory_bytes:
+        for name in ("intra", "inter"):
+            if not isinstance(getattr(self, name), Link):
+                raise TypeError(f"{name} must be a pytrain.cost.Link, got {type(getattr(self, name)).__name__}")
+        for name in ("gpus_per_node", "nodes"):  # stored as plain ints (a numpy count would multiply in int64)
+            object.__setattr__(self, name, count(name, getattr(self, name)))
+        real("flops", self.flops, strict=True, unit="FLOP/s")
+        real("memory_bytes", self.memory_bytes, strict=True)
+        if not real("reserve_bytes", self.reserve_bytes) < self.memory_bytes:
             raise ValueError(f"reserve_bytes must be in [0, memory_bytes), got {self.reserve_bytes!r}")
 
     @property

@@ -28,6 +28,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Dict
 
+from ._checks import count, real
+
 
 @dataclass(frozen=True, repr=False)
 class Link:
@@ -37,11 +39,8 @@ class Link:
     beta: float
 
     def __post_init__(self):
-        for name in ("alpha", "beta"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                unit = "s/byte" if name == "beta" else "s"
-                raise ValueError(f"Link.{name} must be a finite number >= 0 ({unit}), got {value!r}")
+        real("Link.alpha", self.alpha, unit="s")
+        real("Link.beta", self.beta, unit="s/byte")
 
     def __repr__(self) -> str:
         bandwidth = f"{1 / self.beta / 1e9:.3g} GB/s" if self.beta else "unlimited bandwidth"
@@ -50,9 +49,7 @@ class Link:
     @classmethod
     def from_bandwidth(cls, latency_s: float, bytes_per_s: float) -> "Link":
         """A link from its latency (s) and bandwidth (bytes/s), e.g. ``Link.from_bandwidth(5e-6, 400e9 / 8)``."""
-        if not bytes_per_s > 0:
-            raise ValueError(f"bandwidth must be > 0 bytes/s, got {bytes_per_s!r}")
-        return cls(latency_s, 1.0 / bytes_per_s)
+        return cls(latency_s, 1.0 / real("bandwidth", bytes_per_s, strict=True, finite=False, unit="bytes/s"))
 
     @property
     def bandwidth(self) -> float:
@@ -60,11 +57,10 @@ class Link:
         return math.inf if self.beta == 0 else 1.0 / self.beta
 
 
-def _check(n_bytes: float, p: int, link: Link) -> None:
-    if not (isinstance(n_bytes, (int, float)) and math.isfinite(n_bytes) and n_bytes >= 0):
-        raise ValueError(f"n_bytes must be a finite number >= 0, got {n_bytes!r}")
-    if not (isinstance(p, int) and p >= 1):
-        raise ValueError(f"the number of processes p must be an int >= 1, got {p!r}")
+def _check(n_bytes: float, p: int, link: Link, p_name: str = "p") -> None:
+    """The arguments of every cost: a finite byte count >= 0, a process count ``p_name`` >= 1, a Link."""
+    real("n_bytes", n_bytes)
+    count(p_name, p)
     if not isinstance(link, Link):
         raise TypeError(f"link must be a pytrain.cost.Link, got {type(link).__name__}")
 
@@ -91,6 +87,8 @@ def bytes_sent(op: str, n_bytes: float, p: int) -> float:
     i.e. 2 (p-1)/p n for all-reduce, (p-1)/p n for reduce-scatter and all-to-all, and (p-1) c for an
     all-gather of c bytes per rank (n = p c, the gathered buffer).  An int ``n_bytes`` gives whole bytes
     (rounded down), as the hooks count them."""
+    real("n_bytes", n_bytes)
+    count("p", p)
     steps = ring_steps(op, p)
     return steps * n_bytes // p if isinstance(n_bytes, int) else steps * n_bytes / p
 
@@ -142,8 +140,8 @@ def hierarchical_allreduce(n_bytes: float, gpus_per_node: int, nodes: int, intra
     ring reduce-scatter inside each node over ``gpus_per_node`` ranks, ring all-reduce of the n/g shard across
     ``nodes`` (g concurrent rings on separate NICs), ring all-gather inside the node:
     ``RS_intra(n, g) + AR_inter(n/g, N) + AG_intra(n, g)`` s."""
-    _check(n_bytes, gpus_per_node, intra)
-    _check(n_bytes, nodes, inter)
+    _check(n_bytes, gpus_per_node, intra, "gpus_per_node")
+    _check(n_bytes, nodes, inter, "nodes")
     return (reduce_scatter(n_bytes, gpus_per_node, intra) + ring_allreduce(n_bytes / gpus_per_node, nodes, inter)
             + all_gather(n_bytes, gpus_per_node, intra))
 
@@ -159,9 +157,7 @@ _BUS_FACTOR: Dict[str, Callable[[int], float]] = {
 
 def algbw(n_bytes: float, seconds: float) -> float:
     """Algorithm bandwidth in bytes/s: ``n / t`` (nccl-tests PERFORMANCE.md)."""
-    if not seconds > 0:
-        raise ValueError(f"seconds must be > 0, got {seconds!r}")
-    return n_bytes / seconds
+    return real("n_bytes", n_bytes) / real("seconds", seconds, strict=True)
 
 
 def busbw(n_bytes: float, seconds: float, p: int, op: str = "all_reduce") -> float:
@@ -169,8 +165,7 @@ def busbw(n_bytes: float, seconds: float, p: int, op: str = "all_reduce") -> flo
     factor ``2(p-1)/p`` for all-reduce, ``(p-1)/p`` for reduce-scatter / all-gather / all-to-all, 1 otherwise."""
     if op not in _BUS_FACTOR:
         raise ValueError(f"unknown collective {op!r}; one of {sorted(_BUS_FACTOR)}")
-    if not (isinstance(p, int) and p >= 1):
-        raise ValueError(f"p must be an int >= 1, got {p!r}")
+    count("p", p)
     return algbw(n_bytes, seconds) * _BUS_FACTOR[op](p)
 
 

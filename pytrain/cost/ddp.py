@@ -11,6 +11,11 @@ fraction of the backward is done; buckets go out one at a time in order on one c
     start_i = max(ready_i, end_{i-1});   end_i = start_i + codec_i + T_allreduce(r * bucket_i)
     step    = max(c, end_last) + copy_s + optimizer_s     (overlap=False: c + sum of comm + copy_s + optimizer_s)
 
+The buckets come in at most three sizes (the first, a run of k equal full ones, the remainder), so the
+recurrence is solved per run, not per bucket: over a run of k buckets of cost C each, unrolled,
+``end_k = max(end_0 + k C, max_j (ready_j + (k - j + 1) C))``, and ``ready_j + (k - j + 1) C`` is linear in
+j, so its maximum is at j = 1 or j = k.  A step costs the same to predict for 1 MB or 1 TB of gradients.
+
 ``copy_s``: copying the gradients into the flat buckets and back out (DDP without
 ``gradient_as_bucket_view``: 2 x the gradient bytes at memory-copy speed), done even on one process.
 
@@ -21,13 +26,16 @@ decompress, spread over the buckets by size.  comm/compute ratio = comm_s / comp
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List
+from typing import Callable, List, Tuple
 
+from ._checks import count, real
 from .collectives import Link, ring_allreduce
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20
 FIRST_BUCKET_BYTES = 2**20
 BACKWARD_FRACTION = 2.0 / 3.0
+#: the most buckets ``bucket_sizes`` lists (and ``DDPStepEstimate.buckets`` holds): 26 TB in 25 MiB buckets
+MAX_BUCKETS = 10**6
 
 
 @dataclass(frozen=True, repr=False)
@@ -54,15 +62,26 @@ class DDPStepEstimate:
 def bucket_sizes(n_bytes: float, bucket_bytes: float = DEFAULT_BUCKET_BYTES,
                  first_bucket_bytes: float = FIRST_BUCKET_BYTES) -> List[float]:
     """DDP's bucket sizes in bytes, in the order they are reduced: ``first_bucket_bytes``, then
-    ``bucket_bytes`` each, the remainder last (parameter boundaries ignored)."""
-    if n_bytes < 0 or bucket_bytes <= 0 or first_bucket_bytes <= 0:
-        raise ValueError(f"need n_bytes >= 0 and bucket sizes > 0, got {n_bytes}, {bucket_bytes}, {first_bucket_bytes}")
-    sizes, left, cap = [], float(n_bytes), float(first_bucket_bytes)
-    while left > 0:
-        sizes.append(min(cap, left))
-        left -= sizes[-1]
-        cap = bucket_bytes
+    ``bucket_bytes`` each, the remainder last (parameter boundaries ignored).  Raises ValueError for more
+    than ``MAX_BUCKETS`` buckets."""
+    sizes: List[float] = []
+    for size, n in _bucket_runs(n_bytes, bucket_bytes, first_bucket_bytes):
+        sizes += [size] * n
     return sizes
+
+
+def _bucket_runs(n_bytes: float, bucket_bytes: float, first_bucket_bytes: float) -> List[Tuple[float, int]]:
+    """``bucket_sizes`` as runs of equal buckets, (size, how many) in order: the first, the full ones, the rest."""
+    total = real("n_bytes", n_bytes)
+    cap = real("bucket_bytes", bucket_bytes, strict=True)
+    first = real("first_bucket_bytes", first_bucket_bytes, strict=True)
+    if total <= first:
+        return [(total, 1)] if total > 0 else []
+    full, rest = divmod(total - first, cap)
+    if 1 + full + (rest > 0) > MAX_BUCKETS:
+        raise ValueError(f"n_bytes={n_bytes!r} makes {1 + full + (rest > 0):.3g} buckets of bucket_bytes="
+                         f"{bucket_bytes!r}, more than the {MAX_BUCKETS:,} modelled: use larger buckets")
+    return [(size, n) for size, n in ((first, 1), (cap, int(full)), (rest, int(rest > 0))) if n]
 
 
 def ddp_step(n_params: int, *, compute_s: float, world_size: int, link: Link,
@@ -74,28 +93,31 @@ def ddp_step(n_params: int, *, compute_s: float, world_size: int, link: Link,
     or FLOPs / rate); ``optimizer_s``: the optimizer step after the last bucket; ``codec_s``: compression work
     per step; ``copy_s``: gradient copies into and out of the buckets; ``allreduce(n_bytes, p, link)``: the
     collective's cost model (ring by default)."""
-    if not (isinstance(n_params, int) and n_params >= 0):
-        raise ValueError(f"n_params must be an int >= 0, got {n_params!r}")
-    if not (isinstance(world_size, int) and world_size >= 1):
-        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
-    if min(compute_s, codec_s, optimizer_s, copy_s) < 0:
-        raise ValueError(f"times must be >= 0 s, got compute_s={compute_s}, codec_s={codec_s}, "
-                         f"optimizer_s={optimizer_s}, copy_s={copy_s}")
-    if not 0 < compression_ratio <= 1.0:
-        raise ValueError(f"compression_ratio must be in (0, 1] (bytes sent / gradient bytes), got {compression_ratio}")
-    if not 0 <= backward_fraction <= 1:
-        raise ValueError(f"backward_fraction must be in [0, 1], got {backward_fraction}")
+    n_params, bytes_per_element = count("n_params", n_params, 0), count("bytes_per_element", bytes_per_element)
+    world_size = count("world_size", world_size)
+    for name, seconds in (("compute_s", compute_s), ("codec_s", codec_s), ("optimizer_s", optimizer_s),
+                          ("copy_s", copy_s)):
+        real(name, seconds, unit="s")
+    real("compression_ratio (bytes sent / gradient bytes)", compression_ratio, strict=True, maximum=1.0)
+    real("backward_fraction", backward_fraction, maximum=1.0)
+    if not isinstance(link, Link):
+        raise TypeError(f"link must be a pytrain.cost.Link, got {type(link).__name__}")
+    if not callable(allreduce):
+        raise TypeError(f"allreduce must be a cost function (n_bytes, p, link) -> seconds, got {allreduce!r}")
     total = n_params * bytes_per_element
-    buckets = bucket_sizes(total, bucket_bytes, first_bucket_bytes)
-    forward = (1 - backward_fraction) * compute_s
+    runs = _bucket_runs(total, bucket_bytes, first_bucket_bytes)
+    forward, backward = (1 - backward_fraction) * compute_s, backward_fraction * compute_s
     done = end = comm = 0.0
-    for size in buckets:
-        done += size
+    sent: List[float] = []  # bytes each bucket sends
+    for size, n in runs:  # n buckets of `size` bytes, each ready when its bytes' share of the backward is done
         cost = codec_s * size / total + allreduce(size * compression_ratio, world_size, link)
-        comm += cost
-        end = max(forward + backward_fraction * compute_s * done / total, end) + cost
+        ready_first, ready_last = (forward + backward * (done + j * size) / total for j in (1, n))
+        end = max(end + n * cost, ready_first + n * cost, ready_last + cost)  # the module docstring's end_k
+        comm += n * cost
+        done += n * size
+        sent += [size * compression_ratio] * n
     exposed = max(0.0, end - compute_s) if overlap else comm
     full_compute = compute_s + optimizer_s + copy_s
     return DDPStepEstimate(full_compute, comm, exposed, full_compute + exposed,
                            comm / full_compute if full_compute > 0 else (float("inf") if comm else 0.0),
-                           tuple(b * compression_ratio for b in buckets))
+                           tuple(sent))

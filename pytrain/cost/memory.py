@@ -36,18 +36,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from ._checks import count, real
+
 INT8_BLOCK = 256
 #: states per parameter of each optimizer (Adam-type: first and second moment; momentum SGD / LARS: a buffer)
 OPTIMIZER_STATES: Dict[str, int] = {"adamw": 2, "adam": 2, "lamb": 2, "lars": 1, "sgd_momentum": 1, "sgd": 0}
 #: bytes per element of one optimizer state by storage dtype (int8: codes + one fp32 scale per block)
 STATE_BYTES: Dict[str, float] = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0 + 4.0 / INT8_BLOCK}
 RECOMPUTE = ("none", "selective", "full")
-
-
-def _positive(**values) -> None:
-    for name, value in values.items():
-        if not (isinstance(value, (int, float)) and value > 0):
-            raise ValueError(f"{name} must be a number > 0, got {value!r}")
 
 
 def optimizer_state_bytes(n_params: int, optimizer: str = "adamw", state_dtype: str = "fp32",
@@ -58,8 +54,7 @@ def optimizer_state_bytes(n_params: int, optimizer: str = "adamw", state_dtype: 
         raise ValueError(f"unknown optimizer {optimizer!r}; one of {sorted(OPTIMIZER_STATES)}")
     if state_dtype not in STATE_BYTES:
         raise ValueError(f"unknown state_dtype {state_dtype!r}; one of {sorted(STATE_BYTES)}")
-    if not (isinstance(n_params, int) and n_params >= 0):
-        raise ValueError(f"n_params must be an int >= 0, got {n_params!r}")
+    n_params = count("n_params", n_params, 0)
     return n_params * (OPTIMIZER_STATES[optimizer] * STATE_BYTES[state_dtype] + (4.0 if master_weights else 0.0))
 
 
@@ -69,8 +64,9 @@ def activation_memory(seq: int, micro_batch: int, hidden: int, heads: int, layer
     """Activation bytes a transformer keeps for backward: ``layers`` x the per-layer formula of the module
     docstring (Korthikanti et al. 2022, generalised to ``bytes_per_element`` e and optional dropout;
     e = 2 with dropout gives their ``s b h (34 + 5 a s / h)``)."""
-    _positive(seq=seq, micro_batch=micro_batch, hidden=hidden, heads=heads, layers=layers,
-              bytes_per_element=bytes_per_element)
+    seq, micro_batch, hidden, heads, layers = (count(name, value) for name, value in (
+        ("seq", seq), ("micro_batch", micro_batch), ("hidden", hidden), ("heads", heads), ("layers", layers)))
+    real("bytes_per_element", bytes_per_element, strict=True)
     if recompute not in RECOMPUTE:
         raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
     if hidden % heads:
@@ -117,12 +113,9 @@ def memory_per_device(n_params: int, *, param_bytes: int = 4, grad_bytes: Option
     ``dp`` (Rajbhandari et al. 2020).  ``activations``: bytes, or the keyword arguments of
     ``activation_memory`` (with ``recompute="full"`` one layer's full activations are added: the layer being
     recomputed during backward)."""
-    if zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
-    if not (isinstance(dp, int) and dp >= 1):
-        raise ValueError(f"dp must be an int >= 1, got {dp!r}")
-    _positive(param_bytes=param_bytes)
-    grad_bytes = param_bytes if grad_bytes is None else grad_bytes
+    zero_stage, dp = count("zero_stage", zero_stage, 0, 3), count("dp", dp)
+    real("param_bytes", param_bytes, strict=True)
+    grad_bytes = param_bytes if grad_bytes is None else real("grad_bytes", grad_bytes, strict=True)
     state = optimizer_state_bytes(n_params, optimizer, state_dtype, master_weights)
     shard = [1.0] + [1.0 / dp if zero_stage >= stage else 1.0 for stage in (1, 2, 3)]
     if isinstance(activations, dict):
@@ -130,7 +123,7 @@ def memory_per_device(n_params: int, *, param_bytes: int = 4, grad_bytes: Option
         if activations.get("recompute") == "full":
             act += activation_memory(**{**activations, "layers": 1, "recompute": "none"})
     else:
-        act = float(activations)
+        act = real("activations", activations, unit="bytes")
     return MemoryEstimate(params=n_params * param_bytes * shard[3], grads=n_params * grad_bytes * shard[2],
                           optimizer=state * shard[1], activations=act)
 

@@ -36,10 +36,12 @@ import itertools
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence
 
+from ._checks import count, real
 from .clusters import Cluster, Utilisation
 from .collectives import Link, hierarchical_allreduce, ring_allreduce
 from .ddp import ddp_step
-from .memory import MemoryEstimate, activation_memory, memory_per_device
+from .memory import (OPTIMIZER_STATES, RECOMPUTE, STATE_BYTES, MemoryEstimate, activation_memory,
+                     memory_per_device)
 from .pipeline import bubble_fraction, inflight_microbatches
 from .tensor_parallel import tp_layer_comm
 
@@ -108,8 +110,33 @@ class PlanConfig:
 
 def training_flops(n_params: float, layers: int, hidden: int, seq: int, batch: int, recompute: str = "none") -> float:
     """FLOPs of one training step: ``6 N B s + 12 L B s^2 h``, x 4/3 with full recompute (one more forward)."""
+    n_params = real("n_params", n_params, strict=True)
+    layers, hidden, seq, batch = (count(name, value) for name, value in (("layers", layers), ("hidden", hidden),
+                                                                          ("seq", seq), ("batch", batch)))
+    _choice("recompute", recompute, RECOMPUTE)
     flops = 6 * n_params * batch * seq + 12 * layers * batch * seq * seq * hidden
     return flops * (4 / 3 if recompute == "full" else 1.0)
+
+
+def _choice(name: str, value, allowed) -> str:
+    """``value``, after checking it is one of the strings ``allowed`` (ValueError naming ``name``)."""
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+    return value
+
+
+def _options(name: str, values, check) -> tuple:
+    """The planner's option list ``values`` as a tuple of ``check(label, value)`` (which raises ValueError for
+    a bad option and returns it as the models use it); a str, or an empty list, is refused."""
+    try:
+        options = tuple(values)
+    except TypeError:
+        options = None
+    if options is None or isinstance(values, str):
+        raise ValueError(f"{name} must be a sequence of options, got {values!r}")
+    if not options:
+        raise ValueError(f"{name} must hold at least one option, got {values!r}")
+    return tuple(check(f"{name}[{i}]", value) for i, value in enumerate(options))
 
 
 def _dp_allreduce(cluster: Cluster, dp: int, pp: int, tp: int):
@@ -163,13 +190,16 @@ def plan(model_params: float, layers: int, hidden: int, seq: int, global_batch: 
     the global batch splits into dp x micro_batch x m with m >= pp.  ``heads`` defaults to hidden / 128.
     Configurations over the device memory are left out unless ``include_oom`` (then listed after the
     fitting ones).  Raises ValueError when nothing is valid."""
-    heads = heads or max(1, hidden // 128)
-    for name, value in (("layers", layers), ("hidden", hidden), ("seq", seq), ("global_batch", global_batch),
-                        ("heads", heads)):
-        if not (isinstance(value, int) and value >= 1):
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    if not model_params > 0:
-        raise ValueError(f"model_params must be > 0, got {model_params!r}")
+    layers, hidden, seq, global_batch = (count(name, value) for name, value in (
+        ("layers", layers), ("hidden", hidden), ("seq", seq), ("global_batch", global_batch)))
+    heads = max(1, hidden // 128) if heads is None else count("heads", heads)
+    model_params = real("model_params", model_params, strict=True)
+    micro_batches = _options("micro_batches", micro_batches, count)
+    recompute = _options("recompute", recompute, lambda name, v: _choice(name, v, RECOMPUTE))
+    zero_stages = _options("zero_stages", zero_stages, lambda name, v: count(name, v, 0, 3))
+    compression = _options("compression", compression, lambda name, v: real(name, v, strict=True, maximum=1.0))
+    _choice("optimizer", optimizer, OPTIMIZER_STATES)
+    _choice("state_dtype", state_dtype, STATE_BYTES)
     if not isinstance(cluster, Cluster):
         raise TypeError(f"cluster must be a pytrain.cost.Cluster (see get_cluster), got {type(cluster).__name__}")
     n = cluster.devices
@@ -201,11 +231,9 @@ def utilisation_from_step(step_s: float, n_params: float, layers: int, hidden: i
     peak_flops)``, with its source (``where`` and the numbers) stated.  ``batch``: sequences per step over
     all ``devices``; ``peak_flops``: one device's peak in the training dtype.  Use a step of the model
     and precision you plan for, after warm-up, e.g. ``pytrain train``'s median step time."""
-    for name, value in (("step_s", step_s), ("n_params", n_params), ("peak_flops", peak_flops)):
-        if not (isinstance(value, (int, float)) and value > 0):
-            raise ValueError(f"{name} must be > 0, got {value!r}")
-    if not (isinstance(devices, int) and devices >= 1):
-        raise ValueError(f"devices must be an int >= 1, got {devices!r}")
+    step_s, n_params, peak_flops = (real(name, value, strict=True) for name, value in (
+        ("step_s", step_s), ("n_params", n_params), ("peak_flops", peak_flops)))
+    devices = count("devices", devices)
     achieved = training_flops(n_params, layers, hidden, seq, batch, recompute) / step_s / devices
     if achieved > peak_flops:
         raise ValueError(f"the step reached {achieved:.3g} FLOP/s per device, above peak_flops={peak_flops:.3g}: "

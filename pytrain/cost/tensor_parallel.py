@@ -8,6 +8,7 @@ all-gather of the same total volume, and divides the layer-norm and dropout acti
 """
 from __future__ import annotations
 
+from ._checks import count
 from .collectives import Link, all_gather, reduce_scatter, ring_allreduce
 from .pipeline import p2p_bytes
 
@@ -24,6 +25,7 @@ def tp_layer_comm(seq: int, micro_batch: int, hidden: int, tp: int, link: Link, 
                   sequence_parallel: bool = False) -> float:
     """Seconds of one layer's tensor-parallel communication for one micro-batch (forward + backward):
     ``4 * ring_allreduce(s b h e, t)``, or ``4 * (reduce_scatter + all_gather)`` with sequence parallelism."""
+    count("tp", tp)
     n = tp_layer_bytes(seq, micro_batch, hidden, bytes_per_element)
     one = reduce_scatter(n, tp, link) + all_gather(n, tp, link) if sequence_parallel else ring_allreduce(n, tp, link)
     return COLLECTIVES_PER_LAYER * one

@@ -6,6 +6,7 @@ seconds, and a calibration timed before the held-out sizes would compare two dif
 Sizes stay within 8 KiB .. 2 MiB: beyond the last-level cache gloo's reduction slows down (a knee the
 linear alpha-beta model does not have), so calibration sizes should span the sizes one predicts.
 """
+import math
 import statistics
 
 import pytest
@@ -87,6 +88,10 @@ def test_fit_clamps_to_nonnegative():
     (dict(sizes=[1000], seconds=[1e-3], p=2), "at least 2"),
     (dict(sizes=[1000, 1000], seconds=[1e-3, 1e-3], p=2), "distinct"),
     (dict(sizes=[1000, 2000], seconds=[1e-3, 0.0], p=2), "> 0"),
+    (dict(sizes=[1000, 2000], seconds=[1e-3, math.inf], p=2), r"seconds\[1\] must be a finite number"),
+    (dict(sizes=[1000, 2000], seconds=[math.nan, 2e-3], p=2), r"seconds\[0\]"),
+    (dict(sizes=[1000, math.nan], seconds=[1e-3, 2e-3], p=2), r"sizes\[1\]"),
+    (dict(sizes=[1000, 2000], seconds=[1e-3, 2e-3], p=True), "p must be an int"),
     (dict(sizes=[1000, 2000], seconds=[1e-3, 2e-3], p=1), ">= 2 ranks"),
     (dict(sizes=[1000, 2000], seconds=[1e-3, 2e-3], p=2, op="gather"), "unknown collective"),
 ])

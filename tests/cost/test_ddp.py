@@ -1,7 +1,10 @@
 """DDP step model: buckets, overlap with the backward pass, compression; hand-computed cases and limits."""
+import math
+
 import pytest
 
 from pytrain.cost import Link, bucket_sizes, ddp_step, ring_allreduce
+from pytrain.cost.ddp import MAX_BUCKETS
 
 MiB = 2**20
 LINK = Link(alpha=100e-6, beta=1e-9)
@@ -11,6 +14,22 @@ def test_bucket_sizes():
     assert bucket_sizes(60 * MiB) == [MiB, 25 * MiB, 25 * MiB, 9 * MiB]
     assert bucket_sizes(MiB // 2) == [MiB // 2]
     assert bucket_sizes(0) == []
+    assert bucket_sizes(3.5, bucket_bytes=1, first_bucket_bytes=1) == [1, 1, 1, 0.5]
+
+
+@pytest.mark.parametrize("args, match", [
+    ((math.inf,), "n_bytes"), ((math.nan,), "n_bytes"), ((-1,), "n_bytes"),
+    ((MiB, math.nan), "bucket_bytes"), ((MiB, 0), "bucket_bytes"), ((MiB, 1, math.inf), "first_bucket_bytes"),
+    ((MAX_BUCKETS + 0.5, 1, 1), "buckets"),  # a finite count the list cannot hold: refused, not looped over
+    ((2**120,), "buckets"),
+])
+def test_bucket_sizes_bad_input(args, match):
+    with pytest.raises(ValueError, match=match):
+        bucket_sizes(*args)
+
+
+def test_bucket_sizes_at_the_limit():
+    assert len(bucket_sizes(MAX_BUCKETS, 1, 1)) == MAX_BUCKETS
 
 
 def test_one_process_has_no_communication():
@@ -60,13 +79,56 @@ def test_monotonic():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(world_size=0), "world_size"),
-    (dict(compute_s=-1.0), "times"),
+    (dict(world_size=True), "world_size"),
+    (dict(compute_s=-1.0), "compute_s"),
+    (dict(compute_s=math.nan), "compute_s"),
+    (dict(optimizer_s=math.inf), "optimizer_s"),
     (dict(compression_ratio=0.0), "compression_ratio"),
     (dict(compression_ratio=1.5), "compression_ratio"),
     (dict(backward_fraction=2.0), "backward_fraction"),
     (dict(bucket_bytes=0), "bucket"),
+    (dict(bucket_bytes=math.nan), "bucket_bytes"),
 ])
 def test_bad_input(kwargs, match):
     args = {**dict(compute_s=0.1, world_size=2, link=LINK), **kwargs}
     with pytest.raises(ValueError, match=match):
         ddp_step(10**6, **args)
+
+
+def _per_bucket(n_params, compute_s, world_size, link, bucket_bytes, backward_fraction, codec_s, ratio):
+    """(end of the last all-reduce, total comm) of the module docstring's recurrence, one bucket at a time."""
+    total = 4 * n_params
+    done = end = comm = 0.0
+    for size in bucket_sizes(total, bucket_bytes):
+        done += size
+        cost = codec_s * size / total + ring_allreduce(size * ratio, world_size, link)
+        comm += cost
+        end = max((1 - backward_fraction) * compute_s + backward_fraction * compute_s * done / total, end) + cost
+    return end, comm
+
+
+@pytest.mark.parametrize("compute_s", [1e-4, 0.05, 0.3, 10.0])  # all-reduce bound ... hidden behind backward
+@pytest.mark.parametrize("n_params, bucket_bytes", [(123_456_789, 25 * MiB), (10**7, 3e6), (10**6 // 3, 25 * MiB),
+                                                    (25 * MiB // 4, 25 * MiB)])
+@pytest.mark.parametrize("backward_fraction, codec_s, ratio", [(2 / 3, 0.0, 1.0), (0.3, 0.01, 0.25), (1.0, 0.0, 0.5)])
+def test_runs_of_equal_buckets_match_the_per_bucket_recurrence(compute_s, n_params, bucket_bytes, backward_fraction,
+                                                                codec_s, ratio):
+    """ddp_step solves the recurrence once per run of equal buckets; the answer is the bucket-by-bucket one."""
+    est = ddp_step(n_params, compute_s=compute_s, world_size=8, link=LINK, bucket_bytes=bucket_bytes,
+                   backward_fraction=backward_fraction, codec_s=codec_s, compression_ratio=ratio)
+    end, comm = _per_bucket(n_params, compute_s, 8, LINK, bucket_bytes, backward_fraction, codec_s, ratio)
+    assert est.comm_s == pytest.approx(comm, rel=1e-12)
+    assert est.exposed_comm_s == pytest.approx(max(0.0, end - compute_s), rel=1e-9, abs=1e-15)
+    assert list(est.buckets) == pytest.approx([b * ratio for b in bucket_sizes(4 * n_params, bucket_bytes)])
+
+
+def test_cost_does_not_grow_with_the_bucket_count():
+    """A million buckets: the all-reduce model is asked once per run of equal buckets (first, full ones, rest)."""
+    asked = []
+
+    def allreduce(n_bytes, p, link):
+        asked.append(n_bytes)
+        return ring_allreduce(n_bytes, p, link)
+    est = ddp_step(MAX_BUCKETS, compute_s=1.0, world_size=8, link=LINK, bucket_bytes=4, first_bucket_bytes=6,
+                   allreduce=allreduce)
+    assert asked == [6, 4, 2] and len(est.buckets) == MAX_BUCKETS

@@ -69,6 +69,23 @@ def test_unsupported_calls_go_to_pytorch_unchanged(case, reason):
     assert why in str(report)
 
 
+@pytest.mark.parametrize("case", ["routed", "masked", "3d"])
+def test_key_and_value_of_different_lengths_are_refused(case):
+    """PyTorch's CPU SDPA accepts k of 23 positions with v of 19 and returns garbage; every patched call refuses,
+    whichever way it would have gone (flash attention, or PyTorch for a mask or 3-D inputs)."""
+    q, k, _ = _qkv(lk=23)
+    v = _qkv()[2]
+    kwargs = {"attn_mask": torch.zeros(19, 23)} if case == "masked" else {}
+    if case == "3d":
+        q, k, v = q[0], k[0], v[0]
+    with pytrain.patch_sdpa() as report:
+        with pytest.raises(ValueError, match=rf"key and value must have the same sequence length .*got key "
+                                             rf"\({', '.join(map(str, k.shape))}\) and value "):
+            F.scaled_dot_product_attention(q, k, v, **kwargs)
+        F.scaled_dot_product_attention(q, k, k, **kwargs)  # lq 19 != lk 23 with k and v alike is fine
+    assert sum(report.calls.values()) == 1
+
+
 def test_nesting_counts_in_the_innermost_and_restores_on_error():
     q, k, v = _qkv()
     with pytrain.patch_sdpa() as outer:

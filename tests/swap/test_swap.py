@@ -109,6 +109,10 @@ def test_swap_errors():
     pytrain.unswap(model)
     with pytest.raises(RuntimeError, match="not swapped"):
         pytrain.unswap(model)
+    for fn in (pytrain.swap, pytrain.unswap):
+        for not_a_model in ("model", None, model.state_dict()):
+            with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module, got (str|NoneType|OrderedDict)"):
+                fn(not_a_model)
 
 
 def test_swap_converts_the_optimizer():
