@@ -34,7 +34,7 @@ def test_train_smoke_two_processes(tmp_path):
     assert [r["step"] for r in steps] == list(range(1, 7))
     assert {"lr", "grad_norm", "tokens_per_s", "samples_per_s", "bytes_sent"} <= set(steps[0])
     assert [r["step"] for r in records if "val_loss" in r] == [3, 6]
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-00000006.pt"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [".pytrain.lock", "step-00000006.pt"]
 
 
 @pytest.mark.parametrize("args, message", [

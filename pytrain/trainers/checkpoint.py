@@ -119,10 +119,9 @@ def _unlink_quietly(path: PathLike) -> None:
 def decode(data: bytes, source: str) -> dict:
     """The dict a checkpoint file's bytes hold; ``CheckpointError`` naming ``source`` if they are not one."""
     if len(data) < len(MAGIC) or not data.startswith(MAGIC):
-        kind = "a zip archive (a plain torch.save file?)" if data[:2] == b"PK" else \
-            "empty" if not data else f"starts with {data[:16]!r}"
-        raise CheckpointError(f"checkpoint {source} is not a pytrain checkpoint file (no {MAGIC!r} header; "
-                              f"it is {kind})")
+        kind = "it is a zip archive (a plain torch.save file?)" if data[:2] == b"PK" else \
+            "it is empty" if not data else f"it starts with {data[:16]!r}"
+        raise CheckpointError(f"checkpoint {source} is not a pytrain checkpoint file (no {MAGIC!r} header; {kind})")
     if len(data) < HEADER_BYTES:
         raise CheckpointError(f"checkpoint {source} is truncated: {len(data)} bytes, shorter than the "
                               f"{HEADER_BYTES}-byte header")

@@ -1,0 +1,100 @@
+"""Faults on real processes (gloo, 2 ranks; ``pytrain.testing.fault_scenarios``): a rank that stalls inside its
+step or is killed ends every rank within the watchdog's timeout, with errors naming the rank that failed first;
+ranks die with their launcher; node-local checkpoint directories that disagree give the same decision on every
+rank, or the same clear error."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pytrain.testing import fault_scenarios as fs
+from pytrain.trainers import SpawnError, spawn
+
+REPO = Path(__file__).resolve().parents[2]
+BOUND_S = 150  # spawn's own timeout: a hang fails the test instead of blocking it
+
+
+@pytest.mark.parametrize("fault, rank, first, survivor", [
+    ("stall", 1, r"RankFailure: rank 1 ended by the watchdog: rank 1 stalled: no progress for [\d.]+ s at step 3 "
+                 r"forward \(micro-batch 0\); the others wait at step 3 backward \(micro-batch 0\)",
+     r"rank 0 ended by the watchdog: rank 1 stalled"),
+    ("kill", 1, "killed by signal SIGKILL", r"RankFailure: rank 0 stopped: rank 1 vanished: no heartbeat for"),
+    ("kill", 0, "killed by signal SIGKILL", r"RankFailure: rank 1 stopped: lost the job's rendezvous store"),
+])
+def test_a_failed_rank_ends_every_rank_naming_it(fault, rank, first, survivor):
+    start = time.monotonic()
+    with pytest.raises(SpawnError) as info:
+        spawn(fs.faulty_run, 2, fault, rank, timeout_s=BOUND_S)
+    error = info.value
+    assert error.rank == rank, str(error)
+    assert str(error).startswith(f"rank {rank} failed first: ")
+    assert set(error.failures) == {0, 1}, str(error)  # both ended on their own, with an error (none was stopped)
+    assert re.search(first, error.failures[rank]), error.failures[rank]
+    assert re.search(survivor, error.failures[1 - rank]), error.failures[1 - rank]
+    assert time.monotonic() - start < BOUND_S
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie waiting for its new parent to reap it counts as ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_ranks_die_with_their_launcher(tmp_path):
+    """SIGKILL the process that called spawn (as ``pytrain train --nproc 2`` does): its ranks must not train on."""
+    launcher = subprocess.Popen([sys.executable, "-c", "from pytrain.testing.fault_scenarios import sleeper\n"
+                                 f"from pytrain.trainers import spawn\nspawn(sleeper, 2, {str(tmp_path)!r})"],
+                                cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    pids = []
+    try:
+        deadline = time.monotonic() + 90
+        while len(pids) < 2:
+            assert launcher.poll() is None and time.monotonic() < deadline, "the ranks never started"
+            time.sleep(0.1)
+            pids = [int(p.read_text()) for p in tmp_path.glob("rank*.pid") if p.read_text()]
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait()
+        deadline = time.monotonic() + 10
+        while any(map(_running, pids)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        orphans = [pid for pid in pids if _running(pid)]
+        assert not orphans, f"ranks {orphans} kept running after their launcher was killed"
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+        for pid in pids:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory):
+    return spawn(fs.resume_faults, 2, str(tmp_path_factory.mktemp("disks")), timeout_s=BOUND_S)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("lagging", r"rank 1: checkpoint \S+/rank1/step-00000012.pt does not exist"),
+    ("corrupt", r"rank 1: checkpoint \S+/rank1/step-00000012.pt is corrupted"),
+])
+def test_a_rank_that_cannot_read_the_chosen_checkpoint_fails_every_rank(resumed, case, message):
+    for rank in (0, 1):
+        error = resumed[rank][f"error_{case}"]
+        assert error.startswith("CheckpointError: reading ") and "failed on 1 of 2 ranks" in error, error
+        assert re.search(message, error), error
+        assert resumed[rank][f"untouched_{case}"]
+
+
+def test_rank_0_decides_which_checkpoint_to_resume(resumed):
+    """Rank 1's disk also holds an (unfinished) step 16; rank 0's latest is step 12: both resume step 12."""
+    for rank in (0, 1):
+        assert resumed[rank]["error_ahead"] == "no error"
+        assert resumed[rank]["step_ahead"] == 12
