@@ -1,7 +1,9 @@
-"""The ``pytrain`` command line: the main job end to end on 2 real processes (small and fast), and its
-clear errors for bad flags."""
+"""The ``pytrain`` command line: the main job end to end on 2 real processes (small and fast), its exit status
+and message when the loss did not fall (an error from step 0, a note for a resumed run), and its clear errors for
+bad flags."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +43,13 @@ def test_train_smoke_two_processes(tmp_path):
     (["--batch", "7", "--nproc", "2"], "--batch 7 is not divisible by 2 processes"),
     (["--hidden", "100", "--heads", "3"], "--hidden 100 is not divisible by --heads 3"),
     (["--resume"], "--resume needs --checkpoint-dir"),
+    (["--resume", "--checkpoint-dir", "/nonexistent/ckpt"], "--resume: checkpoint directory /nonexistent/ckpt does "
+                                                            "not exist"),
+    (["--checkpoint-every", "-1", "--checkpoint-dir", "ckpt"], "--checkpoint-every must be >= 0 (0: only at the end), "
+                                                               "got -1"),
+    (["--checkpoint-every", "5"], "--checkpoint-every needs --checkpoint-dir"),
+    (["--keep-last", "0"], "--keep-last must be >= 1, got 0"),
+    (["--watchdog-timeout", "-1"], "--watchdog-timeout must be >= 0 seconds (0: off), got -1.0"),
     (["--hook", "gzip"], "invalid choice: 'gzip'"),
 ])
 def test_train_bad_flags(capsys, args, message):
@@ -48,6 +57,20 @@ def test_train_bad_flags(capsys, args, message):
         main(["train", *args])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_loss_that_did_not_fall_is_explained(tmp_path):
+    """lr 0: the loss moves with the batches only (up, for these two).  From step 0 that is an error (exit 1,
+    naming both losses); in a resumed stretch only a note (exit 0)."""
+    args = ["train", "--nproc", "1", "--size", "tiny", "--batch", "4", "--lr", "0", "--hook", "none", "--no-progress",
+            "--eval-every", "100", "--checkpoint-dir", str(tmp_path)]
+    out = pytrain(*args, "--steps", "2")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert re.search(r"pytrain train: error: the loss did not fall over 2 steps from step 0 \(first loss [\d.]+ "
+                     r"\(step 1\), last [\d.]+ \(step 2\)\)", out.stderr), out.stderr
+    out = pytrain(*args, "--steps", "3", "--resume")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "note: the loss did not fall in this resumed stretch of 1 steps" in out.stderr, out.stderr
 
 
 def test_unknown_command(capsys):
