@@ -65,13 +65,14 @@ def _error(fn) -> str:
     return "no error"
 
 
-def resume_faults(tmp: str) -> Dict[str, object]:
+def resume_faults(tmp: str, taken: str) -> Dict[str, object]:
     """Resumes from node-local checkpoint directories that disagree: ``<tmp>/rank<r>`` is rank r's disk.
 
     Rank 0 trains 12 steps, checkpointing every 4 (its disk keeps steps 8 and 12).  Rank 1's disk then holds:
     "lagging": only step 8; "corrupt": step 12 with one flipped byte; "ahead": step 12 and an unfinished step 16.
     Every resume is ``resume=True`` from the rank's own disk: rank 0 decides (step 12), so "ahead" resumes step 12
-    on both ranks and the others fail on every rank, naming rank 1 and leaving the model untouched."""
+    on both ranks and the others fail on every rank, naming rank 1 and leaving the model untouched.  Last, a
+    trainer on ``taken``, a directory another job (the caller) holds: "error_taken"."""
     tmp, rank = Path(tmp), dist.get_rank()
     disk = tmp / f"rank{rank}"
     disk.mkdir(parents=True, exist_ok=True)
@@ -101,4 +102,5 @@ def resume_faults(tmp: str) -> Dict[str, object]:
         if holder:
             holder["trainer"].close()
         dist.barrier()
+    out["error_taken"] = _error(lambda: sc.trainer(sc.model(), checkpoint_dir=taken))
     return out

@@ -243,7 +243,8 @@ class DirectoryLock:
         return self._fd is not None
 
     def release(self) -> None:
-        """Drops the lock (idempotent); the lock file stays, empty of meaning until the next holder writes it."""
+        """Drops the lock (idempotent).  The lock file stays (deleting it would race with a new holder); its pid
+        line is stale until the next holder rewrites it."""
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)

@@ -13,7 +13,8 @@ store (the ``TCPStore`` behind ``init_process_group``; the watchdog opens its ow
 
 and reads every other rank's.  With ``T = timeout_s``:
 
-* a rank whose heartbeat has not moved for T seconds has vanished (killed, frozen, host gone);
+* a rank whose heartbeat has not moved for T seconds has vanished (killed, frozen, host gone); once a collective
+  has failed on this rank (someone is gone), max(3 intervals, 2 s) of silence suffice;
 * if this rank's own progress has not moved for T seconds, the job is stalled: the ranks with the fewest marks
   are the ones holding it up (the others wait for them in a collective);
 * if the store cannot be reached, the process hosting it (rank 0 under ``spawn`` and ``torchrun``'s default
@@ -157,8 +158,11 @@ class Watchdog:
                     seen_beats[r], beat_moved[r] = beats[r], now
             if self._marks != my_marks:
                 my_marks, my_moved = self._marks, now
+            # once a collective has failed here, some rank is gone: a few missed heartbeats are enough to say which
+            silent_s = min(self.timeout_s, max(3 * self.interval_s, 2.0)) if self._main_waiting.is_set() \
+                else self.timeout_s
             vanished = [r for r in range(self.world)
-                        if r != self.rank and done[r] is None and now - beat_moved[r] > self.timeout_s]
+                        if r != self.rank and done[r] is None and now - beat_moved[r] > silent_s]
             if vanished:
                 self._conclude(f"rank {vanished[0]} vanished: no heartbeat for {now - beat_moved[vanished[0]]:.1f} s "
                                "(killed, frozen, or its host is unreachable)", vanished[:1])

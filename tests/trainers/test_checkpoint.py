@@ -63,11 +63,13 @@ def kill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def stalled_writer(path: Path, marker: Path) -> subprocess.Popen:
-    """A process writing a checkpoint to ``path``, stalled after writing the bytes, before the rename."""
+def stalled_writer(path: Path, marker: Path, lock: Path = None) -> subprocess.Popen:
+    """A process writing a checkpoint to ``path``, stalled after writing the bytes, before the rename (holding
+    ``lock``'s directory while it runs, when given: another job)."""
     return start_child(f"""
 import os, time, torch
-from pytrain.trainers.checkpoint import atomic_save
+from pytrain.trainers.checkpoint import DirectoryLock, atomic_save
+held = {"None" if lock is None else f"DirectoryLock({str(lock)!r})"}
 def stalled_fsync(fd):
     open({str(marker)!r}, "w").close()
     time.sleep(120)
@@ -92,41 +94,29 @@ def test_writer_killed_mid_write_leaves_the_last_good_checkpoint(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, marker.name])
 
 
-def test_prune_spares_a_live_writers_temporary_file(tmp_path):
-    """Another process is writing into the directory (stalled before its rename) while this one prunes: its
-    temporary file must survive (it used to be deleted, failing that writer with FileNotFoundError)."""
-    atomic_save(good_state(1), tmp_path / checkpoint_name(1))
-    writer = stalled_writer(tmp_path / checkpoint_name(2), tmp_path / "writing")
+def test_another_live_job_keeps_its_directory_and_its_temporary_file(tmp_path):
+    """Another job (a real process) holds ``ckpt`` and is writing into ``shared`` (stalled before its rename).
+    This process is refused ``ckpt`` with the directory and the holder's pid; pruning ``shared`` spares the live
+    writer's temporary file (it used to be deleted, failing that writer with FileNotFoundError).  Once the other
+    job is killed, the kernel drops its lock and its temporary file is a stray that prune removes."""
+    shared, held = tmp_path / "shared", tmp_path / "ckpt"
+    shared.mkdir()
+    atomic_save(good_state(1), shared / checkpoint_name(1))
+    other = stalled_writer(shared / checkpoint_name(2), tmp_path / "writing", lock=held)
     try:
-        prune(tmp_path, keep_last=1)
-        assert len(strays(tmp_path)) == 1, "prune deleted a live writer's temporary file"
+        with pytest.raises(CheckpointError, match=rf"checkpoint directory {held} is in use by another job "
+                                                  rf"\(pid {other.pid} on "):
+            DirectoryLock(held)
+        prune(shared, keep_last=1)
+        assert len(strays(shared)) == 1, "prune deleted a live writer's temporary file"
     finally:
-        kill(writer)
-    prune(tmp_path, keep_last=1)  # now its writer is dead: a stray
-    assert strays(tmp_path) == []
-
-
-def test_directory_lock_keeps_a_second_job_out(tmp_path):
-    """A real process holds the directory; this one is refused with the directory and the holder's pid, and
-    gets the directory once the holder is killed (the kernel drops its lock)."""
-    marker = tmp_path / "locked"
-    holder = start_child(f"""
-import time
-from pytrain.trainers.checkpoint import DirectoryLock
-lock = DirectoryLock({str(tmp_path / "ckpt")!r})
-open({str(marker)!r}, "w").close()
-time.sleep(120)
-""", marker)
-    try:
-        with pytest.raises(CheckpointError, match=rf"checkpoint directory {tmp_path / 'ckpt'} is in use by another "
-                                                  rf"job \(pid {holder.pid} on "):
-            DirectoryLock(tmp_path / "ckpt")
-    finally:
-        kill(holder)
-    lock = DirectoryLock(tmp_path / "ckpt")
+        kill(other)
+    prune(shared, keep_last=1)
+    assert strays(shared) == [] and checkpoint_paths(shared) == [shared / checkpoint_name(1)]
+    lock = DirectoryLock(held)
     assert lock.held
     lock.release()
-    assert not lock.held and checkpoint_paths(tmp_path / "ckpt") == []  # the lock file is not a checkpoint
+    assert not lock.held and checkpoint_paths(held) == []  # the lock file is not a checkpoint
 
 
 def test_prune_keeps_the_last_k(tmp_path):

@@ -1,7 +1,7 @@
 """Faults on real processes (gloo, 2 ranks; ``pytrain.testing.fault_scenarios``): a rank that stalls inside its
 step or is killed ends every rank within the watchdog's timeout, with errors naming the rank that failed first;
 ranks die with their launcher; node-local checkpoint directories that disagree give the same decision on every
-rank, or the same clear error."""
+rank, or the same clear error; a second job on a checkpoint directory is refused on every rank."""
 import os
 import re
 import signal
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pytrain.testing import fault_scenarios as fs
-from pytrain.trainers import SpawnError, spawn
+from pytrain.trainers import DirectoryLock, SpawnError, spawn
 
 REPO = Path(__file__).resolve().parents[2]
 BOUND_S = 150  # spawn's own timeout: a hang fails the test instead of blocking it
@@ -78,7 +78,19 @@ def test_ranks_die_with_their_launcher(tmp_path):
 
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory):
-    return spawn(fs.resume_faults, 2, str(tmp_path_factory.mktemp("disks")), timeout_s=BOUND_S)
+    taken = DirectoryLock(tmp_path_factory.mktemp("taken"))  # this process is "another job" on that directory
+    try:
+        yield spawn(fs.resume_faults, 2, str(tmp_path_factory.mktemp("disks")), str(taken.directory),
+                    timeout_s=BOUND_S)
+    finally:
+        taken.release()
+
+
+def test_a_second_job_on_a_checkpoint_directory_is_refused(resumed):
+    for rank in (0, 1):
+        error = resumed[rank]["error_taken"]
+        assert error.startswith("CheckpointError: locking ") and "failed on 1 of 2 ranks: rank 0: " in error, error
+        assert re.search(rf"checkpoint directory \S+taken\d* is in use by another job \(pid {os.getpid()} on ", error)
 
 
 @pytest.mark.parametrize("case, message", [
