@@ -163,7 +163,11 @@ class DDPTrainer:
         if self.checkpoint_dir is not None:
             st.agree(self._hold_directory() if is_main_rank() else None, f"locking {self.checkpoint_dir}")
         if resume_from is not None:
-            self._resume(resume_from)
+            try:
+                self._resume(resume_from)
+            except BaseException:
+                self.close()  # a trainer that failed to construct holds nothing
+                raise
         elif resume:
             self.log.log(note=f"resume: no checkpoint in {self.checkpoint_dir}, starting from scratch")
 
@@ -347,7 +351,9 @@ class DDPTrainer:
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         bar.close()
         if self.checkpoint_dir is not None and self._saved_step != self.step:
+            self._watchdog.mark(f"step {self.step} final checkpoint")
             self.save_checkpoint()
+        self._watchdog.mark("summary")
         return self.summary()
 
     def _after_step(self) -> None:

@@ -108,7 +108,10 @@ class Watchdog:
         self._stop.set()
         self._thread.join()
         if exc_info[0] is None:
-            self._put("done/", "1")  # the others stop expecting this rank's heartbeat
+            try:
+                self._put("done/", "1")  # the others stop expecting this rank's heartbeat
+            except Exception:  # the store's host finished first and exited: nobody is left to watch
+                pass
 
     # ------------------------------------------------------------------------------------ thread
     def _put(self, key: str, value: str) -> None:
@@ -139,6 +142,7 @@ class Watchdog:
         seen_beats: List[Optional[str]] = [None] * self.world
         beat_moved = [start] * self.world
         my_marks, my_moved = self._marks, start
+        done: List[Optional[str]] = [None] * self.world
         while not self._stop.wait(self.interval_s):
             now = time.monotonic()
             try:
@@ -147,6 +151,8 @@ class Watchdog:
                 first = self._store.get(self._prefix + "first").decode() \
                     if self._store.check([self._prefix + "first"]) else None
             except Exception as exc:
+                if all(d is not None for r, d in enumerate(done) if r != self.rank):
+                    return  # every other rank had finished: the store's host may exit
                 self._conclude(f"lost the job's rendezvous store ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
                                "the process hosting it (rank 0, or the launcher) has died", [0], record=False)
                 return
@@ -174,8 +180,8 @@ class Watchdog:
     def _conclude(self, diagnosis: str, culprits: List[int], record: bool = True) -> None:
         self._diagnosis, self._culprits = self._record(diagnosis, culprits) if record else (diagnosis, culprits)
         self._found.set()
-        # the main thread gets a chance to raise it; if it does not ask within two intervals it is stuck
-        if self._main_waiting.wait(2 * self.interval_s):
+        # the main thread gets a chance to raise it; if it does not ask within two intervals (nor finish) it is stuck
+        if self._main_waiting.wait(2 * self.interval_s) or self._stop.is_set():
             return
         message = f"rank {self.rank} ended by the watchdog: {self._diagnosis}"
         print(f"pytrain: {message}", file=sys.stderr, flush=True)
