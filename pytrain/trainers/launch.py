@@ -9,6 +9,11 @@ Two ways to start N processes, same training code:
   variables in each, calls ``init_distributed()`` and then ``fn(*args)``, and returns
   every rank's result to the caller (``pytrain train --nproc N`` uses this).
 
+Faults under ``spawn``: each rank asks the kernel to SIGKILL it when the launching process dies
+(``PR_SET_PDEATHSIG``), so no rank trains on as an orphan.  When ranks fail, ``SpawnError`` names the rank that
+failed first: a rank's own failure (its exception, its exit signal or code) before the collective errors it
+causes in the others (``is_collective_error``), then by time.
+
 The backend follows the device: NCCL with one GPU per local rank when CUDA is
 available, gloo on CPU.  On CPU each process gets ``cpu_count // local_world_size``
 intra-op threads (at least 1) unless ``OMP_NUM_THREADS`` says otherwise, so N processes

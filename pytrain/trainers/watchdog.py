@@ -92,10 +92,11 @@ class Watchdog:
             self._record(f"rank {self.rank} raised {type(exc).__name__}: {exc}".strip(), [self.rank])
             return exc
         self._main_waiting.set()
-        if not self._found.wait(self.timeout_s + 2 * self.interval_s):
-            return RankFailure(f"rank {self.rank}: a collective failed ({str(exc).splitlines()[0]}) and the watchdog "
-                               f"found no failed rank within {self.timeout_s:.0f} s")
-        error = RankFailure(f"rank {self.rank} stopped: {self._diagnosis}")
+        if self._found.wait(self.timeout_s + 2 * self.interval_s):
+            error = RankFailure(f"rank {self.rank} stopped: {self._diagnosis}")
+        else:
+            error = RankFailure(f"rank {self.rank}: a collective failed ({str(exc).splitlines()[0]}) and the watchdog "
+                                f"found no failed rank within {self.timeout_s:.0f} s")
         error.__cause__ = exc
         return error
 
