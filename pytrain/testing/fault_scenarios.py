@@ -2,7 +2,7 @@
 
 Spawned processes import their function by module name, so the scenarios live here.  The faults are real: a
 rank sleeps inside its step, or sends itself SIGKILL; node-local checkpoint directories are separate
-directories holding different files; a launcher is killed with SIGKILL.  Problem and model: those of
+directories holding different files.  Problem and model: those of
 ``ddp_scenarios``.
 """
 from __future__ import annotations
@@ -45,16 +45,6 @@ class FaultyLoss:
 def faulty_run(fault: str, rank: int) -> None:
     """A 50-step run in which ``rank`` stalls or dies at step ``FAULT_STEP``; must end with an error on every rank."""
     sc.trainer(sc.model(), loss_fn=FaultyLoss(fault, rank), max_steps=50, watchdog_timeout=WATCHDOG_S).fit()
-
-
-def sleeper(directory: str) -> None:
-    """A rank that "trains" forever (all-reduces every 0.1 s) after writing its pid to ``directory/rank<r>.pid``."""
-    rank = dist.get_rank()
-    (Path(directory) / f"rank{rank}.pid").write_text(str(os.getpid()))
-    t = torch.ones(4)
-    while True:
-        dist.all_reduce(t)
-        time.sleep(0.1)
 
 
 def _error(fn) -> str:

@@ -48,30 +48,42 @@ def _running(pid: int) -> bool:
     return state != "Z"
 
 
+def _children(pid: int) -> list:
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+            for c in (task / "children").read_text().split()]
+
+
 def test_ranks_die_with_their_launcher(tmp_path):
-    """SIGKILL the process that called spawn (as ``pytrain train --nproc 2`` does): its ranks must not train on."""
-    launcher = subprocess.Popen([sys.executable, "-c", "from pytrain.testing.fault_scenarios import sleeper\n"
-                                 f"from pytrain.trainers import spawn\nspawn(sleeper, 2, {str(tmp_path)!r})"],
-                                cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-    pids = []
+    """SIGKILL a training ``pytrain train --nproc 2``: its ranks must not train on as orphans.  Started as a shell
+    script's background job (``pytrain train ... &``), which ignores SIGINT: torch's own spawn asks for SIGINT
+    when the parent dies, so such ranks used to keep training."""
+    log = tmp_path / "log.jsonl"
+    launcher = subprocess.Popen([sys.executable, "-m", "pytrain", "train", "--nproc", "2", "--size", "tiny", "--batch",
+                                 "4", "--steps", "100000", "--eval-every", "100000", "--hook", "none", "--no-progress",
+                                 "--log-file", str(log)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    children = []
     try:
-        deadline = time.monotonic() + 90
-        while len(pids) < 2:
-            assert launcher.poll() is None and time.monotonic() < deadline, "the ranks never started"
+        deadline = time.monotonic() + 120
+        while not (log.exists() and log.read_text().count("\n") >= 2):  # training
+            assert launcher.poll() is None and time.monotonic() < deadline, "the job never started training"
             time.sleep(0.1)
-            pids = [int(p.read_text()) for p in tmp_path.glob("rank*.pid") if p.read_text()]
+        children = _children(launcher.pid)
+        ranks = [c for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+        assert len(ranks) == 2, children
         launcher.send_signal(signal.SIGKILL)
         launcher.wait()
         deadline = time.monotonic() + 10
-        while any(map(_running, pids)) and time.monotonic() < deadline:
+        while any(map(_running, ranks)) and time.monotonic() < deadline:
             time.sleep(0.1)
-        orphans = [pid for pid in pids if _running(pid)]
-        assert not orphans, f"ranks {orphans} kept running after their launcher was killed"
+        orphans = [pid for pid in ranks if _running(pid)]
+        assert not orphans, f"ranks {orphans} kept training after their launcher was killed"
     finally:
         if launcher.poll() is None:
             launcher.kill()
             launcher.wait()
-        for pid in pids:
+        for pid in children:  # the ranks, and multiprocessing's resource tracker
             if _running(pid):
                 os.kill(pid, signal.SIGKILL)
 
