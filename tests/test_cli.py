@@ -43,20 +43,21 @@ def test_train_smoke_two_processes(tmp_path):
     (["--batch", "7", "--nproc", "2"], "--batch 7 is not divisible by 2 processes"),
     (["--hidden", "100", "--heads", "3"], "--hidden 100 is not divisible by --heads 3"),
     (["--resume"], "--resume needs --checkpoint-dir"),
-    (["--resume", "--checkpoint-dir", "/nonexistent/ckpt"], "--resume: checkpoint directory /nonexistent/ckpt does "
-                                                            "not exist"),
-    (["--checkpoint-every", "-1", "--checkpoint-dir", "ckpt"], "--checkpoint-every must be >= 0 (0: only at the end), "
-                                                               "got -1"),
+    (["--resume", "--checkpoint-dir", "{tmp}/missing"], "--resume: checkpoint directory {tmp}/missing does not exist"),
+    (["--checkpoint-every", "-1", "--checkpoint-dir", "{tmp}"], "--checkpoint-every must be >= 0 (0: only at the end), "
+                                                                "got -1"),
     (["--checkpoint-every", "5"], "--checkpoint-every needs --checkpoint-dir"),
     (["--keep-last", "0"], "--keep-last must be >= 1, got 0"),
     (["--watchdog-timeout", "-1"], "--watchdog-timeout must be >= 0 seconds (0: off), got -1.0"),
     (["--hook", "gzip"], "invalid choice: 'gzip'"),
 ])
-def test_train_bad_flags(capsys, args, message):
+def test_train_bad_flags(capsys, tmp_path, args, message):
+    """Rejected before anything runs or is written ({tmp}: a fresh empty directory)."""
     with pytest.raises(SystemExit) as exit_info:
-        main(["train", *args])
+        main(["train", *(a.format(tmp=tmp_path) for a in args)])
     assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_loss_that_did_not_fall_is_explained(tmp_path):
