@@ -16,6 +16,11 @@ quantized_allreduce_hook} x {1, 2} processes, gloo, one intra-op thread per proc
 Target (issue 5): median |predicted / measured - 1| over the configurations <= 20%.  On a shared 2-core
 machine the numbers move with the load: read them together with the load average printed above them.
 
+Also the calibration's own accuracy (moved here from the unit tests, where it depended on the machine's load): a
+link fitted on 8 KiB, 256 KiB and 2 MiB all-reduces predicts held-out sizes timed in the same interleaved rounds;
+target: median |predicted / measured - 1| <= 30% (within the sizes spanned: gloo slows down beyond the last-level
+cache, a knee the linear alpha-beta model does not have).
+
 Run: ``python bench/bench_cost.py`` (or through pytest: ``python -m pytest bench/bench_cost.py -s``).
 """
 from __future__ import annotations
@@ -47,6 +52,8 @@ WIRE = {"allreduce": (torch.float32, "all_reduce", 1.0), "fp16": (torch.float16,
 CALIBRATION_SIZES = (2**20, 4 * 2**20, 12 * 2**20, 32 * 2**20)
 PROCESSES = (1, 2)
 TARGET = 0.20
+FIT_SIZES, HELD_OUT_SIZES = (8 * 2**10, 256 * 2**10, 2 * 2**20), (32 * 2**10, 128 * 2**10, 512 * 2**10, 2**20)
+HELD_OUT_TARGET = 0.30
 
 
 def _model(name: str) -> nn.Sequential:
@@ -115,11 +122,13 @@ def _case(name: str, hook: str) -> Dict[str, float]:
 def _ddp_worker(hooks: Tuple[str, ...]) -> Dict[str, object]:
     """Every rank: the timings of each (model, hook); on 2+ ranks also the link per wire dtype."""
     torch.set_num_threads(1)
-    links = {}
+    links, held_out = {}, {}
     if dist.get_world_size() > 1:
         for dtype, op in sorted({WIRE[h][:2] for h in hooks}, key=str):
             links[str(dtype)] = calibrate(sizes=CALIBRATION_SIZES, repeats=8, warmup=2, dtype=dtype, op=op).link
-    return {"links": links, "cases": {(name, hook): _case(name, hook) for name in MODELS for hook in hooks}}
+        held_out = calibrate(sizes=FIT_SIZES, repeats=100, validate_sizes=HELD_OUT_SIZES).relative_errors(held_out=True)
+    return {"links": links, "held_out": held_out,
+            "cases": {(name, hook): _case(name, hook) for name in MODELS for hook in hooks}}
 
 
 def _int8_allreduce(n_bytes: float, p: int, link) -> float:
@@ -127,10 +136,10 @@ def _int8_allreduce(n_bytes: float, p: int, link) -> float:
     return all_to_all(n_bytes, p, link) + all_gather(n_bytes, p, link)
 
 
-def run() -> Tuple[List[Dict[str, object]], Dict[str, object]]:
-    """Measure and predict every configuration: (rows of the table, links)."""
+def run() -> Tuple[List[Dict[str, object]], Dict[str, object], Dict[int, float]]:
+    """Measure and predict every configuration: (rows of the table, links, held-out calibration errors by size)."""
     measured = {p: spawn(_ddp_worker, p, HOOKS)[0] for p in PROCESSES}
-    links = measured[max(PROCESSES)]["links"]
+    links, held_out = measured[max(PROCESSES)]["links"], measured[max(PROCESSES)]["held_out"]
     rows = []
     for p in PROCESSES:
         for (name, hook), c in measured[p]["cases"].items():
@@ -144,10 +153,10 @@ def run() -> Tuple[List[Dict[str, object]], Dict[str, object]]:
                          "comm_s": est[True].comm_s, "predicted_s": est[True].step_s, "serial_s": est[False].step_s,
                          "error": est[True].step_s / c["step_s"] - 1,
                          "serial_error": est[False].step_s / c["step_s"] - 1})
-    return rows, links
+    return rows, links, held_out
 
 
-def table(rows, links) -> str:
+def table(rows, links, held_out) -> str:
     lines = [f"load average {os.getloadavg()[0]:.2f} (2-core machine; numbers are noisy when others run)",
              "links: " + ", ".join(f"{k}: alpha {v.alpha * 1e6:.0f} us, {v.bandwidth / 1e9:.2f} GB/s"
                                    for k, v in links.items()),
@@ -161,14 +170,19 @@ def table(rows, links) -> str:
     for key, label in (("error", "overlap"), ("serial_error", "serial")):
         median = statistics.median(abs(r[key]) for r in rows)
         lines.append(f"median |error| ({label}) over {len(rows)} configurations: {median:.1%} (target <= {TARGET:.0%})")
+    median = statistics.median(abs(e) for e in held_out.values())
+    lines.append(f"calibration on {', '.join(f'{n // 1024} KiB' for n in FIT_SIZES)}, held-out sizes: "
+                 + ", ".join(f"{n // 1024} KiB {e:+.0%}" for n, e in sorted(held_out.items()))
+                 + f"; median |error| {median:.0%} (target <= {HELD_OUT_TARGET:.0%}: "
+                 + ("met)" if median <= HELD_OUT_TARGET else "MISSED)"))
     return "\n".join(lines)
 
 
 def test_ddp_cost_model(capsys):
-    rows, links = run()
+    rows, links, held_out = run()
     with capsys.disabled():
-        print("\n" + table(rows, links))
-    assert len(rows) >= 6
+        print("\n" + table(rows, links, held_out))
+    assert len(rows) >= 6 and sorted(held_out) == sorted(HELD_OUT_SIZES)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ of spawning.  No downloads: the corpus ships in ``pytrain/data``.
 The model: pre-norm decoder-only transformer (causal flash attention + GELU MLP, learned
 positions, tied input/output embeddings), sized by ``--size`` (tiny / small / base) or
 ``--layers/--hidden/--heads/--seq``.
+
+Checkpoints, resume, faults and exit status: see ``EPILOG`` (``pytrain train --help``).
 """
 from __future__ import annotations
 
@@ -19,9 +21,10 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -36,6 +39,25 @@ SIZES = {"tiny": dict(layers=2, hidden=128, heads=4, seq=64),
          "small": dict(layers=3, hidden=192, heads=6, seq=64),
          "base": dict(layers=6, hidden=384, heads=6, seq=128)}
 HOOKS = (*HOOK_NAMES, "none")  # --hook: pytrain.comm's hook names, or none (DDP's own all-reduce)
+EPILOG = """checkpoints and resume:
+  --checkpoint-dir DIR     write step-<step>.pt there at the end of the run (and every --checkpoint-every
+                           steps; 0 or absent: only at the end), keeping the last --keep-last; the job owns DIR
+                           while it runs (a second job on DIR fails at once, naming the holder's pid)
+  --resume                 continue from the latest checkpoint in --checkpoint-dir, which must exist (else
+                           exit 2); if it holds no checkpoint yet, start from step 0 (with a note); --steps is
+                           the total, counted from step 0.  Every rank must be able to read the checkpoint
+                           rank 0 picks (checksum, finite values, same model, optimizer and settings), else
+                           every rank stops with an error naming the rank and the cause.
+faults:
+  --watchdog-timeout S     a rank that makes no progress (or disappears) for S seconds ends the job, every rank
+                           naming the rank that failed first (default 120; 0: off)
+exit status:
+  0  the run finished (a run from step 0 also had to lower the loss: last < first)
+  1  the run failed: a rank failed or stalled, a checkpoint could not be read or written, the final loss is
+     not finite, or a run from step 0 of at least 2 steps did not lower the loss; the reason is printed
+     (a resumed run whose loss did not fall only gets a note: a short stretch need not lower it)
+  2  bad flags
+"""
 
 
 @dataclass
@@ -61,16 +83,18 @@ class TrainConfig:
     eval_every: int = 50
     patience: Optional[int] = None  # early stopping after this many evaluations without improvement
     checkpoint_dir: Optional[str] = None
-    checkpoint_every: Optional[int] = None
+    checkpoint_every: Optional[int] = None  # 0 or None: only at the end
     keep_last: int = 3
     resume: bool = False
     log_file: Optional[str] = None  # JSON lines: one record per step and per evaluation
     seed: int = 0
     progress: bool = True
+    watchdog_timeout: float = 120.0  # seconds without progress before the job ends (0: off)
 
     @classmethod
     def from_args(cls, argv: Optional[List[str]] = None) -> "TrainConfig":
-        parser = argparse.ArgumentParser(prog="pytrain train", description=__doc__.splitlines()[0])
+        parser = argparse.ArgumentParser(prog="pytrain train", description=__doc__.splitlines()[0], epilog=EPILOG,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
         for f in fields(cls):
             flag = f"--{f.name.replace('_', '-')}"
             if isinstance(f.default, bool):
@@ -102,6 +126,18 @@ class TrainConfig:
                          f"{cfg.grad_accum} = {world * cfg.grad_accum}")
         if cfg.resume and cfg.checkpoint_dir is None:
             parser.error("--resume needs --checkpoint-dir")
+        if cfg.resume and "WORLD_SIZE" not in os.environ and not os.path.isdir(cfg.checkpoint_dir):
+            # under torchrun rank 0 decides, with the same check, for every rank (node-local disks may differ)
+            parser.error(f"--resume: checkpoint directory {cfg.checkpoint_dir} does not exist (nothing to resume; "
+                         "without --resume a new run starts there)")
+        if cfg.checkpoint_every is not None and cfg.checkpoint_every < 0:
+            parser.error(f"--checkpoint-every must be >= 0 (0: only at the end), got {cfg.checkpoint_every}")
+        if cfg.checkpoint_every and cfg.checkpoint_dir is None:
+            parser.error("--checkpoint-every needs --checkpoint-dir")
+        if cfg.keep_last < 1:
+            parser.error(f"--keep-last must be >= 1, got {cfg.keep_last}")
+        if not cfg.watchdog_timeout >= 0:
+            parser.error(f"--watchdog-timeout must be >= 0 seconds (0: off), got {cfg.watchdog_timeout}")
         return cfg
 
 
@@ -224,7 +260,9 @@ def run(cfg: TrainConfig) -> dict:
                          lr_schedule=cfg.schedule, warmup_steps=cfg.warmup, max_steps=cfg.steps,
                          checkpoint_dir=cfg.checkpoint_dir, checkpoint_every=cfg.checkpoint_every,
                          keep_last=cfg.keep_last, resume=cfg.resume, eval_every=cfg.eval_every,
-                         patience=cfg.patience, log_file=cfg.log_file, progress=cfg.progress, seed=cfg.seed)
+                         patience=cfg.patience, log_file=cfg.log_file, progress=cfg.progress, seed=cfg.seed,
+                         watchdog_timeout=cfg.watchdog_timeout or None)
+    start_step = trainer.step
     if info.is_main:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"pytrain train: GPT {cfg.layers}x{cfg.hidden} ({n_params / 1e6:.2f}M params, vocab {vocab}, "
@@ -236,7 +274,7 @@ def run(cfg: TrainConfig) -> dict:
     summary["seconds"] = time.perf_counter() - start
     if summary.get("median_opt_s") is not None:
         summary.update(_predicted_step(trainer, summary))
-    summary.update(config=asdict(cfg), uniform_loss=math.log(vocab))
+    summary.update(config=asdict(cfg), uniform_loss=math.log(vocab), start_step=start_step)
     return summary
 
 
@@ -264,21 +302,47 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    cfg = TrainConfig.from_args(argv)
-    if "WORLD_SIZE" in os.environ or cfg.nproc == 1:  # torchrun (or one process): this process is a rank
-        try:
-            summary = run(cfg)
-            rank = dist.get_rank()
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
-        if rank != 0:
-            return 0
-    else:
-        from .trainers import spawn
+def verdict(s: dict) -> Tuple[int, Optional[str]]:
+    """The exit status of a finished run and why (None: nothing to say); see ``EPILOG``."""
+    first, last = s.get("first_loss"), s.get("final_loss")
+    if first is None:
+        return 0, f"note: no step was trained (the run was already at step {s['steps']})"
+    trained = s["steps"] - s["start_step"]
+    losses = f"first loss {first:.4f} (step {s['start_step'] + 1}), last {last:.4f} (step {s['steps']})"
+    if not math.isfinite(last):
+        return 1, f"error: the final loss is not finite ({losses})"
+    if last < first:
+        return 0, None
+    if s["start_step"] > 0:
+        return 0, (f"note: the loss did not fall in this resumed stretch of {trained} steps ({losses}); "
+                   "not an error for a resumed run")
+    if trained < 2:
+        return 0, f"note: one step trained, nothing to compare ({losses})"
+    return 1, f"error: the loss did not fall over {trained} steps from step 0 ({losses})"
 
-        summary = spawn(run, cfg.nproc, cfg)[0]
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from .trainers import CheckpointError, RankFailure, SpawnError, spawn
+
+    cfg = TrainConfig.from_args(argv)
+    try:
+        if "WORLD_SIZE" in os.environ or cfg.nproc == 1:  # torchrun (or one process): this process is a rank
+            try:
+                summary = run(cfg)
+                rank = dist.get_rank()
+            finally:
+                if dist.is_initialized():
+                    dist.destroy_process_group()
+            if rank != 0:
+                return 0
+        else:
+            summary = spawn(run, cfg.nproc, cfg)[0]
+    except (SpawnError, CheckpointError, RankFailure) as exc:
+        print(f"pytrain train: error: {exc}", file=sys.stderr)
+        return 1
     print(format_summary(summary))
     print("summary: " + json.dumps({k: v for k, v in summary.items() if k != "config"}))
-    return 0 if summary.get("final_loss", math.inf) < summary.get("first_loss", -math.inf) else 1
+    status, why = verdict(summary)
+    if why is not None:
+        print(f"pytrain train: {why}", file=sys.stderr)
+    return status

@@ -1,7 +1,9 @@
-"""The ``pytrain`` command line: the main job end to end on 2 real processes (small and fast), and its
-clear errors for bad flags."""
+"""The ``pytrain`` command line: the main job end to end on 2 real processes (small and fast), its exit status
+and message when the loss did not fall (an error from step 0, a note for a resumed run), and its clear errors for
+bad flags."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,20 +36,42 @@ def test_train_smoke_two_processes(tmp_path):
     assert [r["step"] for r in steps] == list(range(1, 7))
     assert {"lr", "grad_norm", "tokens_per_s", "samples_per_s", "bytes_sent"} <= set(steps[0])
     assert [r["step"] for r in records if "val_loss" in r] == [3, 6]
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-00000006.pt"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [".pytrain.lock", "step-00000006.pt"]
 
 
 @pytest.mark.parametrize("args, message", [
     (["--batch", "7", "--nproc", "2"], "--batch 7 is not divisible by 2 processes"),
     (["--hidden", "100", "--heads", "3"], "--hidden 100 is not divisible by --heads 3"),
     (["--resume"], "--resume needs --checkpoint-dir"),
+    (["--resume", "--checkpoint-dir", "{tmp}/missing"], "--resume: checkpoint directory {tmp}/missing does not exist"),
+    (["--checkpoint-every", "-1", "--checkpoint-dir", "{tmp}"], "--checkpoint-every must be >= 0 (0: only at the end), "
+                                                                "got -1"),
+    (["--checkpoint-every", "5"], "--checkpoint-every needs --checkpoint-dir"),
+    (["--keep-last", "0"], "--keep-last must be >= 1, got 0"),
+    (["--watchdog-timeout", "-1"], "--watchdog-timeout must be >= 0 seconds (0: off), got -1.0"),
     (["--hook", "gzip"], "invalid choice: 'gzip'"),
 ])
-def test_train_bad_flags(capsys, args, message):
+def test_train_bad_flags(capsys, tmp_path, args, message):
+    """Rejected before anything runs or is written ({tmp}: a fresh empty directory)."""
     with pytest.raises(SystemExit) as exit_info:
-        main(["train", *args])
+        main(["train", *(a.format(tmp=tmp_path) for a in args)])
     assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_loss_that_did_not_fall_is_explained(tmp_path):
+    """lr 0: the loss moves with the batches only (up, for these two).  From step 0 that is an error (exit 1,
+    naming both losses); in a resumed stretch only a note (exit 0)."""
+    args = ["train", "--nproc", "1", "--size", "tiny", "--batch", "4", "--lr", "0", "--hook", "none", "--no-progress",
+            "--eval-every", "100", "--checkpoint-dir", str(tmp_path)]
+    out = pytrain(*args, "--steps", "2")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert re.search(r"pytrain train: error: the loss did not fall over 2 steps from step 0 \(first loss [\d.]+ "
+                     r"\(step 1\), last [\d.]+ \(step 2\)\)", out.stderr), out.stderr
+    out = pytrain(*args, "--steps", "3", "--resume")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "note: the loss did not fall in this resumed stretch of 1 steps" in out.stderr, out.stderr
 
 
 def test_unknown_command(capsys):

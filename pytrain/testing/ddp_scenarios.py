@@ -36,10 +36,11 @@ def model(dropout: bool = False, hidden: int = 32, seed: int = 0) -> nn.Module:
     return nn.Sequential(*layers, nn.Linear(hidden, 1), nn.Flatten(0))
 
 
-def trainer(net: nn.Module, **kwargs) -> DDPTrainer:
+def trainer(net: nn.Module, loss_fn=nn.functional.mse_loss, optimizer=None, **kwargs) -> DDPTrainer:
     opts = dict(batch_size=BATCH, max_steps=12, lr_schedule="cosine", warmup_steps=2, max_grad_norm=CLIP, seed=3)
     opts.update(kwargs)
-    return DDPTrainer(net, FusedAdamW(net.parameters(), lr=LR), nn.functional.mse_loss, dataset(), **opts)
+    optimizer = optimizer if optimizer is not None else FusedAdamW(net.parameters(), lr=LR)
+    return DDPTrainer(net, optimizer, loss_fn, dataset(), **opts)
 
 
 def params(net: nn.Module) -> List[torch.Tensor]:
@@ -110,12 +111,31 @@ def resume(tmp: str) -> Dict[str, object]:
     return out
 
 
+def _other_optimizer_state(model_state: dict) -> dict:
+    """The state dict of an SGD with momentum (another optimizer type) after one step on the same model."""
+    net = model(dropout=True)
+    net.load_state_dict(model_state)
+    sgd = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    for p in net.parameters():
+        p.grad = torch.ones_like(p)
+    sgd.step()
+    return {"optimizer": sgd.state_dict(), "optimizer_class": "torch.optim.sgd.SGD"}
+
+
 def _bad_checkpoints(tmp: Path, good: Path) -> Dict[str, object]:
-    """Errors from unreadable and mismatched checkpoints, and whether the trainer's model stayed untouched."""
+    """Errors from unreadable, insane and mismatched checkpoints, and whether the trainer's model and optimizer
+    stayed untouched."""
     state = load_checkpoint(good)
+    opt = state["optimizer"]
     variants = {"world": {**state, "world_size": 4},
                 "scheduler": {**state, "scheduler": {"bogus": 1}},  # fails after model + optimizer were loaded
-                "shape": {**state, "model": {k: v[..., :1] for k, v in state["model"].items()}}}
+                "shape": {**state, "model": {k: v[..., :1] for k, v in state["model"].items()}},
+                "nan": {**state, "model": {k: torch.full_like(v, float("nan")) for k, v in state["model"].items()}},
+                "step": {**state, "step": -5},
+                "optimizer": {**state, **_other_optimizer_state(state["model"])},
+                "states": {**state, "optimizer": {**opt, "state": {i: {k: v[..., :1] if v.dim() else v
+                                                                       for k, v in s.items()}
+                                                                   for i, s in opt["state"].items()}}}}
     paths = {"garbage": tmp / "garbage.pt", "truncated": tmp / "truncated.pt"}
     if dist.get_rank() == 0:
         paths["garbage"].write_bytes(b"not a checkpoint at all")
@@ -127,6 +147,8 @@ def _bad_checkpoints(tmp: Path, good: Path) -> Dict[str, object]:
     for name in [*paths, *variants]:
         net = model(dropout=True, seed=7)
         before = params(net)
-        out[f"error_{name}"] = _error(lambda: trainer(net, comm_hook=_powersgd_hook(), resume=str(tmp / f"{name}.pt")))
-        out[f"untouched_{name}"] = all(torch.equal(a, b) for a, b in zip(before, params(net)))
+        opt = FusedAdamW(net.parameters(), lr=LR)
+        out[f"error_{name}"] = _error(lambda: trainer(net, optimizer=opt, comm_hook=_powersgd_hook(),
+                                                      resume=str(tmp / f"{name}.pt")))
+        out[f"untouched_{name}"] = all(torch.equal(a, b) for a, b in zip(before, params(net))) and not opt.state
     return out

@@ -13,11 +13,18 @@ Clipping: optimizers with ``max_grad_norm`` built in (``pytrain.optim.FusedAdamW
 ``FusedLAMB``) clip inside their fused step; others get ``clip_grad_norm_``.
 
 Checkpoints (``checkpoint_dir``, every ``checkpoint_every`` steps and at the end, the last
-``keep_last`` kept) hold the model, optimizer, scheduler, scaler, the sampler position
+``keep_last`` kept) hold the model, optimizer (and its class), scheduler, scaler, the sampler position
 (epoch and batch within it, so a run resumes mid-epoch), early-stopping state, and per
 rank the RNG states (torch, CUDA, Python, NumPy) and the hook state (``pytrain.trainers.state``).  On CPU
 a run interrupted after a checkpoint and resumed with ``resume=True`` ends with parameters bit-identical
-to the uninterrupted run.
+to the uninterrupted run.  Rank 0 owns ``checkpoint_dir`` (``checkpoint.DirectoryLock``) from construction
+until ``fit`` returns: a second job on the same directory fails at once, naming the holder.  On resume, rank 0
+picks the checkpoint, every rank reads and checks it (checksum, counters, finite values, model and optimizer
+shapes and class) and all ranks raise ``CheckpointError`` together if any cannot; nothing is replaced unless
+every check and load succeeds on every rank.
+
+Faults: with two or more ranks ``fit`` runs a ``watchdog.Watchdog`` (``watchdog_timeout`` seconds): a rank that
+stalls, vanishes or raises ends every rank with an error naming it (``watchdog.RankFailure``).
 """
 from __future__ import annotations
 
@@ -40,8 +47,9 @@ from . import state as st
 from .launch import init_distributed
 from .metrics import JsonLogger, ProgressBar, is_main_rank
 from .schedules import build_scheduler
+from .watchdog import Watchdog
 
-CHECKPOINT_FORMAT = "pytrain.ddp/1"
+CHECKPOINT_FORMAT = "pytrain.ddp/2"
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 HookPair = Tuple[Any, Callable]
 
@@ -82,13 +90,18 @@ class DDPTrainer:
         lr_schedule: None, "constant", "cosine" (linear warmup + cosine), "onecycle",
             or ``fn(optimizer, total_steps) -> LRScheduler``; ``warmup_steps`` for the first two.
         max_steps / epochs: training length (``max_steps`` wins when both are given).
-        checkpoint_dir, checkpoint_every, keep_last: checkpoints (see module docstring).
-        resume: False, True (latest checkpoint in ``checkpoint_dir``, if any) or a checkpoint path.
+        checkpoint_dir, checkpoint_every, keep_last: checkpoints (see module docstring); ``checkpoint_every``
+            None or 0: only at the end of ``fit``.
+        resume: False, True (the latest checkpoint in ``checkpoint_dir``, as rank 0 sees it; none: start from
+            step 0; ``CheckpointError`` if the directory does not exist) or a checkpoint path.
         patience, min_delta: early stopping after ``patience`` evaluations without a val-loss
             improvement of more than ``min_delta``.
         log_file: JSON lines, one record per step and per evaluation (rank 0).
         progress: draw a progress bar on rank 0's stderr.
         seed: the samplers' shuffling seed (same on every rank).
+        watchdog_timeout: seconds a rank may go without progress (or a heartbeat) during ``fit`` before every
+            rank ends with a ``RankFailure`` naming it; must exceed the longest step, evaluation or checkpoint
+            write.  None: no watchdog.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable, train_data: Dataset, *,
@@ -99,11 +112,13 @@ class DDPTrainer:
                  checkpoint_dir: Optional[str] = None, checkpoint_every: Optional[int] = None, keep_last: int = 3,
                  resume: Union[bool, str] = False, eval_every: Optional[int] = None, patience: Optional[int] = None,
                  min_delta: float = 0.0, log_file: Optional[str] = None, progress: bool = False, seed: int = 0,
-                 bucket_cap_mb: float = 25.0):
+                 bucket_cap_mb: float = 25.0, watchdog_timeout: Optional[float] = 120.0):
         self.info = init_distributed()
         self.world_size = self.info.world_size
         self._check_args(batch_size, grad_accum, precision, keep_last, max_grad_norm, train_data, resume,
-                         checkpoint_dir)
+                         checkpoint_dir, checkpoint_every, watchdog_timeout)
+        self.watchdog_timeout = watchdog_timeout
+        self._watchdog: Union[Watchdog, _NoWatchdog] = _NoWatchdog()
         self.batch_size, self.grad_accum, self.precision = batch_size, grad_accum, precision
         self.micro_batch = batch_size // (self.world_size * grad_accum)
         self.device = self.info.device
@@ -143,14 +158,22 @@ class DDPTrainer:
         self.history: List[dict] = []
         self._primed = False
         self._saved_step: Optional[int] = None  # decided alike on every rank (no file-system check)
-        if self.checkpoint_dir is not None and is_main_rank():
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        if resume:
-            self._resume(resume)
+        self._lock: Optional[ckpt.DirectoryLock] = None
+        resume_from = st.resume_path(resume, self.checkpoint_dir) if resume else None  # before the lock creates it
+        if self.checkpoint_dir is not None:
+            st.agree(self._hold_directory() if is_main_rank() else None, f"locking {self.checkpoint_dir}")
+        if resume_from is not None:
+            try:
+                self._resume(resume_from)
+            except BaseException:
+                self.close()  # a trainer that failed to construct holds nothing
+                raise
+        elif resume:
+            self.log.log(note=f"resume: no checkpoint in {self.checkpoint_dir}, starting from scratch")
 
     # ------------------------------------------------------------------------------------ setup
     def _check_args(self, batch_size, grad_accum, precision, keep_last, max_grad_norm, train_data, resume,
-                    checkpoint_dir) -> None:
+                    checkpoint_dir, checkpoint_every, watchdog_timeout) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"DDPTrainer: precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if not isinstance(grad_accum, int) or grad_accum < 1:
@@ -167,6 +190,26 @@ class DDPTrainer:
             raise ValueError("DDPTrainer: the training set is empty")
         if resume is True and checkpoint_dir is None:
             raise ValueError("DDPTrainer: resume=True needs checkpoint_dir (or pass resume=<checkpoint path>)")
+        if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int)
+                                             or checkpoint_every < 0):
+            raise ValueError(f"DDPTrainer: checkpoint_every must be None or an int >= 0 (0: only at the end), "
+                             f"got {checkpoint_every!r}")
+        if watchdog_timeout is not None and not watchdog_timeout > 0:
+            raise ValueError(f"DDPTrainer: watchdog_timeout must be > 0 seconds or None (off), got {watchdog_timeout}")
+
+    def _hold_directory(self) -> Optional[Exception]:
+        """Takes ``checkpoint_dir``'s lock unless this trainer holds it; returns the error instead of raising."""
+        if self._lock is None or not self._lock.held:
+            try:
+                self._lock = ckpt.DirectoryLock(self.checkpoint_dir)
+            except ckpt.CheckpointError as exc:
+                return exc
+        return None
+
+    def close(self) -> None:
+        """Releases ``checkpoint_dir`` for other jobs (``fit`` does when it returns); idempotent."""
+        if self._lock is not None:
+            self._lock.release()
 
     def _loader(self, data: Dataset, sampler: DistributedSampler) -> DataLoader:
         # a private generator: creating an iterator must not draw from the global RNG (resumes would drift)
@@ -203,8 +246,10 @@ class DDPTrainer:
         for i, (inputs, targets) in enumerate(micro):
             last = sync and i == len(micro) - 1
             with nullcontext() if last else self.ddp.no_sync():
+                self._watchdog.mark(f"step {self.step + 1} forward (micro-batch {i})")
                 with self._autocast():
                     loss = self.loss_fn(self.ddp(inputs), targets)
+                self._watchdog.mark(f"step {self.step + 1} backward (micro-batch {i})")
                 self.scaler.scale(loss / len(micro)).backward()
             total += loss.detach().float()
         return total / len(micro)
@@ -238,12 +283,14 @@ class DDPTrainer:
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._forward_backward(micro)
+        self._watchdog.mark(f"step {self.step + 1} optimizer")
         opt_start = time.perf_counter()
         norm, skipped = self._optimizer_step()
         opt_s = time.perf_counter() - opt_start
         lr = self.optimizer.param_groups[0]["lr"]
         if self.scheduler is not None:
             self.scheduler.step()
+        self._watchdog.mark(f"step {self.step + 1} loss all-reduce")
         dist.all_reduce(loss)
         step_s = time.perf_counter() - start
         self._tokens_per_step = self.batch_size * micro[0][1][0].numel()
@@ -267,7 +314,24 @@ class DDPTrainer:
 
         ``stop_after``: return after this global step without a final checkpoint, as a
         crash or preemption would (for tests and time-boxed jobs).
+
+        Raises ``watchdog.RankFailure`` naming the rank that failed first when a collective fails because another
+        rank stalled, vanished or raised (after ``watchdog_timeout`` seconds at most); this rank's own errors
+        propagate as they are.  Releases ``checkpoint_dir`` when it returns or raises.
         """
+        use_watchdog = self.watchdog_timeout is not None and self.world_size > 1
+        self._watchdog = Watchdog(self.watchdog_timeout) if use_watchdog else _NoWatchdog()
+        try:
+            with self._watchdog:
+                try:
+                    return self._fit(stop_after)
+                except Exception as exc:
+                    raise self._watchdog.failure(exc)
+        finally:
+            self._watchdog = _NoWatchdog()
+            self.close()
+
+    def _fit(self, stop_after: Optional[int]) -> dict:
         bar = ProgressBar(self.total_steps, enabled=self.progress)
         self.ddp.train()
         while self.step < self.total_steps and not self.stopped_early:
@@ -287,11 +351,14 @@ class DDPTrainer:
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         bar.close()
         if self.checkpoint_dir is not None and self._saved_step != self.step:
+            self._watchdog.mark(f"step {self.step} final checkpoint")
             self.save_checkpoint()
+        self._watchdog.mark("summary")
         return self.summary()
 
     def _after_step(self) -> None:
         if self.val_loader is not None and self.step % self.eval_every == 0:
+            self._watchdog.mark(f"step {self.step} evaluation")
             val = self.evaluate()
             self.log.log(step=self.step, val_loss=val)
             self.history[-1]["val_loss"] = val
@@ -301,6 +368,7 @@ class DDPTrainer:
                 self.bad_evals += 1
                 self.stopped_early = self.patience is not None and self.bad_evals >= self.patience
         if self.checkpoint_every and self.checkpoint_dir is not None and self.step % self.checkpoint_every == 0:
+            self._watchdog.mark(f"step {self.step} checkpoint")
             self.save_checkpoint()
 
     @torch.no_grad()
@@ -382,27 +450,40 @@ class DDPTrainer:
                 "batch_in_epoch": self.batch_in_epoch, "world_size": self.world_size, "batch_size": self.batch_size,
                 "grad_accum": self.grad_accum, "precision": self.precision, "hook": self.hook_name,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "optimizer_class": st.optimizer_class(self.optimizer),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "scaler": self.scaler.state_dict(),
                 "early_stopping": {"best_val": self.best_val, "bad_evals": self.bad_evals},
                 "ranks": ranks}
 
     def save_checkpoint(self) -> Optional[Path]:
-        """Writes ``step-<step>.pt`` atomically from rank 0 and prunes to ``keep_last`` (collective)."""
+        """Writes ``step-<step>.pt`` atomically from rank 0 and prunes to ``keep_last`` (collective); takes the
+        directory's lock again if ``fit`` released it."""
         path = self.checkpoint_dir / ckpt.checkpoint_name(self.step)
-        st.save_collective(self.state_dict(), path, writer=is_main_rank(), keep_last=self.keep_last)
+
+        def hold() -> None:
+            error = self._hold_directory()
+            if error is not None:
+                raise error
+
+        st.save_collective(self.state_dict(), path, writer=is_main_rank(), keep_last=self.keep_last, prepare=hold)
         self._saved_step = self.step
         return path
 
-    def _resume(self, resume: Union[bool, str]) -> None:
-        path = st.resume_path(resume, self.checkpoint_dir)
-        if path is None:
-            self.log.log(note=f"resume: no checkpoint in {self.checkpoint_dir}, starting from scratch")
-            return
-        self.load_state_dict(ckpt.load_checkpoint(path), source=str(path))
+    def _resume(self, path: Path) -> None:
+        """Loads ``path`` on every rank; if any rank cannot read it, every rank raises (collective)."""
+        state, error = None, None
+        try:
+            state = ckpt.load_checkpoint(path)
+        except ckpt.CheckpointError as exc:
+            error = exc
+        st.agree(error, f"reading {path}")
+        self.load_state_dict(state, source=str(path))
 
     def _check_compatible(self, state: dict, source: str) -> None:
         st.check_format(state, CHECKPOINT_FORMAT, source, "DDPTrainer")
+        st.check_counters(state, source, {"step": (0, math.inf), "epoch": (0, math.inf),
+                                          "batch_in_epoch": (0, self.steps_per_epoch + 1)})
         for key, mine in (("world_size", self.world_size), ("batch_size", self.batch_size),
                           ("grad_accum", self.grad_accum), ("precision", self.precision), ("hook", self.hook_name)):
             if state.get(key) != mine:
@@ -416,9 +497,8 @@ class DDPTrainer:
         if problems:
             raise ckpt.CheckpointError(f"{source}: model does not match the checkpoint ({len(problems)} problems: "
                                        f"{'; '.join(problems[:5])})")
-        groups = state["optimizer"]["param_groups"]
-        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in self.optimizer.param_groups]:
-            raise ckpt.CheckpointError(f"{source}: optimizer param groups do not match the checkpoint's")
+        st.check_finite(theirs, source, "model")
+        st.check_optimizer(state["optimizer"], state["optimizer_class"], self.optimizer, source)
         if (state["scheduler"] is None) != (self.scheduler is None):
             raise ckpt.CheckpointError(f"{source}: checkpoint {'has no' if state['scheduler'] is None else 'has a'} "
                                        "LR scheduler state, this run does the opposite")
@@ -444,12 +524,17 @@ class DDPTrainer:
                 self.hook_state.load_state_dict(local["hook"])
         st.set_rng_state(local["rng"])
 
-    def load_state_dict(self, state: dict, source: str = "checkpoint") -> None:
-        """Restores a ``state_dict()``; all or nothing: on any error the trainer keeps its state."""
+    def load_state_dict(self, state: Optional[dict], source: str = "checkpoint") -> None:
+        """Restores a ``state_dict()`` (collective); all or nothing: if any check or load fails on any rank, every
+        rank raises ``CheckpointError`` and keeps its state."""
+        error = None
         try:
             self._check_compatible(state, source)
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise ckpt.CheckpointError(f"{source}: malformed checkpoint ({type(exc).__name__}: {exc})") from exc
+        except ckpt.CheckpointError as exc:
+            error = exc
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            error = ckpt.CheckpointError(f"{source}: malformed checkpoint ({type(exc).__name__}: {exc})")
+        st.agree(error, f"checking {source}")
         if self.hook_state is not None and not self.history and not self._primed:
             self._prime_buckets()
         st.restore_all_or_nothing(self._snapshot, self._apply, state, source)
@@ -457,3 +542,19 @@ class DDPTrainer:
         self._saved_step = self.step
         self.best_val = state["early_stopping"]["best_val"]
         self.bad_evals = state["early_stopping"]["bad_evals"]
+
+
+class _NoWatchdog:
+    """What ``DDPTrainer`` uses outside ``fit`` or on one rank: marks cost nothing, errors pass through."""
+
+    def mark(self, where: str) -> None:
+        pass
+
+    def failure(self, exc: BaseException) -> BaseException:
+        return exc
+
+    def __enter__(self) -> "_NoWatchdog":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        pass

@@ -9,6 +9,11 @@ Two ways to start N processes, same training code:
   variables in each, calls ``init_distributed()`` and then ``fn(*args)``, and returns
   every rank's result to the caller (``pytrain train --nproc N`` uses this).
 
+Faults under ``spawn``: each rank asks the kernel to SIGKILL it when the launching process dies
+(``PR_SET_PDEATHSIG``), so no rank trains on as an orphan.  When ranks fail, ``SpawnError`` names the rank that
+failed first: a rank's own failure (its exception, its exit signal or code) before the collective errors it
+causes in the others (``is_collective_error``), then by time.
+
 The backend follows the device: NCCL with one GPU per local rank when CUDA is
 available, gloo on CPU.  On CPU each process gets ``cpu_count // local_world_size``
 intra-op threads (at least 1) unless ``OMP_NUM_THREADS`` says otherwise, so N processes
@@ -16,18 +21,24 @@ do not oversubscribe the cores.
 """
 from __future__ import annotations
 
+import ctypes
 import io
+import multiprocessing
+import multiprocessing.connection
 import os
+import signal
 import socket
+import sys
+import threading
+import time
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.multiprocessing.spawn import ProcessException
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -44,10 +55,6 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-class SpawnError(RuntimeError):
-    """A spawned rank raised; the message carries that rank's traceback."""
 
 
 def free_port() -> int:
@@ -106,55 +113,178 @@ def init_distributed(device: Optional[str] = None, timeout_s: float = 300.0) -> 
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
 
 
+def is_collective_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective or rendezvous failure, typically the echo of another rank's failure
+    (gloo raises plain ``RuntimeError`` s such as "Connection closed by peer"), rather than this rank's own."""
+    if isinstance(exc, dist.DistError):  # pytrain's RankFailure included
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(m in text for m in COLLECTIVE_ERROR_MARKS)
+
+
+COLLECTIVE_ERROR_MARKS = ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                          "Socket Timeout", "Timed out waiting")
+_fatal_reporter: Optional[Callable[[str, bool], None]] = None
+
+
+def report_fatal(message: str, own: bool) -> None:
+    """Tells ``spawn``'s parent (when this process is a spawned rank) why this rank is about to exit abruptly.
+
+    ``own``: the failure is this rank's (it stalled, raised), not an echo of another rank's."""
+    if _fatal_reporter is not None:
+        _fatal_reporter(message, own)
+
+
 def _encode(value: Any) -> bytes:
     buffer = io.BytesIO()
     torch.save(value, buffer)
     return buffer.getvalue()
 
 
-def _worker(local_rank: int, fn: Callable, nproc: int, port: int, results, args: tuple) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to SIGKILL this process when its parent (the launcher) dies (Linux ``PR_SET_PDEATHSIG``);
+    elsewhere a daemon thread polls the parent pid.  A launcher that died before this call is caught too."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    else:
+        def watch() -> None:
+            while os.getppid() == parent_pid:
+                time.sleep(0.5)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        threading.Thread(target=watch, name="pytrain-parent-watch", daemon=True).start()
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _worker(local_rank: int, fn: Callable, nproc: int, port: int, results, args: tuple, parent_pid: int) -> None:
+    global _fatal_reporter
+    _die_with_parent(parent_pid)
     os.environ.update(RANK=str(local_rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(local_rank),
                       LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    _fatal_reporter = lambda message, own: results.put((local_rank, None, message, time.time(), own))  # noqa: E731
     try:
         init_distributed()
-        results.put((local_rank, _encode(fn(*args)), None))
+        value = _encode(fn(*args))
     except BaseException as exc:  # the parent re-raises it with this rank's traceback
-        results.put((local_rank, None, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
-        raise
+        results.put((local_rank, None, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}", time.time(),
+                     not is_collective_error(exc)))
+        sys.exit(1)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    results.put((local_rank, value, None, time.time(), True))
 
 
-def spawn(fn: Callable, nproc: int, *args) -> List[Any]:
+@dataclass
+class _Failure:
+    rank: int
+    seen: float  # wall-clock time of the failure (the child's, or when the parent saw the exit)
+    own: bool  # the rank's own failure, not the echo of another's (a collective error)
+    what: str
+    reported: bool  # by the rank itself (else seen from its exit status)
+
+
+class SpawnError(RuntimeError):
+    """A spawned rank failed.  The message starts with the rank that failed first (an own failure before echoes
+    of it in other ranks: collective errors) and how: its exception and traceback, or its exit signal or code;
+    then every other rank's failure.  ``rank``: that rank; ``failures``: rank -> description."""
+
+    def __init__(self, message: str, rank: int, failures: Dict[int, str]):
+        super().__init__(message)
+        self.rank, self.failures = rank, failures
+
+
+def _exit_description(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def spawn(fn: Callable, nproc: int, *args, timeout_s: Optional[float] = None, grace_s: float = 10.0) -> List[Any]:
     """Runs ``fn(*args)`` in ``nproc`` new processes forming one process group; returns their results.
 
-    ``fn`` must be importable (a module-level function: processes start with the
-    "spawn" method).  Results come back in rank order (anything ``torch.save`` can
-    write).  If a rank raises, the others are stopped and ``SpawnError`` carries the
-    exception and traceback of the first rank that failed.
+    ``fn`` must be importable (a module-level function: processes start with the "spawn" method).  Results come
+    back in rank order (anything ``torch.save`` can write).  Each rank is SIGKILLed by the kernel if this
+    process dies (no orphans keep training).  If a rank fails, the others get ``grace_s`` seconds to end (and
+    report) on their own, then are terminated, and ``SpawnError`` names the rank that failed first and how
+    (see ``SpawnError``).  ``timeout_s``: terminate every rank and raise ``SpawnError`` after this long.
     """
     if nproc < 1:
         raise ValueError(f"spawn: nproc must be >= 1, got {nproc}")
-    results = mp.get_context("spawn").SimpleQueue()
-    context = mp.start_processes(_worker, args=(fn, nproc, free_port(), results, args), nprocs=nproc,
-                                 start_method="spawn", join=False)
-    values, errors = {}, {}
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    port, parent = free_port(), os.getpid()
+    procs = [ctx.Process(target=_worker, args=(r, fn, nproc, port, results, args, parent), name=f"pytrain-rank{r}")
+             for r in range(nproc)]
+    for p in procs:
+        p.start()
+    start, values, failures = time.monotonic(), {}, {}
+    first_failure_at: Optional[float] = None
     try:
-        while not context.join(timeout=0.05):
-            _drain(results, values, errors)  # read while running: a large result would fill the pipe
-    except ProcessException as exc:
-        _drain(results, values, errors)
-        rank = next(iter(errors), exc.error_index)  # the first to report: others often fail because it did
-        raise SpawnError(f"rank {rank} failed: {errors.get(rank, exc)}") from None
-    _drain(results, values, errors)
+        while any(p.exitcode is None for p in procs):
+            multiprocessing.connection.wait([p.sentinel for p in procs if p.exitcode is None] + [results._reader],
+                                            timeout=0.1)
+            _drain(results, values, failures)
+            for rank, p in enumerate(procs):
+                if p.exitcode not in (None, 0) and rank not in failures:
+                    failures[rank] = _Failure(rank, time.time(), True, _exit_description(p.exitcode), False)
+            now = time.monotonic()
+            if failures and first_failure_at is None:
+                first_failure_at = now
+            if first_failure_at is not None and now - first_failure_at > grace_s:
+                break
+            if timeout_s is not None and now - start > timeout_s:
+                for rank, p in enumerate(procs):
+                    if p.exitcode is None:
+                        failures.setdefault(rank, _Failure(rank, time.time(), True,
+                                                           f"still running after the {timeout_s} s timeout", False))
+                break
+    finally:
+        _stop(procs)
+    _drain(results, values, failures)
+    if failures:
+        raise _spawn_error(failures)
+    missing = [r for r in range(nproc) if r not in values]
+    if missing:
+        raise SpawnError(f"ranks {missing} exited without a result", missing[0], {})
     return [values[r] for r in range(nproc)]
 
 
-def _drain(results, values: dict, errors: dict) -> None:
+def _stop(procs) -> None:
+    """SIGTERM the ranks still running, SIGKILL those that ignore it for 5 s; reap them all."""
+    for p in procs:
+        if p.exitcode is None:
+            p.terminate()
+    deadline = time.monotonic() + 5
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.exitcode is None:
+            p.kill()
+            p.join()
+
+
+def _spawn_error(failures: Dict[int, _Failure]) -> SpawnError:
+    first = min(failures.values(), key=lambda f: (not f.own, f.seen))
+    others = [f for f in sorted(failures.values(), key=lambda f: f.seen) if f is not first]
+    lines = [f"rank {first.rank} failed first: {first.what}"]
+    lines += [f"then rank {f.rank}: {f.what.splitlines()[0]}" for f in others]
+    return SpawnError("\n".join(lines), first.rank, {f.rank: f.what for f in failures.values()})
+
+
+def _drain(results, values: dict, failures: Dict[int, _Failure]) -> None:
     while not results.empty():
-        rank, payload, error = results.get()
+        rank, payload, error, seen, own = results.get()
         if error is not None:
-            errors[rank] = error
+            if rank not in failures or not failures[rank].reported:  # a report beats the exit status
+                failures[rank] = _Failure(rank, seen, own, error, True)
         else:
             values[rank] = torch.load(io.BytesIO(payload), weights_only=False)

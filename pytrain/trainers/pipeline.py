@@ -323,17 +323,32 @@ class PipelineTrainer:
         """This rank's stages (module state dicts), optimizer, step count and stage layout."""
         return {"format": CHECKPOINT_FORMAT, "layout": self._layout(),
                 "stages": [m.state_dict() for m in self.stage_modules], "optimizer": self.optimizer.state_dict(),
-                "steps": self.steps}
+                "optimizer_class": st.optimizer_class(self.optimizer), "steps": self.steps}
 
     def load_state_dict(self, state: Dict[str, object], source: str = "checkpoint") -> None:
-        """Restores ``state_dict()`` (or a file ``save`` wrote: also this replica's RNG streams); raises
-        ``CheckpointError`` and loads nothing if the layout differs or any part does not fit."""
+        """Restores ``state_dict()`` (or a file ``save`` wrote: also this replica's RNG streams); collective.
+        Raises ``CheckpointError`` on every rank and loads nothing anywhere if, on any rank, the layout differs,
+        a counter or value is out of range (negative steps, NaN/Inf weights or states), the optimizer's class or
+        state shapes differ, or any part does not fit."""
+        error = None
+        try:
+            self._check(state, source)
+        except CheckpointError as exc:
+            error = exc
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            error = CheckpointError(f"{source}: malformed checkpoint ({type(exc).__name__}: {exc})")
+        st.agree(error, f"checking {source}")
+        st.restore_all_or_nothing(self._snapshot, self._apply, state, source)
+        self.steps = int(state["steps"])
+
+    def _check(self, state: Dict[str, object], source: str) -> None:
         st.check_format(state, CHECKPOINT_FORMAT, source, "PipelineTrainer", untagged_ok=True)
         if state.get("layout") != self._layout():
             raise CheckpointError(f"checkpoint stage layout {state.get('layout')} does not match this "
                                   f"trainer's {self._layout()}")
-        st.restore_all_or_nothing(self._snapshot, self._apply, state, source)
-        self.steps = int(state["steps"])
+        st.check_counters(state, source, {"steps": (0, float("inf"))})
+        st.check_finite(state["stages"], source, "stage")
+        st.check_optimizer(state["optimizer"], state["optimizer_class"], self.optimizer, source)
 
     def _snapshot(self) -> Dict[str, object]:
         """What ``_apply`` restores, shaped like a saved file with only this replica's part."""
@@ -361,9 +376,16 @@ class PipelineTrainer:
         st.save_collective(state, self._checkpoint_path(directory), writer=self.grid.dp_rank == 0)
 
     def load(self, directory) -> None:
-        """Loads what ``save(directory)`` wrote into this rank's stages and optimizer, and this replica's RNG."""
+        """Loads what ``save(directory)`` wrote into this rank's stages and optimizer, and this replica's RNG
+        (collective: if any rank cannot read its file, every rank raises ``CheckpointError``)."""
         path = self._checkpoint_path(directory)
-        self.load_state_dict(load_checkpoint(path), source=str(path))
+        state, error = None, None
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError as exc:
+            error = exc
+        st.agree(error, f"reading {path}")
+        self.load_state_dict(state, source=str(path))
 
     # ---- bubble --------------------------------------------------------------------------------
 

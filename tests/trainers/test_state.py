@@ -1,5 +1,6 @@
 """The trainers' shared checkpoint state (pytrain.trainers.state), in one process: RNG streams survive a
 weights_only checkpoint, payload tags are checked, a failed restore leaves everything as it was."""
+import math
 import random
 
 import numpy as np
@@ -63,3 +64,52 @@ def test_restore_all_or_nothing_puts_the_previous_state_back():
     good = {"weight": torch.ones(2, 3), "bias": torch.ones(2)}
     st.restore_all_or_nothing(net.state_dict, apply, good, "ckpt.pt")
     assert torch.equal(net.weight, torch.ones(2, 3))
+
+
+def test_resume_path_needs_an_existing_directory(tmp_path):
+    with pytest.raises(CheckpointError, match=f"checkpoint directory {tmp_path / 'missing'} does not exist"):
+        st.resume_path(True, tmp_path / "missing")
+
+
+def _stepped(optimizer_cls, net, **kwargs):
+    opt = optimizer_cls(net.parameters(), lr=1e-2, **kwargs)
+    for p in net.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"state_dtype": torch.bfloat16}, {"state_dtype": "int8"}])
+def test_check_optimizer_accepts_real_states(kwargs):
+    """Every FusedAdamW state layout (fp32, bf16, int8 codes + per-block scales) passes, also into a fresh
+    optimizer with another state dtype (load_state_dict converts)."""
+    from pytrain.optim import FusedAdamW
+    net = torch.nn.Sequential(torch.nn.Linear(300, 7), torch.nn.Linear(7, 1))
+    saved = _stepped(FusedAdamW, net, **kwargs)
+    for target in ({}, kwargs):
+        st.check_optimizer(saved.state_dict(), st.optimizer_class(saved), FusedAdamW(net.parameters(), **target),
+                           "f.pt")
+
+
+def test_check_optimizer_rejects_what_does_not_fit():
+    from pytrain.optim import FusedAdamW
+    net = torch.nn.Linear(3, 2)
+    saved = _stepped(FusedAdamW, net).state_dict()
+    fresh = FusedAdamW(net.parameters())
+    with pytest.raises(CheckpointError, match="holds the state of a torch.optim.sgd.SGD optimizer"):
+        st.check_optimizer(saved, "torch.optim.sgd.SGD", fresh, "f.pt")
+    bad = {**saved, "state": {**saved["state"], 1: {**saved["state"][1], "exp_avg": torch.zeros(3)}}}
+    with pytest.raises(CheckpointError, match=r"optimizer state 'exp_avg' of parameter 1 has shape \(3,\), the "
+                                              r"parameter has \(2,\)"):
+        st.check_optimizer(bad, st.optimizer_class(fresh), fresh, "f.pt")
+    bad = {**saved, "state": {**saved["state"], 0: {**saved["state"][0], "exp_avg_sq": torch.full((2, 3), -math.inf)}}}
+    with pytest.raises(CheckpointError, match=r"optimizer state 0.exp_avg_sq has 6 non-finite"):
+        st.check_optimizer(bad, st.optimizer_class(fresh), fresh, "f.pt")
+    assert not fresh.state  # checks only: nothing loaded
+
+
+def test_check_counters():
+    st.check_counters({"step": 0}, "f.pt", {"step": (0, math.inf)})
+    for value in (-5, 1.5, True, None):
+        with pytest.raises(CheckpointError, match=rf"f.pt: step={value!r} is not an int in \[0, inf\)"):
+            st.check_counters({"step": value}, "f.pt", {"step": (0, math.inf)})
