@@ -80,9 +80,12 @@ class MultiheadAttention(nn.MultiheadAttention):
         if is_causal and lq != lk:
             return f"is_causal with L={lq} != S={lk} (torch's causal mask is aligned top-left, flash attention's " \
                    f"bottom-right)"
-        if attn_mask is not None and not is_causal and not _is_causal_mask(attn_mask, lq, lk):
-            return f"attn_mask of shape {tuple(attn_mask.shape)} is not the causal (L, S) = ({lq}, {lk}) mask " \
-                   f"(only no mask or the causal mask with L == S)"
+        if attn_mask is not None and not is_causal:
+            if attn_mask.dim() == 2 and tuple(attn_mask.shape) != (lq, lk):
+                return f"attn_mask of shape {tuple(attn_mask.shape)} for L={lq}, S={lk} (torch expects (L, S) " \
+                       f"and raises)"
+            if not _is_causal_mask(attn_mask, lq, lk):
+                return "arbitrary attn_mask (only no mask or the causal mask)"
         if self.bias_k is not None or self.add_zero_attn:
             return "add_bias_kv / add_zero_attn"
         if head_dim_unsupported(head_dim):
