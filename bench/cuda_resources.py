@@ -1,11 +1,19 @@
 #!/usr/bin/env python
-"""Registers, spills and shared memory of every CUDA kernel of csrc/cuda/*.cu for sm_90, with no GPU.
+"""Registers, stack, shared / local / constant memory (and, compiling, spills) of every CUDA kernel for sm_90.
 
-    python bench/cuda_resources.py [--out FILE] [--arch 90] [--only NAME]
+    python bench/cuda_resources.py [--out FILE] [--arch 90]                 # read the built extension (seconds)
+    python bench/cuda_resources.py --compile [--out FILE] [--arch 90] [--only NAME]   # recompile (minutes)
 
-Compiles each csrc/cuda/*.cu (a glob: files come and go) to an object with the flags setup.py builds
-the extension with, plus ``-Xptxas -v``, and writes the per-kernel ptxas numbers to
-bench/results/cuda-sm90-resources.md.  One file at a time (these compiles are heavy).
+Default: reads the sm_90 cubins of the built extension (pytrain/_C*.so, or --extension PATH) with
+``cuobjdump --dump-resource-usage`` (cuobjdump from PATH, $CUDA_HOME/bin or Triton's nvidia backend, which
+ships one) and writes one row per kernel (registers, stack frame, static shared, local and kernel-parameter
+constant memory, demangled names) to bench/results/cuda-sm90-resources.md; exits 1 if it finds no kernel.
+CI runs it after building the extension.  cuobjdump does not report spills (only the stack frame, which
+holds them: a kernel with a 0-byte stack does not spill).
+
+``--compile``: compiles each csrc/cuda/*.cu (a glob: files come and go) to an object with the flags setup.py
+builds the extension with, plus ``-Xptxas -v``, and writes the per-kernel ptxas numbers, spill stores and
+loads included, to bench/results/cuda-sm90-ptxas.md.  One file at a time (these compiles are heavy: ~265 s).
 
 The flags come from their one home, setup.py: its ``nvcc = [...]`` list and the extra nvcc flags of its
 CUDAExtension (``"nvcc": nvcc + [...]``, where -DPYTRAIN_WITH_CUDA is), and its include dirs (csrc/ and
@@ -32,6 +40,7 @@ from typing import Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "bench" / "results" / "cuda-sm90-resources.md"
+DEFAULT_COMPILE_OUT = ROOT / "bench" / "results" / "cuda-sm90-ptxas.md"
 
 
 # ---------------------------------------------------------------------------------- flags of setup.py
@@ -138,13 +147,105 @@ def short_name(demangled: str) -> str:
     return name if len(name) <= 160 else name[:157] + "..."
 
 
+# ------------------------------------------------------------------------------- the built extension
+ARCH = re.compile(r"^arch = (sm_\w+)")
+IDENT = re.compile(r"^identifier = (.*)")
+FUNCTION = re.compile(r"^\s*Function (\S+):")
+USAGE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+) CONSTANT\[0\]:(\d+)")
+
+
+def find_cuobjdump() -> str:
+    candidates = [shutil.which("cuobjdump")]
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            candidates.append(os.path.join(os.environ[var], "bin", "cuobjdump"))
+    try:
+        import triton
+        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    for c in candidates:
+        if c and os.path.exists(c):
+            return c
+    raise SystemExit("cuda_resources: cuobjdump not found (PATH, $CUDA_HOME/bin, triton/backends/nvidia/bin)")
+
+
+def parse_resource_usage(text: str, arch: str) -> List[Dict[str, object]]:
+    """Kernels of ``cuobjdump --dump-resource-usage`` output compiled for sm_<arch>: symbol, source file
+    (from csrc/ on), regs, stack, smem, local, const0 (bytes)."""
+    kernels, current_arch, source, symbol = [], None, "?", None
+    for line in text.splitlines():
+        if m := ARCH.match(line):
+            current_arch = m.group(1)
+        elif m := IDENT.match(line):
+            path = m.group(1).strip()
+            source = path[path.rfind("csrc/"):] if "csrc/" in path else path
+        elif m := FUNCTION.match(line):
+            symbol = m.group(1)
+        elif symbol is not None and (m := USAGE.search(line)):
+            if current_arch == f"sm_{arch}":
+                regs, stack, smem, local, const0 = map(int, m.groups())
+                kernels.append({"symbol": symbol, "file": source, "regs": regs, "stack": stack, "smem": smem,
+                                "local": local, "const0": const0})
+            symbol = None
+    return kernels
+
+
+def default_extension() -> Path:
+    found = sorted((ROOT / "pytrain").glob("_C*.so"))
+    if not found:
+        raise SystemExit("cuda_resources: no pytrain/_C*.so: build the extension first (or pass --extension)")
+    return found[0]
+
+
+def extension_report(extension: Path, arch: str, out: Path) -> int:
+    tool = find_cuobjdump()
+    proc = subprocess.run([tool, "--dump-resource-usage", str(extension)], capture_output=True, text=True)
+    kernels = parse_resource_usage(proc.stdout, arch) if proc.returncode == 0 else []
+    if not kernels:
+        print(f"cuda_resources: no sm_{arch} kernel in {extension} (cuobjdump exit {proc.returncode}: "
+              f"{proc.stderr.strip()[-500:]}); was it built with its CUDA kernels?", file=sys.stderr)
+        return 1
+    names = demangle([k["symbol"] for k in kernels])
+    rows = sorted(zip((k["file"] for k in kernels), map(short_name, names), kernels), key=lambda r: (r[0], r[1]))
+    version = subprocess.run([tool, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1:]
+    with_stack = [r for r in rows if r[2]["stack"] > 0]
+    lines = [
+        f"# CUDA kernels of the built extension: resources for sm_{arch}",
+        "",
+        f"`python bench/cuda_resources.py`: `cuobjdump --dump-resource-usage {extension.name}` "
+        f"({' '.join(version)}): {len(rows)} kernels.  Per kernel: registers per thread, stack frame, static "
+        "shared memory (dynamic shared memory, set at launch, is not counted), local memory and the "
+        "kernel-parameter constant bank (CONSTANT[0]), in bytes.  Spills live in the stack frame: a kernel "
+        "with a 0-byte stack does not spill; `--compile` gives ptxas's spill bytes.",
+        "",
+        f"**Kernels with a stack frame: {len(with_stack)}.**",
+        "",
+        "| file | kernel | regs | stack B | smem B | local B | const0 B |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for file, name, k in rows:
+        lines.append(f"| {file} | `{name}` | {k['regs']} | {k['stack']} | {k['smem']} | {k['local']} | {k['const0']} |")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print(f"{len(rows)} sm_{arch} kernels in {extension.name}, {len(with_stack)} with a stack frame; report: {out}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ main
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"report (default {DEFAULT_OUT.relative_to(ROOT)}; --compile: "
+                             f"{DEFAULT_COMPILE_OUT.relative_to(ROOT)})")
     parser.add_argument("--arch", default="90", help="compute capability (default 90)")
-    parser.add_argument("--only", default="", help="only the .cu files whose name contains this text")
+    parser.add_argument("--compile", action="store_true", help="recompile csrc/cuda/*.cu with ptxas -v (spills)")
+    parser.add_argument("--extension", type=Path, default=None, help="the built extension (default pytrain/_C*.so)")
+    parser.add_argument("--only", default="", help="--compile: only the .cu files whose name contains this text")
     args = parser.parse_args(argv)
+    if not args.compile:
+        return extension_report(args.extension or default_extension(), args.arch, args.out or DEFAULT_OUT)
+    args.out = args.out or DEFAULT_COMPILE_OUT
     cmd = nvcc_command(args.arch)
     sources = [p for p in sorted((ROOT / "csrc" / "cuda").glob("*.cu")) if args.only in p.name]
     rows, failures, start = [], [], time.perf_counter()

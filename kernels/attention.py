@@ -10,9 +10,16 @@ query head h, kv head h // GROUP), with shift = Lk - Lq:
     out[i]  = sum_j P[i, j] * keep(b*H + h, i, j) / (1 - p) * v[j]   (rows with no key: 0)
 
 Forward (``_attn_fwd_kernel``, one program per BLOCK_M query rows of one head): loops over key blocks
-keeping the running row max m, row sum l and unnormalised output acc (online softmax), in the
-log2 domain (log2(e) folded into the scale, exp2 on the hardware).  Lq x Lk is never materialised;
-out = acc / l, lse = (m + log2 l) * ln 2.  Dropout drops terms of acc but not of l.
+keeping the running row max m, row sum l and unnormalised output acc (online softmax); exponentials
+are exp2((S - m) * log2 e) on the hardware.  Lq x Lk is never materialised; out = acc / l,
+lse = m + ln l.  Dropout drops terms of acc but not of l.
+
+Any finite scores: S is the product scale * (q . k) rounded to float32 by itself (``_scaled``: mul.rn,
+which neither LLVM nor ptxas fuses into the subtraction that follows), and m and lse are kept in
+natural-log units, the units of S.  The row maximum then has S - m = 0 exactly, lse >= m, and the
+backward, recomputing the same S (float32 dots are FMA chains over d in one order in every kernel),
+gets S - lse = -ln l <= 0 for the top score, however large the scores (a log2-domain lse converted
+with ln 2 / log2 e is off by ulps of |S|: about 2^9 at |S| = 1e10, and 2^(+-512) is no probability).
 
 Backward, with delta[i] = rowsum(dO[i] * O[i]) (``_attn_bwd_preprocess_kernel``) and P recomputed
 from q, k and lse:
@@ -56,6 +63,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from triton.language.extra import libdevice
+
 from .hash import lowbias32
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -67,6 +76,10 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
 
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# triton.jit chooses interpreted or compiled kernels when this module is imported: so does this constant.
+_INTERPRETED = tl.constexpr(_interpreted())
 
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -105,6 +118,16 @@ def _keep(hj, i, bh_s1, threshold):
     x = lowbias32(hj ^ i.to(tl.uint32))
     x = lowbias32(x ^ bh_s1)
     return x >= threshold
+
+
+@triton.jit
+def _scaled(x, scale):
+    """scale * x rounded to float32 on its own (mul.rn when compiled: never contracted into an FMA with a
+    later add, which would leave the row maximum's S - m at a rounding residual of up to ulp(S) / 2).  The
+    interpreter (numpy) rounds every operation anyway and has no libdevice."""
+    if _INTERPRETED:
+        return x * scale
+    return libdevice.mul_rn(x, scale)
 
 
 @triton.jit
@@ -213,17 +236,42 @@ def _query_range(n0, Lq, Lk, shift, left, right, HAS_LEFT: tl.constexpr, HAS_RIG
     return _segments(lo, hi, full_lo, full_hi, BLOCK_M)
 
 
+# ------------------------------------------------------------------------------------------ launch grid
+# CUDA grids allow 2^31 - 1 programs on axis 0 but only 65535 on axes 1 and 2, so batch * heads (which
+# reaches 65536 at, e.g., batch 2048 x 32 heads) never goes on axis 1: every kernel runs a 1-D grid of
+# n_tiles * n_heads programs, head-major with the row tiles of one head fastest (consecutive programs
+# share k / v, as the 2-D grid's x-fastest order did).
+MAX_GRID_X = 2**31 - 1
+
+
+def launch_grid(n_rows: int, block: int, n_heads: int) -> Tuple[int]:
+    """Grid of a kernel over ``n_heads`` (batch * heads) times cdiv(n_rows, block) row tiles."""
+    programs = triton.cdiv(n_rows, block) * n_heads
+    if programs > MAX_GRID_X:
+        raise RuntimeError(f"attention (triton): {n_heads} heads x {triton.cdiv(n_rows, block)} tiles of {block} rows "
+                           f"need {programs} programs, over CUDA's grid limit {MAX_GRID_X}")
+    return (programs,)
+
+
+@triton.jit
+def _tile_and_head(n_rows, BLOCK: tl.constexpr):
+    """(first row of this program's tile, flat head index b * heads + h) in the grid of ``launch_grid``."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(n_rows, BLOCK)
+    return (pid % n_tiles) * BLOCK, pid // n_tiles
+
+
 # ---------------------------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, start, end, Lq, Lk, D,
-               shift, left, right, qk_scale, s0, bh_s1, threshold, MASK: tl.constexpr, HAS_LEFT: tl.constexpr,
+               shift, left, right, scale, s0, bh_s1, threshold, MASK: tl.constexpr, HAS_LEFT: tl.constexpr,
                HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
                DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, stride_kn, offs_d, Lk, D, MASK, EVEN_D)
         v = _load_rows(v_base, offs_n, stride_vn, offs_d, Lk, D, MASK, EVEN_D)
-        s = _dot(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * qk_scale
+        s = _scaled(_dot(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST), scale)
         if MASK:
             ok = _allowed(offs_m[:, None], offs_n[None, :], Lq, Lk, shift, left, right, HAS_LEFT, HAS_RIGHT)
             s = tl.where(ok, s, float("-inf"))
@@ -232,8 +280,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
         else:
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = m_new
-        p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
+        p = tl.math.exp2((s - m_use[:, None]) * LOG2E)
+        alpha = tl.math.exp2((m_i - m_use) * LOG2E)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
             hj = lowbias32(offs_n.to(tl.uint32) ^ s0)
@@ -245,12 +293,11 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold"])  # seed 1 would become a constexpr
 def _attn_fwd_kernel(Q, K, V, O, LSE, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, H, GROUP, Lq,
-                     Lk, D, qk_scale, left, right, seed_lo, seed_hi, threshold, drop_scale, L_BUCKET,
+                     Lk, D, scale, left, right, seed_lo, seed_hi, threshold, drop_scale, L_BUCKET,
                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr,
                      BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
                      DOT_UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    m0 = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)  # b * H + h
+    m0, bh = _tile_and_head(Lq, BLOCK_M)  # bh = b * H + h
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -271,13 +318,13 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, sqb, sqh, sqm, skb, skh, skn, svb, svh, sv
 
     lo, full_lo, full_hi, hi = _key_range(m0, Lq, Lk, shift, left, right, HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skn, svn, offs_m, offs_d, lo, full_lo, Lq, Lk, D,
-                               shift, left, right, qk_scale, s0, bh_s1, thr, True, HAS_LEFT, HAS_RIGHT, DROPOUT,
+                               shift, left, right, scale, s0, bh_s1, thr, True, HAS_LEFT, HAS_RIGHT, DROPOUT,
                                EVEN_D, BLOCK_N, DOT_PRECISION, DOT_UPCAST)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skn, svn, offs_m, offs_d, full_lo, full_hi, Lq, Lk,
-                               D, shift, left, right, qk_scale, s0, bh_s1, thr, False, HAS_LEFT, HAS_RIGHT, DROPOUT,
+                               D, shift, left, right, scale, s0, bh_s1, thr, False, HAS_LEFT, HAS_RIGHT, DROPOUT,
                                EVEN_D, BLOCK_N, DOT_PRECISION, DOT_UPCAST)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skn, svn, offs_m, offs_d, full_hi, hi, Lq, Lk, D,
-                               shift, left, right, qk_scale, s0, bh_s1, thr, True, HAS_LEFT, HAS_RIGHT, DROPOUT,
+                               shift, left, right, scale, s0, bh_s1, thr, True, HAS_LEFT, HAS_RIGHT, DROPOUT,
                                EVEN_D, BLOCK_N, DOT_PRECISION, DOT_UPCAST)
 
     empty = l_i == 0.0  # l >= 1 as soon as a row has one allowed key
@@ -286,7 +333,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, sqb, sqh, sqm, skb, skh, skn, svb, svh, sv
         acc = acc * (drop_scale / l_safe)[:, None]
     else:
         acc = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe) * LN2)
     _store_rows(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh, offs_m, som, offs_d, Lq, D, acc, EVEN_D)
     tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, lse, mask=offs_m < Lq)
 
@@ -296,8 +343,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, sqb, sqh, sqm, skb, skh, skn, svb, svh, sv
 def _attn_bwd_preprocess_kernel(O, DO, DELTA, sob, soh, som, sdb, sdh, sdm, H, Lq, D, BLOCK_M: tl.constexpr,
                                 BLOCK_D: tl.constexpr):
     """delta[b, h, i] = sum_d dO[i, d] * O[i, d] in float32."""
-    m0 = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    m0, bh = _tile_and_head(Lq, BLOCK_M)
     b = bh // H
     h = bh % H
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -310,20 +356,28 @@ def _attn_bwd_preprocess_kernel(O, DO, DELTA, sob, soh, som, sdb, sdh, sdm, H, L
 
 @triton.jit
 def _load_row_stats(LSE, DELTA, offs_m, Lq, MASK: tl.constexpr):
-    """lse in log2 units (+inf for rows with no key or past Lq, so that P = 0 there) and delta."""
+    """lse (+inf for rows with no key or past Lq, so that P = 0 there) and delta."""
     if MASK:
         lse = tl.load(LSE + offs_m, mask=offs_m < Lq, other=float("inf"))
         delta = tl.load(DELTA + offs_m, mask=offs_m < Lq, other=0.0)
     else:
         lse = tl.load(LSE + offs_m)
         delta = tl.load(DELTA + offs_m)
-    lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
     return lse, delta
 
 
 @triton.jit
+def _probs(s, lse):
+    """P = exp(S - lse), the forward's probabilities recomputed.  S - lse <= 0 when S is the forward's S; should a
+    recomputed S differ from it by rounding (tensor-core summation orders), P stays <= 1 instead of overflowing."""
+    x = s - lse
+    return tl.math.exp2(tl.where(x > 0.0, 0.0, x) * LOG2E)
+
+
+@triton.jit
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqm, sdm, offs_n, offs_d, start, end, Lq,
-                Lk, D, shift, left, right, qk_scale, hj, bh_s1, threshold, drop_scale, MASK: tl.constexpr,
+                Lk, D, shift, left, right, scale, hj, bh_s1, threshold, drop_scale, MASK: tl.constexpr,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     """Accumulate dK, dV (BLOCK_N x BLOCK_D) of one key block over the query blocks in [start, end)."""
@@ -332,11 +386,11 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqm, sdm, o
         q = _load_rows(q_base, offs_m, sqm, offs_d, Lq, D, MASK, EVEN_D)
         do = _load_rows(do_base, offs_m, sdm, offs_d, Lq, D, MASK, EVEN_D)
         lse, delta = _load_row_stats(lse_base, delta_base, offs_m, Lq, MASK)
-        s_t = _dot(k, tl.trans(q), DOT_PRECISION, DOT_UPCAST) * qk_scale  # (BLOCK_N, BLOCK_M)
+        s_t = _scaled(_dot(k, tl.trans(q), DOT_PRECISION, DOT_UPCAST), scale)  # (BLOCK_N, BLOCK_M)
         if MASK:
             ok = _allowed(offs_m[None, :], offs_n[:, None], Lq, Lk, shift, left, right, HAS_LEFT, HAS_RIGHT)
             s_t = tl.where(ok, s_t, float("-inf"))
-        p_t = tl.math.exp2(s_t - lse[None, :])
+        p_t = _probs(s_t, lse[None, :])
         dp_t = _dot(v, tl.trans(do), DOT_PRECISION, DOT_UPCAST)
         if DROPOUT:
             keep = _keep(hj[:, None], offs_m[None, :], bh_s1, threshold)
@@ -352,14 +406,13 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqm, sdm, o
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold"])  # seed 1 would become a constexpr
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh,
-                          sdm, H, HKV, GROUP, Lq, Lk, D, scale, qk_scale, left, right, seed_lo, seed_hi, threshold,
+                          sdm, H, HKV, GROUP, Lq, Lk, D, scale, left, right, seed_lo, seed_hi, threshold,
                           drop_scale, L_BUCKET, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                           DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
                           DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr):
     """dK, dV of keys [n0, n0 + BLOCK_N) of kv head hk: summed over its GROUP query heads in order."""
-    n0 = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1)  # b * HKV + hk
+    n0, bhk = _tile_and_head(Lk, BLOCK_N)  # bhk = b * HKV + hk
     b = bhk // HKV
     hk = bhk % HKV
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -382,13 +435,13 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqm, skb, s
         lse_base = LSE + bh.to(tl.int64) * Lq
         delta_base = DELTA + bh.to(tl.int64) * Lq
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqm, sdm, offs_n, offs_d, lo,
-                             full_lo, Lq, Lk, D, shift, left, right, qk_scale, hj, bh_s1, thr, drop_scale, True,
+                             full_lo, Lq, Lk, D, shift, left, right, scale, hj, bh_s1, thr, drop_scale, True,
                              HAS_LEFT, HAS_RIGHT, DROPOUT, EVEN_D, BLOCK_M, DOT_PRECISION, DOT_UPCAST)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqm, sdm, offs_n, offs_d, full_lo,
-                             full_hi, Lq, Lk, D, shift, left, right, qk_scale, hj, bh_s1, thr, drop_scale, False,
+                             full_hi, Lq, Lk, D, shift, left, right, scale, hj, bh_s1, thr, drop_scale, False,
                              HAS_LEFT, HAS_RIGHT, DROPOUT, EVEN_D, BLOCK_M, DOT_PRECISION, DOT_UPCAST)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqm, sdm, offs_n, offs_d, full_hi,
-                             hi, Lq, Lk, D, shift, left, right, qk_scale, hj, bh_s1, thr, drop_scale, True,
+                             hi, Lq, Lk, D, shift, left, right, scale, hj, bh_s1, thr, drop_scale, True,
                              HAS_LEFT, HAS_RIGHT, DROPOUT, EVEN_D, BLOCK_M, DOT_PRECISION, DOT_UPCAST)
 
     # dK, dV are contiguous (B, HKV, Lk, D), like k and v after the launcher's checks.
@@ -399,18 +452,18 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqm, skb, s
 
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta, k_base, v_base, skn, svn, offs_m, offs_d, start, end, Lq, Lk, D, shift, left,
-              right, qk_scale, s0, bh_s1, threshold, drop_scale, MASK: tl.constexpr, HAS_LEFT: tl.constexpr,
+              right, scale, s0, bh_s1, threshold, drop_scale, MASK: tl.constexpr, HAS_LEFT: tl.constexpr,
               HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
               DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, skn, offs_d, Lk, D, MASK, EVEN_D)
         v = _load_rows(v_base, offs_n, svn, offs_d, Lk, D, MASK, EVEN_D)
-        s = _dot(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * qk_scale
+        s = _scaled(_dot(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST), scale)
         if MASK:
             ok = _allowed(offs_m[:, None], offs_n[None, :], Lq, Lk, shift, left, right, HAS_LEFT, HAS_RIGHT)
             s = tl.where(ok, s, float("-inf"))
-        p = tl.math.exp2(s - lse[:, None])
+        p = _probs(s, lse[:, None])
         dp = _dot(do, tl.trans(v), DOT_PRECISION, DOT_UPCAST)
         if DROPOUT:
             hj = lowbias32(offs_n.to(tl.uint32) ^ s0)
@@ -422,13 +475,12 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, skn, svn, offs_m, offs_d, s
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold"])  # seed 1 would become a constexpr
 def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm, H,
-                        GROUP, Lq, Lk, D, scale, qk_scale, left, right, seed_lo, seed_hi, threshold, drop_scale,
+                        GROUP, Lq, Lk, D, scale, left, right, seed_lo, seed_hi, threshold, drop_scale,
                         L_BUCKET, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr,
                         BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
                         DOT_UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of query rows [m0, m0 + BLOCK_M) of head h, over the key blocks of its band."""
-    m0 = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    m0, bh = _tile_and_head(Lq, BLOCK_M)
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -447,13 +499,13 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, sqb, sqh, sqm, skb, skh, sk
 
     lo, full_lo, full_hi, hi = _key_range(m0, Lq, Lk, shift, left, right, HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, skn, svn, offs_m, offs_d, lo, full_lo, Lq, Lk, D, shift,
-                   left, right, qk_scale, s0, bh_s1, thr, drop_scale, True, HAS_LEFT, HAS_RIGHT, DROPOUT, EVEN_D,
+                   left, right, scale, s0, bh_s1, thr, drop_scale, True, HAS_LEFT, HAS_RIGHT, DROPOUT, EVEN_D,
                    BLOCK_N, DOT_PRECISION, DOT_UPCAST)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, skn, svn, offs_m, offs_d, full_lo, full_hi, Lq, Lk, D,
-                   shift, left, right, qk_scale, s0, bh_s1, thr, drop_scale, False, HAS_LEFT, HAS_RIGHT, DROPOUT,
+                   shift, left, right, scale, s0, bh_s1, thr, drop_scale, False, HAS_LEFT, HAS_RIGHT, DROPOUT,
                    EVEN_D, BLOCK_N, DOT_PRECISION, DOT_UPCAST)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, skn, svn, offs_m, offs_d, full_hi, hi, Lq, Lk, D, shift,
-                   left, right, qk_scale, s0, bh_s1, thr, drop_scale, True, HAS_LEFT, HAS_RIGHT, DROPOUT, EVEN_D,
+                   left, right, scale, s0, bh_s1, thr, drop_scale, True, HAS_LEFT, HAS_RIGHT, DROPOUT, EVEN_D,
                    BLOCK_N, DOT_PRECISION, DOT_UPCAST)
     # dQ is contiguous (B, H, Lq, D).
     _store_rows(DQ + bh.to(tl.int64) * Lq * D, offs_m, D, offs_d, Lq, D, dq * scale, EVEN_D)
@@ -479,24 +531,23 @@ def _kernel(name: str, fp32: bool):
     return _autotuned_kernels[(name, fp32)]
 
 
-def _launch(name: str, grid_rows: int, grid_other: int, args: tuple, head_dim: int, dtype: torch.dtype,
+def _launch(name: str, grid_rows: int, n_heads: int, args: tuple, head_dim: int, dtype: torch.dtype,
             **constexprs) -> None:
-    """Launch kernel ``name`` over cdiv(grid_rows, block) x grid_other programs."""
+    """Launch kernel ``name`` over ``launch_grid(grid_rows, block, n_heads)``."""
     kernel = _kernel(name, dtype == torch.float32)
     rows_block = "BLOCK_N" if name == "dkdv" else "BLOCK_M"
     if isinstance(kernel, triton.runtime.Autotuner):
-        kernel[lambda meta: (triton.cdiv(grid_rows, meta[rows_block]), grid_other)](*args, **constexprs)
+        kernel[lambda meta: launch_grid(grid_rows, meta[rows_block], n_heads)](*args, **constexprs)
     else:
         cfg = attention_config(name, head_dim, dtype)
-        grid = (triton.cdiv(grid_rows, cfg[rows_block]), grid_other)
-        kernel[grid](*args, **constexprs, **cfg)
+        kernel[launch_grid(grid_rows, cfg[rows_block], n_heads)](*args, **constexprs, **cfg)
 
 
 # --------------------------------------------------------------------------------------------- launchers
 class _Params(NamedTuple):
     """Kernel arguments shared by the forward and backward launches."""
 
-    scalars: tuple  # scale, qk_scale, left, right, seed_lo, seed_hi, threshold, drop_scale, L_BUCKET
+    scalars: tuple  # scale, left, right, seed_lo, seed_hi, threshold, drop_scale, L_BUCKET
     constexprs: dict  # HAS_LEFT, HAS_RIGHT, DROPOUT, BLOCK_D, EVEN_D, DOT_PRECISION, DOT_UPCAST
 
 
@@ -511,7 +562,7 @@ def _params(q: Tensor, k: Tensor, scale: float, causal: bool, window_left: int, 
     threshold = min(int(dropout_p * 2**32), MASK32) if dropout else 0
     drop_scale = 1.0 / (1.0 - dropout_p) if dropout else 1.0
     l_bucket = triton.next_power_of_2(max(q.shape[2], k.shape[2], 1))
-    scalars = (float(scale), float(scale) * LOG2E.value, max(window_left, 0), max(right, 0), seed & MASK32,
+    scalars = (float(scale), max(window_left, 0), max(right, 0), seed & MASK32,
                (seed >> 32) & MASK32, threshold, drop_scale, l_bucket)
     constexprs = dict(HAS_LEFT=window_left >= 0, HAS_RIGHT=right >= 0, DROPOUT=dropout, BLOCK_D=block_d,
                       EVEN_D=block_d == d, DOT_PRECISION="ieee",
@@ -542,7 +593,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: boo
         return out, lse
     prm = _params(q, k, scale, causal, window_left, window_right, dropout_p, seed)
     args = (q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], h, h // hkv, lq,
-            lk, d, *prm.scalars[1:])
+            lk, d, *prm.scalars)
     _launch("fwd", lq, b * h, args, d, q.dtype, **prm.constexprs)
     return out, lse
 
@@ -567,7 +618,7 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
     delta = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
     tail = (lq, lk, d, *prm.scalars)
-    _attn_bwd_preprocess_kernel[(triton.cdiv(lq, PREPROCESS_BLOCK_M), b * h)](
+    _attn_bwd_preprocess_kernel[launch_grid(lq, PREPROCESS_BLOCK_M, b * h)](
         out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], h, lq, d, BLOCK_M=PREPROCESS_BLOCK_M,
         BLOCK_D=prm.constexprs["BLOCK_D"], num_warps=4)
     _launch("dkdv", lk, b * hkv, (q, k, v, grad_out, lse, delta, dk, dv, *strides, h, hkv, h // hkv, *tail), d,

@@ -1,13 +1,19 @@
 // pytrain::attention_fwd and pytrain::attention_bwd for CPU tensors: FlashAttention-2 (Dao 2023).
 //
-// Maths, masks and dropout hash: pytrain/testing/attention_ref.py (the contract).  With c = scale * log2(e),
-// per query i (rows allowed by the causal / sliding-window band, aligned bottom-right):
-//   forward   S = q k^T;  m = max_j c S;  l = sum_j 2^(c S - m);  out = sum_j 2^(c S - m) keep / (1 - p) v / l
-//             lse = ln2 (m + log2 l)   (-inf, out = 0 for rows without keys)
-//   backward  P = 2^(c S - log2(e) lse);  dV = (P keep / (1 - p))^T dO;  dP = dO v^T
+// Maths, masks and dropout hash: pytrain/ops/attention.py (the contract).  Per query i (rows allowed by the
+// causal / sliding-window band, aligned bottom-right), with e(x) = 2^(x log2(e)):
+//   forward   S = scale q k^T;  m = max_j S;  l = sum_j e(S - m);  out = sum_j e(S - m) keep / (1 - p) v / l
+//             lse = m + ln l   (-inf, out = 0 for rows without keys)
+//   backward  P = e(S - lse);  dV = (P keep / (1 - p))^T dO;  dP = dO v^T
 //             delta = rowsum(dO * out);  dS = P (dP keep / (1 - p) - delta);  dQ = scale dS k;  dK = scale dS^T q
 // The forward walks the key blocks of the band with an online softmax (running max m and sum l) and
 // stores only out and lse; the backward recomputes P tile by tile from q, k and lse.
+//
+// Any finite scores: S is scale * (q k^T) rounded to fp32 as the GEMM stores it (never fused into the
+// subtraction), and m, lse are in the units of S.  The forward and backward compute S with the same GEMM
+// (same operands, same order), so the row maximum has S - m = 0 exactly and S - lse = -fl(ln l) <= 0 in
+// the backward, however large the scores.  (Keeping m in log2 units and converting lse with ln 2 / log2 e,
+// or letting S * c - m contract into an FMA, leaves errors of ulps of |S|: 2^(+-512) at |S| = 1e10.)
 //
 // Layout: tiles hold queries in SIMD lanes.  A q block of kBQ = 64 queries is packed transposed
 // (q^T: D x 64), so the score tile S^T (keys x queries) = k q^T is a GEMM whose A operand is read
@@ -80,7 +86,7 @@ struct Problem {
   int64_t B, H, Hkv, group, Lq, Lk, D, Dp, nqb, nkb;
   int64_t off;          // Lk - Lq: query i is aligned with key i + off (bottom-right)
   int64_t left, right;  // allowed: -left <= j - i - off <= right (kUnbounded: no limit)
-  float scale, c;       // c = scale * log2(e)
+  float scale;
   bool dropout;
   float keep_scale;     // 1 / (1 - p)
   uint32_t threshold, s0, s1;
@@ -110,8 +116,6 @@ struct Tile {
   bool masked;        // some (query, key) pair of the tile lies outside the band
   int32_t dbase;      // j - i - off at (row 0, lane 0)
   int32_t left, right;
-  float c;
-  bool c_pos;         // c > 0: max(c S) = c max(S)
   bool dropout;
   float keep_scale;
   uint32_t threshold, s0, bh_s1, j0, i0;
@@ -125,8 +129,6 @@ Tile make_tile(const Problem& p, int64_t bh, int64_t i0, int64_t nq, int64_t j0,
   t.dbase = static_cast<int32_t>(j0 - i0 - p.off);
   t.left = static_cast<int32_t>(std::min<int64_t>(p.left, int64_t{1} << 30));
   t.right = static_cast<int32_t>(std::min<int64_t>(p.right, int64_t{1} << 30));
-  t.c = p.c;
-  t.c_pos = p.c > 0.0f;
   t.dropout = p.dropout;
   t.keep_scale = p.keep_scale;
   t.threshold = p.threshold;
@@ -157,26 +159,26 @@ inline __attribute__((always_inline)) vi keep_mask(const Tile& t, uint32_t row_h
 }
 
 // ---------------------------------------------------------------------------- element-wise tiles
-// The element-wise tile code comes in two instances: kGeneral handles masked tiles, dropout and c <= 0
-// (flags read at run time); the other is the tight loop for interior tiles without dropout.
+// The element-wise tile code comes in two instances: kGeneral handles masked tiles and dropout (flags read at
+// run time); the other is the tight loop for interior tiles without dropout.
 template <bool kGeneral>
 inline __attribute__((always_inline)) uint32_t row_hash(const Tile& t, int64_t jj) {
   return kGeneral && t.dropout ? lowbias32<uint32_t>((t.j0 + static_cast<uint32_t>(jj)) ^ t.s0) : 0;
 }
 
-// 2^(S ce - base) of one row vector, dropout applied (e), its value before dropout added to sum.
+// e(S - base) of one row vector, dropout applied (e), its value before dropout added to sum.
 template <bool kGeneral>
-inline __attribute__((always_inline)) vf softmax_entry(const Tile& t, const float* row, int v, vi lanes, float ce,
-                                                       vf base, uint32_t hash, vf& sum) {
-  vf e = exp2v(loadv(row + v * kLanes) * ce - base);
+inline __attribute__((always_inline)) vf softmax_entry(const Tile& t, const float* row, int v, vi lanes, vf base,
+                                                       uint32_t hash, vf& sum) {
+  vf e = exp2v((loadv(row + v * kLanes) - base) * kLog2e);
   sum += e;
   if (kGeneral && t.dropout) e = keep_mask(t, hash, lanes) ? e * t.keep_scale : vf{};
   return e;
 }
 
-// Forward, one tile of scores st (nk x kBQ): probabilities 2^(c S - m) with dropout applied, as fp32
-// in st or (kPairs) as bf16 row pairs in `pairs`; updates the running max m (of c S) and sum l and
-// writes alpha = 2^(m_old - m_new), the factor out^T is rescaled by.
+// Forward, one tile of scores st (nk x kBQ): probabilities e(S - m) with dropout applied, as fp32
+// in st or (kPairs) as bf16 row pairs in `pairs`; updates the running max m (of S) and sum l and
+// writes alpha = e(m_old - m_new), the factor out^T is rescaled by.
 template <bool kPairs, bool kGeneral>
 inline __attribute__((always_inline)) void fwd_softmax_body(const Tile& t, float* __restrict st,
                                                             float* __restrict m, float* __restrict l,
@@ -185,27 +187,26 @@ inline __attribute__((always_inline)) void fwd_softmax_body(const Tile& t, float
   vi lanes[kQV];
   vf mx[kQV];
   for (int v = 0; v < kQV; ++v) lanes[v] = lane_index(v), mx[v] = ninf;
-  // With c > 0 this pass only reads (max c S = c max S) unless it must mask; else it stores c S, c = 1 after.
-  const bool prescale = kGeneral && !t.c_pos, masked = kGeneral && t.masked, rewrite = prescale || masked;
+  // This pass only reads unless it must mask (masked scores are stored as -inf).
+  const bool masked = kGeneral && t.masked;
   for (int64_t jj = 0; jj < t.nk; ++jj) {
     float* row = st + jj * kBQ;
 #pragma GCC unroll 4
     for (int v = 0; v < kQV; ++v) {
       vf s = loadv(row + v * kLanes);
-      if (prescale) s = s * t.c;
-      if (masked) s = band_mask(t, jj, lanes[v]) ? s : ninf;
-      if (rewrite) storev(row + v * kLanes, s);
+      if (masked) {
+        s = band_mask(t, jj, lanes[v]) ? s : ninf;
+        storev(row + v * kLanes, s);
+      }
       mx[v] = s > mx[v] ? s : mx[v];
     }
   }
-  const float ce = prescale ? 1.0f : t.c;
   vf base[kQV], sum[kQV];
   for (int v = 0; v < kQV; ++v) {
     const vf m_old = loadv(m + v * kLanes);
-    vf m_new = mx[v] * ce;
-    m_new = m_new > m_old ? m_new : m_old;
-    base[v] = m_new == ninf ? vf{} : m_new;  // rows without keys so far: 2^(-inf - 0) = 0, no NaN
-    storev(alpha + v * kLanes, exp2v(m_old - base[v]));
+    const vf m_new = mx[v] > m_old ? mx[v] : m_old;
+    base[v] = m_new == ninf ? vf{} : m_new;  // rows without keys so far: e(-inf - 0) = 0, no NaN
+    storev(alpha + v * kLanes, exp2v((m_old - base[v]) * kLog2e));
     storev(m + v * kLanes, m_new);
     sum[v] = vf{};
   }
@@ -216,8 +217,8 @@ inline __attribute__((always_inline)) void fwd_softmax_body(const Tile& t, float
     const uint32_t h0 = row_hash<kGeneral>(t, jj), h1 = row_hash<kGeneral>(t, jj + 1);
 #pragma GCC unroll 4
     for (int v = 0; v < kQV; ++v) {
-      const vf e0 = softmax_entry<kGeneral>(t, row0, v, lanes[v], ce, base[v], h0, sum[v]);
-      const vf e1 = two ? softmax_entry<kGeneral>(t, row1, v, lanes[v], ce, base[v], h1, sum[v]) : vf{};
+      const vf e0 = softmax_entry<kGeneral>(t, row0, v, lanes[v], base[v], h0, sum[v]);
+      const vf e1 = two ? softmax_entry<kGeneral>(t, row1, v, lanes[v], base[v], h1, sum[v]) : vf{};
       if constexpr (kPairs) {
         store_pair(pairs + (jj / 2) * kBQ + v * kLanes, e0, e1);
       } else {
@@ -229,7 +230,7 @@ inline __attribute__((always_inline)) void fwd_softmax_body(const Tile& t, float
   for (int v = 0; v < kQV; ++v) storev(l + v * kLanes, loadv(l + v * kLanes) * loadv(alpha + v * kLanes) + sum[v]);
 }
 
-inline bool general_tile(const Tile& t) { return t.masked || t.dropout || !t.c_pos; }
+inline bool general_tile(const Tile& t) { return t.masked || t.dropout; }
 
 PYTRAIN_SIMD void fwd_softmax_f32(const Tile& t, float* st, float* m, float* l, float* alpha) {
   if (general_tile(t)) {
@@ -247,14 +248,14 @@ PYTRAIN_SIMD void fwd_softmax_pairs(const Tile& t, float* st, float* m, float* l
 }
 
 // Backward, one row vector: pd = P keep / (1 - p) (for dV) and ds = P (dP keep / (1 - p) - delta)
-// (for dQ and dK, which get the softmax scale when written), with P = 2^(c S - lse log2 e).
+// (for dQ and dK, which get the softmax scale when written), with P = e(S - lse).
 template <bool kGeneral>
 inline __attribute__((always_inline)) void ds_entry(const Tile& t, const float* srow, const float* drow, int64_t jj,
-                                                    int v, vi lanes, vf lse2, vf delta, uint32_t hash, vf& pd,
+                                                    int v, vi lanes, vf lse, vf delta, uint32_t hash, vf& pd,
                                                     vf& ds) {
-  vf x = loadv(srow + v * kLanes) * t.c - lse2;
+  vf x = loadv(srow + v * kLanes) - lse;
   if (kGeneral && t.masked) x = band_mask(t, jj, lanes) ? x : splat(-kInf);
-  const vf pr = exp2v(x);
+  const vf pr = exp2v(x * kLog2e);
   vf dp = loadv(drow + v * kLanes);
   pd = pr;
   if (kGeneral && t.dropout) {
@@ -268,12 +269,12 @@ inline __attribute__((always_inline)) void ds_entry(const Tile& t, const float* 
 // fp32: st (scores) -> pd and dpt (dO v^T) -> ds, in place.
 template <bool kGeneral>
 inline __attribute__((always_inline)) void bwd_ds_f32_body(const Tile& t, float* __restrict st,
-                                                           float* __restrict dpt, const float* __restrict lse2,
+                                                           float* __restrict dpt, const float* __restrict lse,
                                                            const float* __restrict delta) {
   vi lanes[kQV];
-  vf l2[kQV], dl[kQV];
+  vf ls[kQV], dl[kQV];
   for (int v = 0; v < kQV; ++v) {
-    lanes[v] = lane_index(v), l2[v] = loadv(lse2 + v * kLanes), dl[v] = loadv(delta + v * kLanes);
+    lanes[v] = lane_index(v), ls[v] = loadv(lse + v * kLanes), dl[v] = loadv(delta + v * kLanes);
   }
   for (int64_t jj = 0; jj < t.nk; ++jj) {
     float* srow = st + jj * kBQ;
@@ -282,18 +283,18 @@ inline __attribute__((always_inline)) void bwd_ds_f32_body(const Tile& t, float*
 #pragma GCC unroll 4
     for (int v = 0; v < kQV; ++v) {
       vf pd, ds;
-      ds_entry<kGeneral>(t, srow, drow, jj, v, lanes[v], l2[v], dl[v], h, pd, ds);
+      ds_entry<kGeneral>(t, srow, drow, jj, v, lanes[v], ls[v], dl[v], h, pd, ds);
       storev(srow + v * kLanes, pd);
       storev(drow + v * kLanes, ds);
     }
   }
 }
 
-PYTRAIN_SIMD void bwd_ds_f32(const Tile& t, float* st, float* dpt, const float* lse2, const float* delta) {
+PYTRAIN_SIMD void bwd_ds_f32(const Tile& t, float* st, float* dpt, const float* lse, const float* delta) {
   if (t.masked || t.dropout) {
-    bwd_ds_f32_body<true>(t, st, dpt, lse2, delta);
+    bwd_ds_f32_body<true>(t, st, dpt, lse, delta);
   } else {
-    bwd_ds_f32_body<false>(t, st, dpt, lse2, delta);
+    bwd_ds_f32_body<false>(t, st, dpt, lse, delta);
   }
 }
 
@@ -301,14 +302,14 @@ PYTRAIN_SIMD void bwd_ds_f32(const Tile& t, float* st, float* dpt, const float* 
 // dK += ds q) and row pairs (ceil(nk / 2) x kBQ; B of dQ^T += k^T ds).
 template <bool kGeneral, bool kRows, bool kPairs>
 inline __attribute__((always_inline)) void bwd_ds_bf16_body(const Tile& t, const float* __restrict st,
-                                                            const float* __restrict dpt, const float* __restrict lse2,
+                                                            const float* __restrict dpt, const float* __restrict lse,
                                                             const float* __restrict delta, uint16_t* __restrict p_rows,
                                                             uint16_t* __restrict ds_rows,
                                                             uint32_t* __restrict ds_pairs) {
   vi lanes[kQV];
-  vf l2[kQV], dl[kQV];
+  vf ls[kQV], dl[kQV];
   for (int v = 0; v < kQV; ++v) {
-    lanes[v] = lane_index(v), l2[v] = loadv(lse2 + v * kLanes), dl[v] = loadv(delta + v * kLanes);
+    lanes[v] = lane_index(v), ls[v] = loadv(lse + v * kLanes), dl[v] = loadv(delta + v * kLanes);
   }
   for (int64_t jj = 0; jj < t.nk; jj += 2) {
     const bool two = jj + 1 < t.nk;
@@ -316,9 +317,9 @@ inline __attribute__((always_inline)) void bwd_ds_bf16_body(const Tile& t, const
 #pragma GCC unroll 4
     for (int v = 0; v < kQV; ++v) {
       vf pd0, ds0, pd1 = vf{}, ds1 = vf{};
-      ds_entry<kGeneral>(t, st + jj * kBQ, dpt + jj * kBQ, jj, v, lanes[v], l2[v], dl[v], h0, pd0, ds0);
+      ds_entry<kGeneral>(t, st + jj * kBQ, dpt + jj * kBQ, jj, v, lanes[v], ls[v], dl[v], h0, pd0, ds0);
       if (two) {
-        ds_entry<kGeneral>(t, st + (jj + 1) * kBQ, dpt + (jj + 1) * kBQ, jj + 1, v, lanes[v], l2[v], dl[v], h1, pd1,
+        ds_entry<kGeneral>(t, st + (jj + 1) * kBQ, dpt + (jj + 1) * kBQ, jj + 1, v, lanes[v], ls[v], dl[v], h1, pd1,
                            ds1);
       }
       if constexpr (kRows) {
@@ -335,16 +336,16 @@ inline __attribute__((always_inline)) void bwd_ds_bf16_body(const Tile& t, const
 }
 
 // rows / pairs: which outputs are needed (the general instance writes both).
-PYTRAIN_SIMD void bwd_ds_bf16(const Tile& t, const float* st, const float* dpt, const float* lse2, const float* delta,
+PYTRAIN_SIMD void bwd_ds_bf16(const Tile& t, const float* st, const float* dpt, const float* lse, const float* delta,
                               uint16_t* p_rows, uint16_t* ds_rows, uint32_t* ds_pairs, bool rows, bool pairs) {
   if (t.masked || t.dropout) {
-    bwd_ds_bf16_body<true, true, true>(t, st, dpt, lse2, delta, p_rows, ds_rows, ds_pairs);
+    bwd_ds_bf16_body<true, true, true>(t, st, dpt, lse, delta, p_rows, ds_rows, ds_pairs);
   } else if (rows && pairs) {
-    bwd_ds_bf16_body<false, true, true>(t, st, dpt, lse2, delta, p_rows, ds_rows, ds_pairs);
+    bwd_ds_bf16_body<false, true, true>(t, st, dpt, lse, delta, p_rows, ds_rows, ds_pairs);
   } else if (rows) {
-    bwd_ds_bf16_body<false, true, false>(t, st, dpt, lse2, delta, p_rows, ds_rows, ds_pairs);
+    bwd_ds_bf16_body<false, true, false>(t, st, dpt, lse, delta, p_rows, ds_rows, ds_pairs);
   } else {
-    bwd_ds_bf16_body<false, false, true>(t, st, dpt, lse2, delta, p_rows, ds_rows, ds_pairs);
+    bwd_ds_bf16_body<false, false, true>(t, st, dpt, lse, delta, p_rows, ds_rows, ds_pairs);
   }
 }
 
@@ -482,7 +483,6 @@ Problem make_problem(const char* op, const at::Tensor& q, const at::Tensor& k, d
   const int64_t right = causal ? 0 : window_right;
   p.right = right < 0 ? kUnbounded : right;
   p.scale = static_cast<float>(scale);
-  p.c = static_cast<float>(scale * 1.4426950408889634);
   p.dropout = dropout_p > 0.0;
   p.keep_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
   p.threshold = static_cast<uint32_t>(std::min<double>(std::floor(dropout_p * 4294967296.0), 4294967295.0));
@@ -554,12 +554,12 @@ void fwd_block(const FwdArgs& a, int64_t bh, int64_t qb, float* ws) {
     const Tile t = make_tile(p, bh, i0, nq, j0, nk);
     if (p.bf16dot) {
       gemm_bf16(nk, kBQ, D / 2, a.kb + kv_row * D, D, 2, reinterpret_cast<const uint32_t*>(qt), kBQ, st, kBQ,
-                nullptr, false);
+                nullptr, false, p.scale);
       fwd_softmax_pairs(t, st, m, l, alpha, pp);
       const uint16_t* vp = a.vpairs + bkv * (p.nkb * kBK * D) + j0 * D;
       gemm_bf16(D, kBQ, (nk + 1) / 2, vp, 2, 2 * D, pp, kBQ, ot, kBQ, alpha, true);
     } else {
-      gemm_f32(nk, kBQ, D, a.kf + kv_row * D, D, 1, qt, kBQ, st, kBQ, nullptr, false);
+      gemm_f32(nk, kBQ, D, a.kf + kv_row * D, D, 1, qt, kBQ, st, kBQ, nullptr, false, p.scale);
       fwd_softmax_f32(t, st, m, l, alpha);
       gemm_f32(D, kBQ, nk, a.vf + kv_row * D, 1, D, st, kBQ, ot, kBQ, alpha, true);
     }
@@ -567,7 +567,7 @@ void fwd_block(const FwdArgs& a, int64_t bh, int64_t qb, float* ws) {
   for (int64_t i = 0; i < nq; ++i) {
     const bool empty = l[i] == 0.0f;  // NaN sums stay NaN
     const float inv = empty ? 0.0f : 1.0f / l[i];
-    a.lse[bh * p.Lq + i0 + i] = empty ? -kInf : (m[i] + std::log2(l[i])) * kLn2;
+    a.lse[bh * p.Lq + i0 + i] = empty ? -kInf : m[i] + std::log2(l[i]) * kLn2;
     for (int64_t d = 0; d < D; ++d) row[d] = ot[d * kBQ + i] * inv;
     store_row(row, D, 1.0f, a.out, a.dtype, (bh * p.Lq + i0 + i) * D);
   }
@@ -609,14 +609,14 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
 // ----------------------------------------------------------------------------------- backward
 // The q side of one (batch, head, q block), packed once: q^T and dO^T with queries in lanes (fp32
 // D x kBQ, or bf16 pairs along d), q and dO rows with d in lanes (fp32 kBQ x Dp, or bf16 pairs of
-// rows), lse log2(e) (+inf for rows without keys and padding), delta = rowsum(dO * out), and the fp32
+// rows), lse (+inf for rows without keys and padding), delta = rowsum(dO * out), and the fp32
 // dQ^T accumulator.
 struct QBlock {
   float* qt;
   float* dot;
   float* qr;
   float* dor;
-  float* lse2;
+  float* lse;
   float* delta;
   float* dqt;
 };
@@ -628,8 +628,8 @@ struct QLayout {
         row(p.bf16dot ? kBQ / 2 * p.Dp : kBQ * p.Dp),
         total(2 * qt + 2 * row + 2 * kBQ + p.D * kBQ) {}
   QBlock at(float* base) const {
-    float* lse2 = base + 2 * qt + 2 * row;
-    return {base, base + qt, base + 2 * qt, base + 2 * qt + row, lse2, lse2 + kBQ, lse2 + 2 * kBQ};
+    float* lse = base + 2 * qt + 2 * row;
+    return {base, base + qt, base + 2 * qt, base + 2 * qt + row, lse, lse + kBQ, lse + 2 * kBQ};
   }
 };
 
@@ -660,7 +660,7 @@ void bwd_prepare(const BwdArgs& a, int64_t bh, int64_t qb, const QBlock& blk) {
   const int64_t i0 = qb * kBQ, nq = std::min(kBQ, p.Lq - i0), D = p.D, row0 = bh * p.Lq + i0;
   for (int64_t i = 0; i < kBQ; ++i) {
     const float s = i < nq ? a.lse[row0 + i] : -kInf;
-    blk.lse2[i] = s == -kInf ? kInf : s * kLog2e;
+    blk.lse[i] = s == -kInf ? kInf : s;
   }
   std::fill(blk.delta, blk.delta + kBQ, 0.0f);
   if (p.bf16dot) {
@@ -713,10 +713,10 @@ void bwd_tile(const BwdArgs& a, const QBlock& blk, int64_t bh, int64_t qb, int64
   const Tile t = make_tile(p, bh, i0, nq, j0, nk);
   if (p.bf16dot) {
     gemm_bf16(nk, kBQ, D / 2, a.kb + kv_row * D, D, 2, reinterpret_cast<const uint32_t*>(blk.qt), kBQ, st, kBQ,
-              nullptr, false);
+              nullptr, false, p.scale);
     gemm_bf16(nk, kBQ, D / 2, a.vb + kv_row * D, D, 2, reinterpret_cast<const uint32_t*>(blk.dot), kBQ, dpt, kBQ,
               nullptr, false);
-    bwd_ds_bf16(t, st, dpt, blk.lse2, blk.delta, p_rows, ds_rows, ds_pairs, do_kv, do_q);
+    bwd_ds_bf16(t, st, dpt, blk.lse, blk.delta, p_rows, ds_rows, ds_pairs, do_kv, do_q);
     if (do_kv) {
       const int64_t q_pairs = (nq + 1) / 2;
       gemm_bf16(nk, Dp, q_pairs, p_rows, kBQ, 2, reinterpret_cast<const uint32_t*>(blk.dor), Dp, dv_acc, Dp,
@@ -729,9 +729,9 @@ void bwd_tile(const BwdArgs& a, const QBlock& blk, int64_t bh, int64_t qb, int64
       gemm_bf16(D, kBQ, (nk + 1) / 2, kp, 2, 2 * D, ds_pairs, kBQ, blk.dqt, kBQ, nullptr, true);
     }
   } else {
-    gemm_f32(nk, kBQ, D, a.kf + kv_row * D, D, 1, blk.qt, kBQ, st, kBQ, nullptr, false);
+    gemm_f32(nk, kBQ, D, a.kf + kv_row * D, D, 1, blk.qt, kBQ, st, kBQ, nullptr, false, p.scale);
     gemm_f32(nk, kBQ, D, a.vf + kv_row * D, D, 1, blk.dot, kBQ, dpt, kBQ, nullptr, false);
-    bwd_ds_f32(t, st, dpt, blk.lse2, blk.delta);
+    bwd_ds_f32(t, st, dpt, blk.lse, blk.delta);
     if (do_kv) {
       gemm_f32(nk, Dp, nq, st, kBQ, 1, blk.dor, Dp, dv_acc, Dp, nullptr, true);
       gemm_f32(nk, Dp, nq, dpt, kBQ, 1, blk.qr, Dp, dk_acc, Dp, nullptr, true);

@@ -4,7 +4,9 @@
 //
 // C[M x N] (=, +=) A[M x K] B[K x N]: A(r, k) = A[r * sar + k * sak] broadcast, B row k = 16-lane vectors at
 // B + k * ldb, C row r at C + r * ldc; N a multiple of 16.  With accumulate, C is first multiplied lane-wise by
-// cscale (if given): the online-softmax rescale of out^T rides on the load.  Accumulation is in fp32, k
+// cscale (if given): the online-softmax rescale of out^T rides on the load.  Without, C = out_scale * (A B),
+// the product rounded to fp32 on its own before the store (the attention scores scale * q k^T: stored, so
+// never contracted into an FMA with the softmax's subtraction).  Accumulation is in fp32, k
 // ascending, one accumulator per (row, vector): the order, and so every result bit, is fixed by the code.
 #pragma once
 
@@ -29,7 +31,7 @@ namespace pytrain::cpu {
 template <class Dot, int MR, int NV>
 inline __attribute__((always_inline)) void micro_kernel(int64_t K, const typename Dot::A* A, int64_t sar, int64_t sak,
                                                         const typename Dot::B* B, int64_t ldb, float* C, int64_t ldc,
-                                                        const float* cscale, bool accumulate) {
+                                                        const float* cscale, bool accumulate, float out_scale) {
   vf acc[MR][NV];
   if (accumulate && cscale) {
     vf cs[NV];
@@ -62,6 +64,12 @@ inline __attribute__((always_inline)) void micro_kernel(int64_t K, const typenam
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[r][v] = Dot::madd(acc[r][v], ar, bv[v]);
     }
+  }
+  if (out_scale != 1.0f) {
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = acc[r][v] * out_scale;
   }
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
@@ -114,11 +122,12 @@ inline __attribute__((always_inline)) void column_chunk(int64_t M, int64_t n0, c
 template <class Dot>
 inline __attribute__((always_inline)) void gemm(int64_t M, int64_t N, int64_t K, const typename Dot::A* A,
                                                 int64_t sar, int64_t sak, const typename Dot::B* B, int64_t ldb,
-                                                float* C, int64_t ldc, const float* cscale, bool accumulate) {
+                                                float* C, int64_t ldc, const float* cscale, bool accumulate,
+                                                float out_scale) {
   auto block = [&](auto mr, auto nv, int64_t r, int64_t n0) {
     micro_kernel<Dot, decltype(mr)::value, decltype(nv)::value>(K, A + r * sar, sar, sak, B + n0, ldb,
                                                                 C + r * ldc + n0, ldc, cscale ? cscale + n0 : nullptr,
-                                                                accumulate);
+                                                                accumulate, out_scale);
   };
   for (int64_t n0 = 0; n0 < N; n0 += 4 * kLanes) {
     switch (std::min<int64_t>(4, (N - n0) / kLanes)) {
@@ -134,8 +143,8 @@ inline __attribute__((always_inline)) void gemm(int64_t M, int64_t N, int64_t K,
 PYTRAIN_SIMD __attribute__((flatten)) inline void gemm_f32(int64_t M, int64_t N, int64_t K, const float* A,
                                                            int64_t sar, int64_t sak, const float* B, int64_t ldb,
                                                            float* C, int64_t ldc, const float* cscale,
-                                                           bool accumulate) {
-  gemm<F32Dot>(M, N, K, A, sar, sak, B, ldb, C, ldc, cscale, accumulate);
+                                                           bool accumulate, float out_scale = 1.0f) {
+  gemm<F32Dot>(M, N, K, A, sar, sak, B, ldb, C, ldc, cscale, accumulate, out_scale);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -166,8 +175,8 @@ PYTRAIN_BF16_TARGET __attribute__((flatten)) inline void gemm_bf16(int64_t M, in
                                                                     const uint16_t* A, int64_t sar, int64_t sak,
                                                                     const uint32_t* B, int64_t ldb, float* C,
                                                                     int64_t ldc, const float* cscale,
-                                                                    bool accumulate) {
-  gemm<Bf16Dot>(M, N, K, A, sar, sak, B, ldb, C, ldc, cscale, accumulate);
+                                                                    bool accumulate, float out_scale = 1.0f) {
+  gemm<Bf16Dot>(M, N, K, A, sar, sak, B, ldb, C, ldc, cscale, accumulate, out_scale);
 }
 
 #pragma GCC pop_options
@@ -184,7 +193,7 @@ inline bool cpu_has_bf16dot() {
 #else
 inline bool cpu_has_bf16dot() { return false; }
 inline void gemm_bf16(int64_t, int64_t, int64_t, const uint16_t*, int64_t, int64_t, const uint32_t*, int64_t, float*,
-                      int64_t, const float*, bool) {
+                      int64_t, const float*, bool, float = 1.0f) {
   TORCH_CHECK(false, "attention: bf16 dot products are not compiled in");
 }
 #endif

@@ -29,11 +29,13 @@ inline __attribute__((always_inline)) void storev(float* p, vf v) { std::memcpy(
 // 0 + -0 = +0); in hot loops write scalar * vector, which becomes a single vbroadcastss.
 inline __attribute__((always_inline)) vf splat(float x) { return vf{} + x; }
 
-// 2^x for x <= 128, NaN propagating.  x is clamped at -127, where 2^n (n = round(x)) has a zero
-// exponent field and so gives exactly 0: 2^-inf = 0, what masked scores need.  On [-0.5, 0.5] the
+// 2^x, NaN propagating.  x is clamped to [-127, 128]: at -127, 2^n (n = round(x)) has a zero exponent field
+// and so gives exactly 0 (2^-inf = 0, what masked scores need); at 128 an all-ones one, +inf (an exponent
+// past 8 bits would wrap into the sign and give garbage).  On [-0.5, 0.5] the
 // fraction goes through the Cephes exp2f polynomial (relative error ~2e-7).
 inline __attribute__((always_inline)) vf exp2v(vf x) {
   x = x < -127.0f ? splat(-127.0f) : x;  // NaN compares false and stays NaN
+  x = x > 128.0f ? splat(128.0f) : x;
   const vf n = (x + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23 trick)
   const vf f = x - n;
   vf p = splat(1.535336188319500e-4f);

@@ -1,9 +1,17 @@
 // CUDA pytrain::quantize and pytrain::dequantize: 8-bit codes (int8, fp8 e4m3 / e5m2) with one float32 scale
 // per group of `group_size` consecutive elements.  Same maths as csrc/cpu/quantize.cpp (contract:
-// pytrain/testing/quant_ref.py): integer max of the magnitude bits (NaN / inf sort above every finite value),
-// scale = amax / qmax and inv = qmax / amax as IEEE-rounded divisions (__fdiv_rn: --use_fast_math would
-// approximate `/`), y = __fmul_rn(x, inv) (never fused into an FMA), int8 rint / stochastic rounding with the
-// lowbias32 hash, fp8 by the hardware's round-to-nearest-even saturating cast (__nv_cvt_float_to_fp8).
+// pytrain/ops/quantize.py): integer max of the magnitude bits (NaN / inf sort above every finite value),
+// scale = amax / qmax and inv = qmax / amax as IEEE-rounded divisions, y = x * inv as one IEEE-rounded product
+// (never fused into an FMA), int8 rint / stochastic rounding with the lowbias32 hash, fp8 by the hardware's
+// round-to-nearest-even saturating cast (__nv_cvt_float_to_fp8); dequantize: one IEEE-rounded product.
+//
+// Subnormals: setup.py compiles with --use_fast_math, which implies -ftz=true, and under it even __fdiv_rn /
+// __fmul_rn / __fsub_rn become div.rn.ftz / mul.rn.ftz / sub.rn.ftz (subnormal inputs and results flushed to
+// zero): a subnormal float32 x of a live group would get code 0 where the reference gives 1 (int8, amax near
+// qmax * 2^-126) or a subnormal fp8 code, and dequantize would flush subnormal products and subnormal scales.
+// The arithmetic that decides codes and outputs is therefore inline PTX without .ftz (div_rn, mul_rn, sub_rn
+// below), and |d| clears the sign bit; what remains under -ftz (rint, min / max, adds and compares of
+// integer-valued floats, the amax threshold test) gives the same result with or without flushing.
 //
 // Groups of up to kFusedMax elements: one block per group reads it, reduces the absmax and casts while the
 // group is in L1/L2 (one pass over memory).  Larger groups: blocks over pieces of kPiece elements fold their
@@ -33,6 +41,23 @@ using quant::kE5M2;
 using quant::kInfBits;
 using quant::kInt8;
 
+// IEEE round-to-nearest float32 operations that keep subnormals whatever -ftz says (see the header).
+__device__ inline float div_rn(float a, float b) {
+  float r;
+  asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ inline float mul_rn(float a, float b) {
+  float r;
+  asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ inline float sub_rn(float a, float b) {
+  float r;
+  asm("sub.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
 struct GroupScale {
   float scale, inv;  // inv == 0: all codes 0 (zero, tiny or non-finite group)
 };
@@ -41,19 +66,21 @@ __device__ inline GroupScale group_scale(uint32_t amax_bits, float qmax) {
   if (amax_bits >= kInfBits) return {__int_as_float(0x7fc00000), 0.0f};
   const float amax = __uint_as_float(amax_bits);
   if (amax < qmax * 0x1p-126f) return {0.0f, 0.0f};
-  return {__fdiv_rn(amax, qmax), __fdiv_rn(qmax, amax)};
+  return {div_rn(amax, qmax), div_rn(qmax, amax)};
 }
 
 template <int kFmt>
 __device__ inline uint8_t encode(float x, float inv, int64_t index, uint32_t s0, uint32_t s1, bool stochastic) {
   if (inv == 0.0f) return 0;
-  const float y = __fmul_rn(x, inv);
+  const float y = mul_rn(x, inv);
   if constexpr (kFmt == kInt8) {
     float r = rintf(y);
     if (stochastic) {
       const uint32_t u24 = quant::stochastic_u24(static_cast<uint64_t>(index), s0, s1);
-      const float d = __fsub_rn(y, r);
-      const float up = static_cast<float>(u24) < fabsf(d) * 0x1p24f ? 1.0f : 0.0f;
+      const float d = sub_rn(y, r);
+      const float up = static_cast<float>(u24) < mul_rn(__int_as_float(__float_as_int(d) & 0x7fffffff), 0x1p24f)
+                           ? 1.0f
+                           : 0.0f;
       r += copysignf(up, d);
     }
     return static_cast<uint8_t>(static_cast<int8_t>(fminf(fmaxf(r, -127.0f), 127.0f)));
@@ -187,7 +214,7 @@ __global__ void __launch_bounds__(kThreads) dequantize_kernel(const uint8_t* cod
                                                              int64_t numel, int64_t group) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < numel; i += stride) {
-    out[i] = static_cast<T>(__fmul_rn(decode<kFmt>(codes[i]), scales[i / group]));
+    out[i] = static_cast<T>(mul_rn(decode<kFmt>(codes[i]), scales[i / group]));
   }
 }
 

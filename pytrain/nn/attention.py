@@ -3,7 +3,7 @@
 * ``FlashAttention``: a module taking (q, k, v) shaped (batch, heads, seqlen, headdim).
 * ``MultiheadAttention``: a drop-in subclass of ``torch.nn.MultiheadAttention`` (same
   constructor, parameters, state_dict and forward signature).  Calls the kernel supports
-  (``need_weights=False``; no mask, a causal mask or ``is_causal``; head dim 16..256;
+  (``need_weights=False``; no mask, or the square causal mask with or without ``is_causal``; head dim 16..256;
   no bias_kv / zero_attn) run flash attention; every other call is passed to PyTorch's
   implementation unchanged, with a one-time warning for ``need_weights=True`` since the
   weights are exactly what flash attention avoids computing.
@@ -58,16 +58,33 @@ class MultiheadAttention(nn.MultiheadAttention):
 
     _warned_need_weights = False
 
+    def _seq_len(self, x: Tensor) -> int:
+        return x.shape[1 if self.batch_first and x.dim() == 3 else 0]
+
     def decline_reason(self, query: Tensor, key_padding_mask: Optional[Tensor], need_weights: bool,
-                       attn_mask: Optional[Tensor], is_causal: bool) -> Optional[str]:
+                       attn_mask: Optional[Tensor], is_causal: bool, key: Optional[Tensor] = None) -> Optional[str]:
+        """Why this call goes to PyTorch's implementation (None: flash attention runs it).  key: the call's key
+        (its sequence length decides which masks fit; default: the query's)."""
         head_dim = self.embed_dim // self.num_heads
+        lq = self._seq_len(query)
+        lk = lq if key is None else self._seq_len(key)
         if need_weights:
             return "need_weights=True (flash attention never forms the weights)"
         if key_padding_mask is not None:
             return "key_padding_mask is not supported"
+        # Masks as torch reads them: is_causal is a hint that needs attn_mask (torch raises without one) and
+        # then stands for torch's causal mask, aligned top-left, which is flash attention's (bottom-right)
+        # only when L == S; without the hint, attn_mask must be (L, S) (torch raises otherwise).
+        if is_causal and attn_mask is None:
+            return "is_causal without attn_mask (torch raises: the hint needs the mask)"
+        if is_causal and lq != lk:
+            return f"is_causal with L={lq} != S={lk} (torch's causal mask is aligned top-left, flash attention's " \
+                   f"bottom-right)"
         if attn_mask is not None and not is_causal:
-            lq = query.shape[1 if self.batch_first and query.dim() == 3 else 0]
-            if not _is_causal_mask(attn_mask, lq, lq):
+            if attn_mask.dim() == 2 and tuple(attn_mask.shape) != (lq, lk):
+                return f"attn_mask of shape {tuple(attn_mask.shape)} for L={lq}, S={lk} (torch expects (L, S) " \
+                       f"and raises)"
+            if not _is_causal_mask(attn_mask, lq, lk):
                 return "arbitrary attn_mask (only no mask or the causal mask)"
         if self.bias_k is not None or self.add_zero_attn:
             return "add_bias_kv / add_zero_attn"
@@ -80,7 +97,7 @@ class MultiheadAttention(nn.MultiheadAttention):
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
                 need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
-        reason = self.decline_reason(query, key_padding_mask, need_weights, attn_mask, is_causal)
+        reason = self.decline_reason(query, key_padding_mask, need_weights, attn_mask, is_causal, key)
         if reason is not None:
             if need_weights and not MultiheadAttention._warned_need_weights:
                 MultiheadAttention._warned_need_weights = True

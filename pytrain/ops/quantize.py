@@ -89,10 +89,13 @@ def stochastic_bits(numel: int, seed: int, device=None) -> Tensor:
 
 
 def _grouped(x: Tensor, group_size: int, dtype: torch.dtype) -> Tuple[Tensor, int]:
-    """x flattened into (groups, group_size), zero-padded, as ``dtype``; and the pad length."""
+    """x flattened into (groups, width), zero-padded, as ``dtype``; and the pad length.  width is group_size,
+    or n when one group holds all n elements: memory follows the tensor, never the group size (the pad is
+    under min(group_size, n))."""
     flat = x.reshape(-1).to(dtype)
-    pad = num_groups(flat.numel(), group_size) * group_size - flat.numel()
-    return torch.nn.functional.pad(flat, (0, pad)).view(-1, group_size), pad
+    width = max(1, min(group_size, flat.numel()))
+    pad = num_groups(flat.numel(), width) * width - flat.numel()
+    return torch.nn.functional.pad(flat, (0, pad)).view(-1, width), pad
 
 
 def quantize_reference(x: Tensor, fmt: str, group_size: int, stochastic: bool, seed: int) -> Tuple[Tensor, Tensor]:

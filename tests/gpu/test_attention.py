@@ -19,6 +19,7 @@ from pytrain.ops import attention as attention_op
 from pytrain.ops import flash_attention
 from pytrain.ops.attention import _window_sides
 from pytrain.testing import gpu
+from pytrain.testing.attention import check_any_finite_scores
 from pytrain.testing.backends import impl_or_skip
 from pytrain.testing.tolerances import ATTENTION_ATOL
 
@@ -143,3 +144,12 @@ def test_poisoned_outputs(byte):
     impl_or_skip("attention_fwd", "triton", gpu.DEVICE)
     with gpu.poisoned(byte):
         check_against_reference("float16", (1, 4, 2, 1000, 1000, 80), True, (100, 0), 0.0, 0, f"poisoned {byte:#x}")
+
+
+@pytest.mark.parametrize("scale", [3e9, -3e9])
+def test_any_finite_scores(scale):
+    """Scores far past exp's range, compiled (mul.rn scores, natural-log lse): float32 forward and backward
+    against the float64 reference within the bounds of pytrain.testing.attention, rows with no key included."""
+    impl_or_skip("attention_fwd", "triton", gpu.DEVICE)
+    (q, k, v), grad = _inputs((1, 2, 1, 300, 257, 64), torch.float32)
+    check_any_finite_scores("triton", q, k, v, grad.float(), scale=scale, causal=True)

@@ -182,10 +182,12 @@ def test_tiny_and_subnormal_groups(impl, fmt, dtype):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("fmt", FMTS)
 def test_dequantize_every_code(impl, fmt):
-    """All 256 codes (fp8 NaN / inf and subnormals included) times normal, subnormal-producing and zero scales."""
+    """All 256 codes (fp8 NaN / inf and subnormals included) times normal, subnormal-producing, subnormal (a
+    scale that no quantize writes, but dequantize accepts: mul.rn.ftz under --use_fast_math flushed it) and zero
+    scales."""
     impl_or_skip("dequantize", impl, gpu.DEVICE)
-    data = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(FORMATS[fmt].dtype).repeat(4)
-    scales = torch.tensor([1.0, 0.375, FLT_MIN, 0.0])
+    data = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(FORMATS[fmt].dtype).repeat(5)
+    scales = torch.tensor([1.0, 0.375, FLT_MIN, FLT_MIN * 2.0**-13, 0.0])
     for out_dtype in (torch.float32, torch.bfloat16, torch.float16):
         out = dequantize_groups(data.to(gpu.DEVICE), scales.to(gpu.DEVICE), 256, out_dtype, impl=impl)
         want = dequantize_groups(data, scales, 256, out_dtype, impl="reference")

@@ -1,4 +1,5 @@
 """pytrain.nn.MultiheadAttention as a drop-in for torch.nn.MultiheadAttention, and the FlashAttention module."""
+import re
 import warnings
 
 import pytest
@@ -70,6 +71,28 @@ def test_arbitrary_mask_is_declined_and_passed_to_torch():
         warnings.simplefilter("error")
         assert torch.equal(ours(x, x, x, attn_mask=mask, need_weights=False)[0],
                            theirs(x, x, x, attn_mask=mask, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("case", ["square_mask_cross", "is_causal_no_mask", "is_causal_cross"])
+def test_masks_follow_torch_for_cross_attention(case):
+    """torch raises for an (L, L) mask when S != L and for is_causal without a mask; with is_causal and S != L it
+    applies its own (top-left) causal mask: the same calls give the same errors and results here."""
+    ours, theirs = _pair()
+    q, kv = torch.randn(2, 5, 64), torch.randn(2, 7, 64)
+    square = torch.nn.Transformer.generate_square_subsequent_mask(5)
+    kwargs = {"square_mask_cross": dict(attn_mask=square), "is_causal_no_mask": dict(is_causal=True),
+              "is_causal_cross": dict(attn_mask=square, is_causal=True)}[case]
+    if case == "is_causal_no_mask":
+        kv = q
+    try:
+        expected = theirs(q, kv, kv, need_weights=False, **kwargs)[0]
+    except RuntimeError as error:
+        with pytest.raises(RuntimeError, match=re.escape(str(error))):
+            ours(q, kv, kv, need_weights=False, **kwargs)
+        assert case != "is_causal_cross"
+    else:
+        assert case == "is_causal_cross"
+        torch.testing.assert_close(ours(q, kv, kv, need_weights=False, **kwargs)[0], expected)
 
 
 def test_inside_transformer_encoder_layer():

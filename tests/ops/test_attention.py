@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from pytrain.ops import flash_attention
 from pytrain.ops.attention import _window_sides
 from pytrain.ops import attention as attention_op
+from pytrain.testing.attention import check_any_finite_scores
 from pytrain.testing.backends import impl_or_skip
 from pytrain.testing.tolerances import ATTENTION_ATOL
 
@@ -215,3 +216,34 @@ def test_bad_arguments_are_rejected():
         flash_attention(q, q, q[:, :, :4])
     with pytest.raises(RuntimeError, match="one device"):
         flash_attention(q, q.to("meta"), q)
+
+
+@pytest.mark.parametrize("impl", ["cpu", "triton"])
+@pytest.mark.parametrize("case", ["scale3e9-causal", "scale-3e9-window", "inputs1e15-cross-causal"])
+def test_any_finite_scores(impl, case):
+    """Scores far past exp's range (the CPU kernel gave NaN / garbage from a score range of ~5e9): stable forward
+    and backward, against the float64 reference, rows with no key included (Lq > Lk causal)."""
+    impl_or_skip("attention_fwd", impl)
+    shape, kwargs, magnitude = {
+        "scale3e9-causal": ((1, 2, 1, 70, 70, 32), dict(scale=3e9, causal=True), 1.0),
+        "scale-3e9-window": ((1, 2, 2, 50, 70, 40), dict(scale=-3e9, window=(5, 3)), 1.0),
+        "inputs1e15-cross-causal": ((2, 2, 2, 45, 33, 64), dict(causal=True), 1e15),
+    }[case]
+    (q, k, v), grad = _inputs(shape, torch.float32)
+    check_any_finite_scores(impl, q * magnitude, k * magnitude, v, grad.float(), **kwargs)
+
+
+def test_launch_grid_fits_cuda_limits_for_many_heads():
+    """batch * heads = 70,000 (> 65,535, CUDA's limit on grid axes 1 and 2) with every kernel's tile: the grid of
+    every attention launch is 1-D, within axis 0's 2^31 - 1 programs (batch * heads once sat on axis 1)."""
+    attention_kernels = pytest.importorskip("pytrain.kernels.attention")
+    blocks = {attention_kernels.PREPROCESS_BLOCK_M}
+    for tiles in attention_kernels._CONFIGS["tiles"].values():
+        for by_dtype in tiles.values():
+            blocks |= {size for bm, bn, _, _ in by_dtype.values() for size in (bm, bn)}
+    for block in sorted(blocks):
+        for rows in (1, 4096, 2**16):
+            grid = attention_kernels.launch_grid(rows, block, 70_000)
+            assert len(grid) == 1 and grid[0] == -(-rows // block) * 70_000 <= 2**31 - 1, (rows, block, grid)
+    with pytest.raises(RuntimeError, match="over CUDA's grid limit"):
+        attention_kernels.launch_grid(2**31, 16, 70_000)

@@ -1,6 +1,10 @@
 """pytrain.quant: every backend's codes, scales and dequantized values against the reference in pytrain/ops/quantize.py (bit for bit), fp8
 casts against torch's, round-trip SQNR, special values, unbiased stochastic rounding, bad input, opcheck."""
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,6 +144,26 @@ def test_finer_scales_help_heavy_tails():
     x = _sample("student_t3")
     per_tensor, per_block = (_sqnr_db(x, dequantize(quantize(x, "int8", **kw))) for kw in ({}, dict(block_size=256)))
     assert per_block > per_tensor + 10
+
+
+MEMORY_CAPPED_REFERENCE = """
+import resource, sys, torch
+from pytrain.ops.quantize import dequantize_reference, quantize_reference
+resource.setrlimit(resource.RLIMIT_DATA, (1 << 30, resource.RLIM_INFINITY))  # 1 GiB more heap at most
+x = torch.randn(1000)
+codes, scales = quantize_reference(x, "int8", 2**31 - 1, False, 0)
+out = dequantize_reference(codes, scales, 2**31 - 1, torch.float32)
+assert scales.shape == (1,) and float((out - x).abs().max()) <= float(scales[0]) / 2 + 1e-7
+"""
+
+
+def test_reference_memory_follows_the_tensor_not_the_group_size():
+    """1,000 elements in one group of 2^31 - 1: the reference once padded to the group size (8.6 GB)."""
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    done = subprocess.run([sys.executable, "-c", MEMORY_CAPPED_REFERENCE], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------------- special values
