@@ -1,7 +1,8 @@
 # The README's two commands: `make train` (main job) and `make test` (test suite).
 # Both create .venv with the pinned package set (requirements-test.txt) and build the extension on
 # first use; `make install` rebuilds after C++/CUDA edits (only what changed is recompiled).
-# `make test-latest` runs the same tests against the newest releases, in a copy under build/latest.
+# `make test-latest` runs the same tests against the newest releases, in a copy under build/latest;
+# `make test-device-versions` against the GPU device image's versions (requirements-device.txt), in build/device-versions.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -12,10 +13,12 @@ DEPS   ?= -r $(PINS)
 NEWEST := --upgrade pip setuptools torch torchvision triton numpy transformers timm pytest pytest-benchmark ninja
 STAMP  := $(VENV)/.pytrain-installed
 LATEST := build/latest
+DEVICE_PINS     := requirements-device.txt
+DEVICE_VERSIONS := build/device-versions
 
 CMAKE_BUILD := build/cmake
 
-.PHONY: train test pytest ctest install bench info clean test-latest pin
+.PHONY: train test pytest ctest install bench info clean test-latest test-device-versions pin
 
 $(VENV)/.deps-installed: $(PINS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,6 +54,14 @@ test-latest:
 	git ls-files -z | xargs -0 cp -P --parents -t $(LATEST)
 	$(MAKE) -C $(LATEST) test PYTHON=$(PYTHON) DEPS="$(NEWEST)"
 	$(LATEST)/$(PY) -m pip list --format=freeze | grep -E '^(torch|torchvision|triton|numpy|transformers|timm|kernels)=='
+
+# The test suite against the GPU device image's versions (torch 2.11 / Triton 3.6 / transformers 5.17, the oldest
+# torch pytrain supports), opt-in and not in CI, in a copy like test-latest: its own .venv from requirements-device.txt.
+test-device-versions:
+	rm -rf $(DEVICE_VERSIONS) && mkdir -p $(DEVICE_VERSIONS)
+	git ls-files -z | xargs -0 cp -P --parents -t $(DEVICE_VERSIONS)
+	$(MAKE) -C $(DEVICE_VERSIONS) test PYTHON=$(PYTHON) PINS=$(DEVICE_PINS)
+	$(DEVICE_VERSIONS)/$(PY) -m pip list --format=freeze | grep -E '^(torch|torchvision|triton|numpy|transformers|timm|kernels)=='
 
 pin:
 	test -x $(LATEST)/$(PY) || { echo "run make test-latest first"; exit 1; }

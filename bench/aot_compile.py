@@ -18,8 +18,8 @@ compiled kernel's metadata) is written either way, to bench/results/aot-sm90.md 
 
 Modes: full (default: every dtype, format and flag combination the launchers can launch),
 ``--quick`` (a representative subset, for CI), ``--smoke`` (one variant of every kernel: tests/test_aot.py).
-Only the two small functions under "Triton API" use Triton internals (3.8 here; GPUs may run another
-Triton: adapt them there).
+Only the two small functions under "Triton API" use Triton internals; they work unchanged with Triton 3.6
+(the GPU machine's, with torch 2.11: requirements-device.txt) and 3.8 (requirements-test.txt).
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ GENERIC_SEED = 0x123456789ABCDEF0  # low word >= 2^31 (an int64 argument), high 
 # ------------------------------------------------------------------------------------------ Triton API
 def jit_specialization(fn: JITFunction, args: tuple, kwargs: dict):
     """(signature, constexprs, attrs, options) that ``fn[grid](*args, **kwargs)`` would compile for TARGET:
-    the JIT's own binder (JITFunction.run, Triton 3.8) with the backend of TARGET instead of the current GPU's."""
+    the JIT's own binder (JITFunction.run, Triton 3.6 and 3.8) with the backend of TARGET instead of the current GPU's."""
     from triton import knobs
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
