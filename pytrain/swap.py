@@ -191,8 +191,8 @@ def sdpa_patched() -> bool:
 class SwappedMultiheadAttention(_PytrainMHA):
     """``pytrain.nn.MultiheadAttention`` that counts each call's outcome in the swap report."""
 
-    def decline_reason(self, query, key_padding_mask, need_weights, attn_mask, is_causal, key=None):
-        reason = super().decline_reason(query, key_padding_mask, need_weights, attn_mask, is_causal, key)
+    def decline_reason(self, query, key_padding_mask, need_weights, attn_mask, is_causal, key=None, value=None):
+        reason = super().decline_reason(query, key_padding_mask, need_weights, attn_mask, is_causal, key, value)
         record_call(self, reason)
         return reason
 

@@ -61,13 +61,37 @@ class MultiheadAttention(nn.MultiheadAttention):
     def _seq_len(self, x: Tensor) -> int:
         return x.shape[1 if self.batch_first and x.dim() == 3 else 0]
 
+    def _shape_decline(self, query: Tensor, key: Tensor, value: Tensor) -> Optional[str]:
+        """Why (query, key, value) are not inputs flash attention computes: shapes torch refuses (PyTorch's
+        implementation then raises its own error, of its own type) or an empty batch / sequence (its empty result)."""
+        if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
+            return f"query / key / value of {query.dim()} / {key.dim()} / {value.dim()} dims (torch expects " \
+                   f"3-D, or 2-D unbatched, for all three)"
+        if (query.shape[-1], key.shape[-1], value.shape[-1]) != (self.embed_dim, self.kdim, self.vdim):
+            return f"feature sizes {query.shape[-1]} / {key.shape[-1]} / {value.shape[-1]}, the module's " \
+                   f"{self.embed_dim} / {self.kdim} / {self.vdim}"
+        if key.shape[:-1] != value.shape[:-1]:
+            return f"key {tuple(key.shape)} and value {tuple(value.shape)} differ in length or batch"
+        batch_dim = 0 if self.batch_first else 1
+        if query.dim() == 3 and query.shape[batch_dim] != key.shape[batch_dim]:
+            return f"query batch {query.shape[batch_dim]}, key batch {key.shape[batch_dim]}"
+        if query.numel() == 0 or key.numel() == 0:
+            return "empty batch or sequence"
+        return None
+
     def decline_reason(self, query: Tensor, key_padding_mask: Optional[Tensor], need_weights: bool,
-                       attn_mask: Optional[Tensor], is_causal: bool, key: Optional[Tensor] = None) -> Optional[str]:
-        """Why this call goes to PyTorch's implementation (None: flash attention runs it).  key: the call's key
-        (its sequence length decides which masks fit; default: the query's)."""
+                       attn_mask: Optional[Tensor], is_causal: bool, key: Optional[Tensor] = None,
+                       value: Optional[Tensor] = None) -> Optional[str]:
+        """Why this call goes to PyTorch's implementation (None: flash attention runs it).  key, value: the
+        call's (the key's sequence length decides which masks fit; default: the query, self-attention)."""
+        key = query if key is None else key
+        value = key if value is None else value
+        shape_reason = self._shape_decline(query, key, value)
+        if shape_reason:
+            return shape_reason
         head_dim = self.embed_dim // self.num_heads
         lq = self._seq_len(query)
-        lk = lq if key is None else self._seq_len(key)
+        lk = self._seq_len(key)
         if need_weights:
             return "need_weights=True (flash attention never forms the weights)"
         if key_padding_mask is not None:
@@ -97,7 +121,7 @@ class MultiheadAttention(nn.MultiheadAttention):
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
                 need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
-        reason = self.decline_reason(query, key_padding_mask, need_weights, attn_mask, is_causal, key)
+        reason = self.decline_reason(query, key_padding_mask, need_weights, attn_mask, is_causal, key, value)
         if reason is not None:
             if need_weights and not MultiheadAttention._warned_need_weights:
                 MultiheadAttention._warned_need_weights = True

@@ -39,6 +39,7 @@ the forward's mask from the seed alone and tests compare backends exactly.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -133,6 +134,8 @@ def default_scale(head_dim: int, scale: Optional[float]) -> float:
 def _problems(q: Tensor, k: Tensor, v: Tensor, dtype: Optional[torch.dtype]) -> List[Tuple[type, str]]:
     """Every way q, k, v break the contract, with the exception type each one raises."""
     for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            return [(TypeError, f"{name} must be a tensor, got {type(t).__name__}")]
         if t.dim() != 4:
             return [(ValueError, f"{name} must be 4-D (batch, heads, seqlen, headdim), got shape {tuple(t.shape)}")]
         if t.is_nested:
@@ -224,10 +227,14 @@ def _window_sides(window: Window) -> Tuple[int, int]:
     """(left, right) with -1 for an unbounded side; None means full attention."""
     if window is None:
         return UNBOUNDED, UNBOUNDED
+    if not isinstance(window, (tuple, list)):
+        raise TypeError(f"flash_attention: window must be a (left, right) pair or None, got {window!r}")
     if len(window) != 2:
         raise ValueError(f"flash_attention: window must be (left, right), got {window!r}")
     sides = []
     for side in window:
+        if isinstance(side, bool):  # an int to Python, but never a window size
+            raise TypeError(f"flash_attention: window sides must be ints, got {window!r}")
         if side is None or side == UNBOUNDED:
             sides.append(UNBOUNDED)
         elif isinstance(side, int) and side >= 0:
@@ -236,6 +243,13 @@ def _window_sides(window: Window) -> Tuple[int, int]:
             raise ValueError(f"flash_attention: window sides must be ints >= 0 (or None / -1 for unbounded), "
                              f"got {window!r}")
     return sides[0], sides[1]
+
+
+def _check_real(name: str, value: object) -> float:
+    """``value`` as a float if it is a real number (not a bool, str or None): TypeError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"flash_attention: {name} must be a real number, got {value!r} ({type(value).__name__})")
+    return float(value)
 
 
 class _FlashAttention(torch.autograd.Function):
@@ -279,9 +293,10 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
     """
     _check_inputs(q, k, v)
     window_left, window_right = _window_sides(window)
+    dropout_p = _check_real("dropout_p", dropout_p)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"flash_attention: dropout_p must be in [0, 1), got {dropout_p}")
-    scale = default_scale(q.shape[-1], scale)
+    scale = default_scale(q.shape[-1], None if scale is None else _check_real("scale", scale))
     if not math.isfinite(scale):
         raise ValueError(f"flash_attention: scale must be finite, got {scale}")
     if seed is None:

@@ -60,8 +60,8 @@ define_op("global_norm", GLOBAL_NORM_SCHEMA, reference=global_norm_reference, fa
 
 def global_norm(tensors: List[Tensor], *, impl: Optional[str] = None) -> Tensor:
     """L2 norm of all elements of ``tensors`` (any shapes, one device and dtype) as a float32 0-dim tensor."""
+    check_params("global_norm", tensors, None, name="tensors")
     if not tensors:
         return torch.zeros((), dtype=torch.float32)
-    check_params("global_norm", tensors, tensors)
     fn = select("global_norm", tensors, impl).fn
     return fn(StorageOrder("global_norm", tensors, {"tensors": tensors}, written=()).lists["tensors"])

@@ -32,16 +32,33 @@ def compute_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def fake_step(op: str, params: List[Tensor], **lists: List[Tensor]) -> None:
-    """Fake of an in-place step: states the shape contract (one tensor per param, each shaped like it)
-    for ``torch.compile`` and ``opcheck``; nothing is returned."""
+def check_tensor_list(op: str, name: str, tensors: object) -> None:
+    """``tensors`` is a list (or tuple) of tensors: TypeError naming the list, or the index of an item that is
+    not a tensor (None, a str), before anything reads a tensor attribute."""
+    if not isinstance(tensors, (list, tuple)):
+        raise TypeError(f"{op}: {name} must be a list of tensors, got {type(tensors).__name__}")
+    for i, t in enumerate(tensors):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name}[{i}] must be a tensor, got {type(t).__name__}")
+
+
+def check_shapes(op: str, params: Sequence[Tensor], lists: Dict[str, List[Tensor]]) -> None:
+    """The shape contract of an op's lists: each non-empty list holds one tensor per param, shaped like it
+    (not merely of its element count).  The one check of eager (``StorageOrder``) and fake (``fake_step``)."""
     for name, tensors in lists.items():
         if not tensors:
             continue
-        torch._check(len(tensors) == len(params), lambda: f"{op}: {name} has {len(tensors)} tensors, "
-                                                          f"expected {len(params)}")
-        for p, t in zip(params, tensors):
-            torch._check(t.shape == p.shape, lambda: f"{op}: {name} shaped {tuple(t.shape)}, param {tuple(p.shape)}")
+        if len(tensors) != len(params):
+            raise ValueError(f"{op}: {name} has {len(tensors)} tensors, expected {len(params)} (one per param)")
+        for i, (p, t) in enumerate(zip(params, tensors)):
+            if t.shape != p.shape:
+                raise ValueError(f"{op}: {name}[{i}] has shape {tuple(t.shape)}, params[{i}] {tuple(p.shape)}")
+
+
+def fake_step(op: str, params: List[Tensor], **lists: List[Tensor]) -> None:
+    """Fake of an in-place step: states the shape contract (``check_shapes``) for ``torch.compile`` and
+    ``opcheck``; nothing is returned."""
+    check_shapes(op, params, lists)
 
 
 def trust_ratio_or_one(ratio: Tensor, w_norm: Tensor, d_norm: Tensor) -> Tensor:
@@ -50,29 +67,41 @@ def trust_ratio_or_one(ratio: Tensor, w_norm: Tensor, d_norm: Tensor) -> Tensor:
     return torch.where(ok, ratio, torch.ones_like(ratio))
 
 
-def check_params(op: str, params: List[Tensor], grads: List[Tensor]) -> None:
-    """Params and grads: same count, one device, one floating dtype, dense (strided), same shapes."""
-    if len(params) != len(grads):
-        raise ValueError(f"{op}: {len(params)} params but {len(grads)} grads")
+def check_params(op: str, params: List[Tensor], grads: Optional[List[Tensor]], name: str = "params") -> None:
+    """Params and grads: lists of tensors, same count, one device, one real floating dtype, dense (strided)
+    grads of the params' shapes.  ``grads=None``: one list alone (global_norm's ``tensors``), called ``name``."""
+    check_tensor_list(op, name, params)
+    if grads is not None:
+        check_tensor_list(op, "grads", grads)
+        if len(params) != len(grads):
+            raise ValueError(f"{op}: {len(params)} {name} but {len(grads)} grads")
     if not params:
         return
     device, dtype = params[0].device, params[0].dtype
-    for i, (p, g) in enumerate(zip(params, grads)):
+    for i, p in enumerate(params):
         if p.is_complex() or not p.is_floating_point():
-            raise TypeError(f"{op}: params[{i}] has dtype {p.dtype}; only real floating-point params are supported")
+            raise TypeError(f"{op}: {name}[{i}] has dtype {p.dtype}; only real floating-point {name} are supported")
+        if p.device != device:
+            raise RuntimeError(f"{op}: {name}[{i}] is on {p.device}, but {name}[0] is on {device}; put one device "
+                               f"per param group (or let the optimizer group them)")
+        if p.dtype != dtype:
+            raise TypeError(f"{op}: {name}[{i}] has dtype {p.dtype}, expected {dtype} (the dtype of {name}[0])")
+        if grads is None:
+            continue
+        g = grads[i]
         if g.is_sparse or g.layout != torch.strided:
             raise RuntimeError(f"{op}: grads[{i}] is sparse ({g.layout}); fused optimizers need dense gradients")
-        if p.device != device or g.device != device:
-            raise RuntimeError(f"{op}: params[{i}] / grads[{i}] are on {p.device} / {g.device}, but params[0] is "
-                               f"on {device}; put one device per param group (or let the optimizer group them)")
-        if p.dtype != dtype or g.dtype != dtype:
-            raise TypeError(f"{op}: params[{i}] / grads[{i}] have dtype {p.dtype} / {g.dtype}, expected {dtype}")
-        if p.shape != g.shape:
-            raise ValueError(f"{op}: grads[{i}] has shape {tuple(g.shape)}, params[{i}] {tuple(p.shape)}")
+        if g.device != device:
+            raise RuntimeError(f"{op}: grads[{i}] is on {g.device}, but params[{i}] is on {device}")
+        if g.dtype != dtype:
+            raise TypeError(f"{op}: grads[{i}] has dtype {g.dtype}, expected {dtype} (the dtype of params[{i}])")
+    if grads is not None:
+        check_shapes(op, params, {"grads": grads})
 
 
 def check_states(op: str, params: List[Tensor], name: str, states: List[Tensor], dtype: Optional[torch.dtype],
                  may_be_empty: bool = True) -> None:
+    check_tensor_list(op, name, states)
     if may_be_empty and not states:
         return
     if len(states) != len(params):
@@ -91,21 +120,41 @@ def storage_perm(t: Tensor) -> Optional[Tuple[int, ...]]:
     return perm if t.permute(perm).is_contiguous() else None
 
 
+def may_overlap(t: Tensor) -> bool:
+    """Whether two elements of ``t`` may share memory: False when, with the dims of more than one element
+    sorted by stride, each stride exceeds the farthest offset the smaller-stride dims reach (then every index
+    has its own offset); True for a stride-0 (expanded) dim and for the rare interleaved layouts this
+    sufficient test cannot prove disjoint."""
+    if t.numel() == 0:
+        return False
+    reach = 0  # the largest offset reachable through the dims seen so far
+    for stride, size in sorted((t.stride(d), t.size(d)) for d in range(t.dim()) if t.size(d) > 1):
+        if stride <= reach:
+            return True
+        reach += (size - 1) * stride
+    return False
+
+
 class StorageOrder:
     """Contiguous stand-ins for an op's tensor lists, in each param's storage order (module docstring).
 
     ``op``: the op's name for errors; ``lists``: name -> list of tensors (one per param, shaped like it; empty lists pass through);
-    ``written``: the names of the lists the op writes.  ``lists`` of the instance holds the stand-ins;
+    ``written``: the names of the lists the op writes (none of whose elements may share memory).  Checks the
+    shape contract (``check_shapes``) first.  ``lists`` of the instance holds the stand-ins;
     ``write_back()`` copies the stand-ins that are copies into the caller's tensors.
     """
 
     def __init__(self, op: str, params: Sequence[Tensor], lists: Dict[str, List[Tensor]], written: Sequence[str]):
+        check_shapes(op, params, lists)
+        for name in written:
+            for i, t in enumerate(lists.get(name, ())):
+                if may_overlap(t):
+                    raise ValueError(f"{op}: {name}[{i}] has elements that share memory (strides {t.stride()}, "
+                                     f"e.g. an expanded view), so it cannot be updated in place; pass a tensor "
+                                     f"of its own (.clone())")
         self.lists: Dict[str, List[Tensor]] = {name: list(ts) for name, ts in lists.items()}
         self._copies: List[Tuple[Tensor, Tensor]] = []
         for i, p in enumerate(params):
-            for name, ts in lists.items():
-                if ts and ts[i].shape != p.shape:
-                    raise ValueError(f"{op}: {name}[{i}] has shape {tuple(ts[i].shape)}, params[{i}] {tuple(p.shape)}")
             if all(ts[i].is_contiguous() for ts in lists.values() if ts):
                 continue
             perm = storage_perm(p) or tuple(range(p.dim()))

@@ -55,6 +55,9 @@ def register_comm_hook(model: torch.nn.parallel.DistributedDataParallel, state: 
     other ranks than the state's."""
     if type(state) not in HOOKS:
         raise TypeError(f"register_comm_hook: no pytrain hook for a {type(state).__name__}")
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        raise TypeError(f"register_comm_hook: model must be a torch.nn.parallel.DistributedDataParallel (hooks "
+                        f"run in its gradient all-reduce), got {type(model).__name__}")
     state.check_model(model)
     model.register_comm_hook(state, HOOKS[type(state)])
 

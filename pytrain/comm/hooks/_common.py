@@ -124,6 +124,9 @@ def _resolve_group(name: str, process_group) -> Tuple[object, Tuple[int, ...]]:
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(f"{name}: torch.distributed is not initialized; call init_process_group first")
     group = dist.group.WORLD if process_group is None else process_group
+    if not isinstance(group, dist.ProcessGroup) and group != dist.GroupMember.NON_GROUP_MEMBER:
+        raise TypeError(f"{name}: process_group must be a torch.distributed ProcessGroup or None (the default "
+                        f"group), got {group!r} ({type(group).__name__})")
     if group == dist.GroupMember.NON_GROUP_MEMBER:
         raise ValueError(f"{name}: this process (rank {dist.get_rank()}) is not a member of the given process group")
     return group, tuple(dist.get_process_group_ranks(group))
