@@ -47,8 +47,25 @@ def test_train_smoke_two_processes(tmp_path):
     (["--checkpoint-every", "-1", "--checkpoint-dir", "{tmp}"], "--checkpoint-every must be >= 0 (0: only at the end), "
                                                                 "got -1"),
     (["--checkpoint-every", "5"], "--checkpoint-every needs --checkpoint-dir"),
+    (["--checkpoint-every", "0"], "--checkpoint-every needs --checkpoint-dir"),
     (["--keep-last", "0"], "--keep-last must be >= 1, got 0"),
     (["--watchdog-timeout", "-1"], "--watchdog-timeout must be >= 0 seconds (0: off), got -1.0"),
+    (["--watchdog-timeout", "nan"], "--watchdog-timeout must be a finite number seconds (0: off), got nan"),
+    (["--eval-every", "0"], "--eval-every must be >= 1, got 0"),
+    (["--lr", "-1"], "--lr must be >= 0, got -1.0"),
+    (["--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--weight-decay", "-1"], "--weight-decay must be >= 0, got -1.0"),
+    (["--max-grad-norm", "0"], "--max-grad-norm must be > 0, got 0.0"),
+    (["--warmup", "-1"], "--warmup must be >= 0, got -1"),
+    (["--patience", "0"], "--patience must be >= 1, got 0"),
+    (["--layers", "0"], "--layers must be >= 1, got 0"),
+    (["--heads", "0"], "--heads must be >= 1, got 0"),
+    (["--seq", "0"], "--seq must be >= 1, got 0"),
+    (["--batch", "0"], "--batch must be >= 1, got 0"),
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--nproc", "0"], "--nproc must be >= 1, got 0"),
+    (["--grad-accum", "0"], "--grad-accum must be >= 1, got 0"),
     (["--hook", "gzip"], "invalid choice: 'gzip'"),
 ])
 def test_train_bad_flags(capsys, tmp_path, args, message):
@@ -58,6 +75,26 @@ def test_train_bad_flags(capsys, tmp_path, args, message):
     assert exit_info.value.code == 2
     assert message.format(tmp=tmp_path) in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_train_help_documents_every_flag(capsys):
+    """``pytrain train --help``: every TrainConfig field is a flag whose help has text and its default."""
+    from dataclasses import fields
+
+    from pytrain.train import TrainConfig
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    options = text[text.index("options:"):text.index("checkpoints and resume:")]
+    entries = {}  # flag -> its help, joined across wrapped lines
+    for match in re.finditer(r"^  (--[a-z-]+)(.*?)(?=^  -|\Z)", options, re.M | re.S):
+        entries[match.group(1)] = " ".join(match.group(2).split())
+    for f in fields(TrainConfig):
+        flag = f"--{f.name.replace('_', '-')}"
+        assert flag in entries, flag
+        assert re.search(r"\w+.*\(default: [^)]+\)$", entries[flag]), (flag, entries[flag])
 
 
 def test_loss_that_did_not_fall_is_explained(tmp_path):
