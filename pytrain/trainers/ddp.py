@@ -41,7 +41,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ..comm.hooks import HookState, make_hook
+from ..comm.hooks import make_hook
 from . import checkpoint as ckpt
 from . import state as st
 from .launch import init_distributed
@@ -156,7 +156,6 @@ class DDPTrainer:
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.best_val, self.bad_evals, self.stopped_early = math.inf, 0, False
         self.history: List[dict] = []
-        self._primed = False
         self._saved_step: Optional[int] = None  # decided alike on every rank (no file-system check)
         self._lock: Optional[ckpt.DirectoryLock] = None
         resume_from = st.resume_path(resume, self.checkpoint_dir) if resume else None  # before the lock creates it
@@ -406,22 +405,6 @@ class DDPTrainer:
             self.optimizer.zero_grad(set_to_none=True)
         return statistics.median(times)
 
-    def _prime_buckets(self) -> None:
-        """One synchronised backward of a zero loss, so that DDP rebuilds its buckets at the next forward.
-
-        DDP regroups gradients into buckets after a model's first backward; a stateful hook's
-        memories (error feedback, warm-start Qs) belong to those rebuilt buckets.  Priming a
-        fresh DDP before loading them makes the resumed run's first step compress exactly
-        as the uninterrupted run's did.  Parameters are untouched and the RNG is restored
-        afterwards from the checkpoint.
-        """
-        inputs, targets = self._first_micro_batches()[0]
-        with self._autocast():
-            loss = self.loss_fn(self.ddp(inputs), targets) * 0.0
-        loss.backward()
-        self.optimizer.zero_grad(set_to_none=True)
-        self._primed = True
-
     def summary(self) -> dict:
         """Totals of the run so far (the bytes summed over ranks; collective: call on every rank)."""
         records = self.history
@@ -517,11 +500,8 @@ class DDPTrainer:
             self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
-        if local["hook"] is not None:
-            if self._primed and isinstance(self.hook_state, HookState):  # buckets already rebuilt by the warm-up
-                self.hook_state.load_state_dict(local["hook"], buckets_rebuilt=True)
-            else:
-                self.hook_state.load_state_dict(local["hook"])
+        if local["hook"] is not None:  # pytrain's states regroup their memories at the next backward themselves
+            self.hook_state.load_state_dict(local["hook"])
         st.set_rng_state(local["rng"])
 
     def load_state_dict(self, state: Optional[dict], source: str = "checkpoint") -> None:
@@ -535,8 +515,6 @@ class DDPTrainer:
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             error = ckpt.CheckpointError(f"{source}: malformed checkpoint ({type(exc).__name__}: {exc})")
         st.agree(error, f"checking {source}")
-        if self.hook_state is not None and not self.history and not self._primed:
-            self._prime_buckets()
         st.restore_all_or_nothing(self._snapshot, self._apply, state, source)
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self._saved_step = self.step
