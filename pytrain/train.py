@@ -292,7 +292,6 @@ def run(cfg: TrainConfig) -> dict:
                          keep_last=cfg.keep_last, resume=cfg.resume, eval_every=cfg.eval_every,
                          patience=cfg.patience, log_file=cfg.log_file, progress=cfg.progress, seed=cfg.seed,
                          watchdog_timeout=cfg.watchdog_timeout or None)
-    start_step = trainer.step
     if info.is_main:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"pytrain train: GPT {cfg.layers}x{cfg.hidden} ({n_params / 1e6:.2f}M params, vocab {vocab}, "
@@ -300,16 +299,18 @@ def run(cfg: TrainConfig) -> dict:
               f"{type(trainer.optimizer).__name__}, hook {cfg.hook}, {cfg.precision}, batch {cfg.batch}, "
               f"{trainer.total_steps} steps from step {trainer.step}", flush=True)
     start = time.perf_counter()
-    summary = trainer.fit()
+    summary = dict(trainer.fit())  # extended below: a plain dict of this run (steps_run from start_step)
     summary["seconds"] = time.perf_counter() - start
     if summary.get("median_opt_s") is not None:
         summary.update(_predicted_step(trainer, summary))
-    summary.update(config=asdict(cfg), uniform_loss=math.log(vocab), start_step=start_step)
+    summary.update(config=asdict(cfg), uniform_loss=math.log(vocab))
     return summary
 
 
 def format_summary(s: dict) -> str:
-    lines = [f"summary: {s['steps']} steps on {s['world_size']} processes in {s['seconds']:.1f} s; "
+    stretch = (f" (steps {s['start_step'] + 1}-{s['steps']} of {s['config']['steps']}, resumed from step "
+               f"{s['start_step']})") if s["start_step"] else ""
+    lines = [f"summary: {s['steps_run']} steps{stretch} on {s['world_size']} processes in {s['seconds']:.1f} s; "
              f"loss {s.get('first_loss', float('nan')):.3f} -> {s.get('final_loss', float('nan')):.3f} "
              f"(uniform {s['uniform_loss']:.3f}"
              + (f", best val {s['best_val_loss']:.3f})" if "best_val_loss" in s else ")")]
@@ -337,7 +338,7 @@ def verdict(s: dict) -> Tuple[int, Optional[str]]:
     first, last = s.get("first_loss"), s.get("final_loss")
     if first is None:
         return 0, f"note: no step was trained (the run was already at step {s['steps']})"
-    trained = s["steps"] - s["start_step"]
+    trained = s["steps_run"]
     losses = f"first loss {first:.4f} (step {s['start_step'] + 1}), last {last:.4f} (step {s['steps']})"
     if not math.isfinite(last):
         return 1, f"error: the final loss is not finite ({losses})"

@@ -1,6 +1,6 @@
 """The ``pytrain`` command line: the main job end to end on 2 real processes (small and fast), its exit status
-and message when the loss did not fall (an error from step 0, a note for a resumed run), and its clear errors for
-bad flags."""
+and message when the loss did not fall (an error from step 0, a note for a resumed run), a resumed run's summary
+(the steps it ran), ``--help`` (every flag with help and default), and its clear errors for bad flags."""
 import json
 import os
 import re
@@ -106,9 +106,14 @@ def test_loss_that_did_not_fall_is_explained(tmp_path):
     assert out.returncode == 1, out.stdout + out.stderr
     assert re.search(r"pytrain train: error: the loss did not fall over 2 steps from step 0 \(first loss [\d.]+ "
                      r"\(step 1\), last [\d.]+ \(step 2\)\)", out.stderr), out.stderr
+    assert "summary: 2 steps on 1 processes" in out.stdout, out.stdout
     out = pytrain(*args, "--steps", "3", "--resume")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "note: the loss did not fall in this resumed stretch of 1 steps" in out.stderr, out.stderr
+    # the summary is this run's: one step (3), not three as if all were just run
+    assert "summary: 1 steps (steps 3-3 of 3, resumed from step 2) on 1 processes" in out.stdout, out.stdout
+    summary = json.loads(out.stdout.splitlines()[-1].removeprefix("summary: "))
+    assert (summary["steps"], summary["start_step"], summary["steps_run"]) == (3, 2, 1)
 
 
 def test_unknown_command(capsys):

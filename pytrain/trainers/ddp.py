@@ -45,7 +45,7 @@ from ..comm.hooks import make_hook
 from . import checkpoint as ckpt
 from . import state as st
 from .launch import init_distributed
-from .metrics import JsonLogger, ProgressBar, is_main_rank
+from .metrics import JsonLogger, ProgressBar, TrainSummary, is_main_rank
 from .schedules import build_scheduler
 from .watchdog import Watchdog
 
@@ -155,9 +155,10 @@ class DDPTrainer:
         self.progress = progress
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.best_val, self.bad_evals, self.stopped_early = math.inf, 0, False
-        self.history: List[dict] = []
+        self.history: List[dict] = []  # one record per step this trainer trained
         self._saved_step: Optional[int] = None  # decided alike on every rank (no file-system check)
         self._lock: Optional[ckpt.DirectoryLock] = None
+        self._mark_start()
         resume_from = st.resume_path(resume, self.checkpoint_dir) if resume else None  # before the lock creates it
         if self.checkpoint_dir is not None:
             st.agree(self._hold_directory() if is_main_rank() else None, f"locking {self.checkpoint_dir}")
@@ -309,7 +310,7 @@ class DDPTrainer:
         return {"bytes_sent": int(stats.bytes_sent), "bytes_uncompressed": int(stats.bytes_uncompressed)}
 
     def fit(self, stop_after: Optional[int] = None) -> dict:
-        """Trains to ``total_steps`` (or early stop); returns the summary.
+        """Trains to ``total_steps`` (or early stop); returns the summary (``summary()``).
 
         ``stop_after``: return after this global step without a final checkpoint, as a
         crash or preemption would (for tests and time-boxed jobs).
@@ -331,7 +332,7 @@ class DDPTrainer:
             self.close()
 
     def _fit(self, stop_after: Optional[int]) -> dict:
-        bar = ProgressBar(self.total_steps, enabled=self.progress)
+        bar = ProgressBar(self.total_steps, enabled=self.progress, initial=self.step)
         self.ddp.train()
         while self.step < self.total_steps and not self.stopped_early:
             for micro in self._batches():
@@ -405,10 +406,16 @@ class DDPTrainer:
             self.optimizer.zero_grad(set_to_none=True)
         return statistics.median(times)
 
-    def summary(self) -> dict:
-        """Totals of the run so far (the bytes summed over ranks; collective: call on every rank)."""
+    def _mark_start(self) -> None:
+        """Where this trainer's run starts (construction or a load): what ``summary`` counts from."""
+        self.start_step, self._start_bytes = self.step, self.comm_stats()
+
+    def summary(self) -> TrainSummary:
+        """What this trainer did since it was constructed or resumed: steps run and their measurements, the bytes
+        summed over ranks (collective: call on every rank)."""
         records = self.history
-        out: Dict[str, Any] = {"steps": self.step, "epochs": self.epoch + self.batch_in_epoch / self.steps_per_epoch,
+        out: Dict[str, Any] = {"steps": self.step, "start_step": self.start_step, "steps_run": len(records),
+                               "epochs": self.epoch + self.batch_in_epoch / self.steps_per_epoch,
                                "world_size": self.world_size, "stopped_early": self.stopped_early}
         if records:
             times = [r["step_s"] for r in records[1:]] or [records[0]["step_s"]]
@@ -420,10 +427,11 @@ class DDPTrainer:
             out["best_val_loss"] = self.best_val
         stats = self.comm_stats()
         if stats:
-            totals = torch.tensor([stats["bytes_sent"], stats["bytes_uncompressed"]], dtype=torch.float64)
+            totals = torch.tensor([stats[k] - self._start_bytes[k] for k in ("bytes_sent", "bytes_uncompressed")],
+                                  dtype=torch.float64)
             dist.all_reduce(totals)
             out.update(bytes_sent=int(totals[0]), bytes_uncompressed=int(totals[1]))
-        return out
+        return TrainSummary(**out)
 
     # ------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -520,6 +528,7 @@ class DDPTrainer:
         self._saved_step = self.step
         self.best_val = state["early_stopping"]["best_val"]
         self.bad_evals = state["early_stopping"]["bad_evals"]
+        self._mark_start()
 
 
 class _NoWatchdog:
