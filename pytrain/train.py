@@ -23,6 +23,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import List, Optional, Tuple
 
@@ -275,11 +276,20 @@ def _predicted_step(trainer, summary: dict) -> dict:
             "link_beta_s_per_byte": calibration.link.beta}
 
 
+def _warn_once_per_job(rank: int) -> None:
+    """Deprecation notices come from the code, not the data, so every rank would print the same ones: only rank 0
+    shows them (other warnings still show on every rank)."""
+    if rank != 0:
+        for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+            warnings.filterwarnings("ignore", category=category)
+
+
 def run(cfg: TrainConfig) -> dict:
     """One rank of the main job (inside an initialised process group); returns the run's summary."""
     from .trainers import DDPTrainer, init_distributed
 
     info = init_distributed()
+    _warn_once_per_job(info.rank)
     torch.manual_seed(cfg.seed)  # same initial model on every rank (DDP also broadcasts rank 0's)
     train_data, val_data, vocab = corpus_splits(cfg.seq)
     model = GPT(vocab, cfg.layers, cfg.hidden, cfg.heads, cfg.seq)
