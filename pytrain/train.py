@@ -157,6 +157,12 @@ class TrainConfig:
             cfg.warmup = cfg.steps // 10
         if cfg.hidden % cfg.heads:
             parser.error(f"--hidden {cfg.hidden} is not divisible by --heads {cfg.heads}")
+        if cfg.warmup >= cfg.steps and cfg.schedule != "constant":
+            parser.error(f"--warmup {cfg.warmup} must be below --steps {cfg.steps} for the {cfg.schedule} schedule")
+        held_out = len(default_corpus()) - _train_chars(len(default_corpus()))
+        if cfg.seq >= held_out:
+            parser.error(f"--seq {cfg.seq} is too long for the corpus: the held-out {held_out} characters need "
+                         f"--seq < {held_out}")
         world = int(os.environ.get("WORLD_SIZE", cfg.nproc))
         if cfg.batch % (world * cfg.grad_accum):
             parser.error(f"--batch {cfg.batch} is not divisible by {world} processes x --grad-accum "
@@ -241,12 +247,17 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {cfg.optimizer!r} (adamw, lamb, lars, torch-adamw)")
 
 
+def _train_chars(n: int) -> int:
+    """Characters of an ``n``-character corpus that are trained on (the first 90%; the rest is held out)."""
+    return int(n * 0.9)
+
+
 def corpus_splits(seq: int):
     """(train, val) windows over the corpus (last 10% held out) and the vocabulary size."""
     text = default_corpus()
     vocab = sorted(set(text))
     ids = torch.tensor([vocab.index(c) for c in text], dtype=torch.long)
-    cut = int(len(ids) * 0.9)
+    cut = _train_chars(len(ids))
     return CharWindows(ids[:cut], seq), CharWindows(ids[cut:], seq), len(vocab)
 
 

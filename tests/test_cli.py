@@ -68,6 +68,8 @@ def test_deprecation_warnings_once_per_job():
     (["--weight-decay", "-1"], "--weight-decay must be >= 0, got -1.0"),
     (["--max-grad-norm", "0"], "--max-grad-norm must be > 0, got 0.0"),
     (["--warmup", "-1"], "--warmup must be >= 0, got -1"),
+    (["--warmup", "10", "--steps", "10"], "--warmup 10 must be below --steps 10 for the cosine schedule"),
+    (["--seq", "100000"], "--seq 100000 is too long for the corpus"),
     (["--patience", "0"], "--patience must be >= 1, got 0"),
     (["--layers", "0"], "--layers must be >= 1, got 0"),
     (["--heads", "0"], "--heads must be >= 1, got 0"),

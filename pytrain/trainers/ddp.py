@@ -97,7 +97,7 @@ class DDPTrainer:
         patience, min_delta: early stopping after ``patience`` evaluations without a val-loss
             improvement of more than ``min_delta``.
         log_file: JSON lines, one record per step and per evaluation (rank 0).
-        progress: draw a progress bar on rank 0's stderr.
+        progress: draw a progress bar (tqdm: elapsed, ETA, rate) on rank 0's stderr when it is a terminal.
         seed: the samplers' shuffling seed (same on every rank).
         watchdog_timeout: seconds a rank may go without progress (or a heartbeat) during ``fit`` before every
             rank ends with a ``RankFailure`` naming it; must exceed the longest step, evaluation or checkpoint
@@ -309,7 +309,7 @@ class DDPTrainer:
             return {}
         return {"bytes_sent": int(stats.bytes_sent), "bytes_uncompressed": int(stats.bytes_uncompressed)}
 
-    def fit(self, stop_after: Optional[int] = None) -> dict:
+    def fit(self, stop_after: Optional[int] = None) -> TrainSummary:
         """Trains to ``total_steps`` (or early stop); returns the summary (``summary()``).
 
         ``stop_after``: return after this global step without a final checkpoint, as a
@@ -331,7 +331,7 @@ class DDPTrainer:
             self._watchdog = _NoWatchdog()
             self.close()
 
-    def _fit(self, stop_after: Optional[int]) -> dict:
+    def _fit(self, stop_after: Optional[int]) -> TrainSummary:
         bar = ProgressBar(self.total_steps, enabled=self.progress, initial=self.step)
         self.ddp.train()
         while self.step < self.total_steps and not self.stopped_early:
