@@ -23,7 +23,8 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+import warnings
+from dataclasses import asdict, dataclass, field, fields
 from typing import List, Optional, Tuple
 
 import torch
@@ -60,57 +61,95 @@ exit status:
 """
 
 
+def _out_of_bounds(value, meta) -> Optional[str]:
+    """Why ``value`` breaks its field's bounds (``_opt``), or None when it keeps them (None values always do)."""
+    low = meta["low"]
+    if low is None or value is None:
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number{meta['note']}, got {value}"
+    if value < low or (meta["strict"] and value == low):
+        return f"must be {'>' if meta['strict'] else '>='} {low:g}{meta['note']}, got {value}"
+    return None
+
+
+def _opt(default, help: str, *, low: Optional[float] = None, strict: bool = False, kind: Optional[type] = None,
+         choices: Optional[List[str]] = None, note: str = "", default_text: Optional[str] = None):
+    """A ``TrainConfig`` field that is also a ``pytrain train`` flag: its help text, how its default reads in
+    ``--help`` (``default_text``; else the value), its type and choices, and its bounds: values below ``low``
+    (at ``low`` too when ``strict``) and non-finite floats are usage errors (``note``: what the bound means)."""
+    if default_text is None:
+        default_text = ("on" if default else "off") if isinstance(default, bool) else str(default)
+    meta = dict(help=help, low=low, strict=strict, kind=kind or type(default), choices=choices, note=note,
+                default_text=default_text)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class TrainConfig:
-    size: str = "small"  # tiny | small | base (layers/hidden/heads/seq below override it)
-    layers: Optional[int] = None
-    hidden: Optional[int] = None
-    heads: Optional[int] = None
-    seq: Optional[int] = None
-    nproc: int = 2  # processes spawned on this machine (ignored under torchrun)
-    steps: int = 200
-    batch: int = 32  # global batch (sequences per optimizer step, all ranks)
-    grad_accum: int = 1
-    lr: float = 3e-3
-    schedule: str = "cosine"  # cosine | onecycle | constant
-    warmup: Optional[int] = None  # LR warmup steps (default: 10% of --steps)
-    weight_decay: float = 0.01
-    max_grad_norm: Optional[float] = 1.0
-    optimizer: str = "adamw"  # adamw | lamb | lars | torch-adamw
-    state_dtype: str = "float32"  # float32 | bfloat16 | int8 (FusedAdamW)
-    hook: str = "powersgd"  # powersgd | topk | int8 | allreduce | none
-    precision: str = "fp32"  # fp32 | bf16 | fp16
-    eval_every: int = 50
-    patience: Optional[int] = None  # early stopping after this many evaluations without improvement
-    checkpoint_dir: Optional[str] = None
-    checkpoint_every: Optional[int] = None  # 0 or None: only at the end
-    keep_last: int = 3
-    resume: bool = False
-    log_file: Optional[str] = None  # JSON lines: one record per step and per evaluation
-    seed: int = 0
-    progress: bool = True
-    watchdog_timeout: float = 120.0  # seconds without progress before the job ends (0: off)
+    size: str = _opt("small", "model size (--layers/--hidden/--heads/--seq override its parts)", choices=list(SIZES))
+    layers: Optional[int] = _opt(None, "transformer blocks", kind=int, low=1, default_text="from --size")
+    hidden: Optional[int] = _opt(None, "model width", kind=int, low=1, default_text="from --size")
+    heads: Optional[int] = _opt(None, "attention heads (must divide --hidden)", kind=int, low=1,
+                                default_text="from --size")
+    seq: Optional[int] = _opt(None, "sequence length in characters", kind=int, low=1, default_text="from --size")
+    nproc: int = _opt(2, "processes spawned on this machine (ignored under torchrun)", low=1)
+    steps: int = _opt(200, "optimizer steps in all, counted from step 0 (a resumed run does the rest)", low=1)
+    batch: int = _opt(32, "global batch: sequences per optimizer step over all ranks (a multiple of processes x "
+                          "--grad-accum)", low=1)
+    grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step", low=1)
+    lr: float = _opt(3e-3, "peak learning rate", low=0.0)
+    schedule: str = _opt("cosine", "learning-rate schedule", choices=["cosine", "onecycle", "constant"])
+    warmup: Optional[int] = _opt(None, "learning-rate warmup steps", kind=int, low=0, default_text="10%% of --steps")
+    weight_decay: float = _opt(0.01, "decoupled weight decay", low=0.0)
+    max_grad_norm: Optional[float] = _opt(1.0, "clip the global gradient norm to this", kind=float, low=0.0,
+                                          strict=True)
+    optimizer: str = _opt("adamw", "optimizer (torch-adamw: torch.optim.AdamW, for comparison)",
+                          choices=["adamw", "lamb", "lars", "torch-adamw"])
+    state_dtype: str = _opt("float32", "FusedAdamW's moment storage", choices=["float32", "bfloat16", "int8"])
+    hook: str = _opt("powersgd", "DDP gradient-communication hook (none: DDP's own all-reduce)", choices=list(HOOKS))
+    precision: str = _opt("fp32", "fp32, or autocast to bf16 / fp16 (fp16 adds a gradient scaler)",
+                          choices=["fp32", "bf16", "fp16"])
+    eval_every: int = _opt(50, "validation loss every this many steps", low=1)
+    patience: Optional[int] = _opt(None, "stop early after this many evaluations without improvement", kind=int,
+                                   low=1, default_text="off")
+    checkpoint_dir: Optional[str] = _opt(None, "write checkpoints here (see below)", kind=str, default_text="none")
+    checkpoint_every: Optional[int] = _opt(None, "checkpoint every this many steps, and at the end (needs "
+                                                 "--checkpoint-dir)", kind=int, low=0, note=" (0: only at the end)",
+                                           default_text="only at the end")
+    keep_last: int = _opt(3, "checkpoints kept in --checkpoint-dir", low=1)
+    resume: bool = _opt(False, "continue from the latest checkpoint in --checkpoint-dir (see below)")
+    log_file: Optional[str] = _opt(None, "JSON lines: one record per step and per evaluation", kind=str,
+                                   default_text="none")
+    seed: int = _opt(0, "seed of the model's initialisation and the data order")
+    progress: bool = _opt(True, "progress bar on rank 0 (only when stderr is a terminal)")
+    watchdog_timeout: float = _opt(120.0, "seconds a rank may make no progress before the job ends", low=0.0,
+                                   note=" seconds (0: off)")
 
     @classmethod
-    def from_args(cls, argv: Optional[List[str]] = None) -> "TrainConfig":
+    def parser(cls) -> argparse.ArgumentParser:
+        """``pytrain train``'s flags, one per field, with their help text and defaults."""
         parser = argparse.ArgumentParser(prog="pytrain train", description=__doc__.splitlines()[0], epilog=EPILOG,
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
         for f in fields(cls):
+            meta = f.metadata
             flag = f"--{f.name.replace('_', '-')}"
-            if isinstance(f.default, bool):
-                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-                continue
-            kind = {int: int, float: float}.get(type(f.default), str)
-            if f.name in ("layers", "hidden", "heads", "seq", "warmup", "patience", "checkpoint_every"):
-                kind = int
-            elif f.name == "max_grad_norm":
-                kind = float
-            choices = {"size": list(SIZES), "hook": list(HOOKS), "precision": ["fp32", "bf16", "fp16"],
-                       "schedule": ["cosine", "onecycle", "constant"],
-                       "optimizer": ["adamw", "lamb", "lars", "torch-adamw"],
-                       "state_dtype": ["float32", "bfloat16", "int8"]}.get(f.name)
-            parser.add_argument(flag, type=kind, default=f.default, choices=choices)
+            help_text = f"{meta['help']} (default: {meta['default_text']})"
+            if meta["kind"] is bool:
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            else:
+                parser.add_argument(flag, type=meta["kind"], default=f.default, choices=meta["choices"],
+                                    help=help_text)
+        return parser
+
+    @classmethod
+    def from_args(cls, argv: Optional[List[str]] = None) -> "TrainConfig":
+        parser = cls.parser()
         cfg = cls(**vars(parser.parse_args(argv)))
+        for f in fields(cls):
+            problem = _out_of_bounds(getattr(cfg, f.name), f.metadata)
+            if problem:
+                parser.error(f"--{f.name.replace('_', '-')} {problem}")
         for key, value in SIZES[cfg.size].items():
             if getattr(cfg, key) is None:
                 setattr(cfg, key, value)
@@ -118,9 +157,13 @@ class TrainConfig:
             cfg.warmup = cfg.steps // 10
         if cfg.hidden % cfg.heads:
             parser.error(f"--hidden {cfg.hidden} is not divisible by --heads {cfg.heads}")
+        if cfg.warmup >= cfg.steps and cfg.schedule != "constant":
+            parser.error(f"--warmup {cfg.warmup} must be below --steps {cfg.steps} for the {cfg.schedule} schedule")
+        held_out = len(default_corpus()) - _train_chars(len(default_corpus()))
+        if cfg.seq >= held_out:
+            parser.error(f"--seq {cfg.seq} is too long for the corpus: the held-out {held_out} characters need "
+                         f"--seq < {held_out}")
         world = int(os.environ.get("WORLD_SIZE", cfg.nproc))
-        if cfg.steps < 1 or world < 1 or cfg.grad_accum < 1:
-            parser.error("--steps, --nproc and --grad-accum must be >= 1")
         if cfg.batch % (world * cfg.grad_accum):
             parser.error(f"--batch {cfg.batch} is not divisible by {world} processes x --grad-accum "
                          f"{cfg.grad_accum} = {world * cfg.grad_accum}")
@@ -130,14 +173,8 @@ class TrainConfig:
             # under torchrun rank 0 decides, with the same check, for every rank (node-local disks may differ)
             parser.error(f"--resume: checkpoint directory {cfg.checkpoint_dir} does not exist (nothing to resume; "
                          "without --resume a new run starts there)")
-        if cfg.checkpoint_every is not None and cfg.checkpoint_every < 0:
-            parser.error(f"--checkpoint-every must be >= 0 (0: only at the end), got {cfg.checkpoint_every}")
-        if cfg.checkpoint_every and cfg.checkpoint_dir is None:
+        if cfg.checkpoint_every is not None and cfg.checkpoint_dir is None:  # 0 too: "at the end" of nothing
             parser.error("--checkpoint-every needs --checkpoint-dir")
-        if cfg.keep_last < 1:
-            parser.error(f"--keep-last must be >= 1, got {cfg.keep_last}")
-        if not cfg.watchdog_timeout >= 0:
-            parser.error(f"--watchdog-timeout must be >= 0 seconds (0: off), got {cfg.watchdog_timeout}")
         return cfg
 
 
@@ -210,12 +247,17 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {cfg.optimizer!r} (adamw, lamb, lars, torch-adamw)")
 
 
+def _train_chars(n: int) -> int:
+    """Characters of an ``n``-character corpus that are trained on (the first 90%; the rest is held out)."""
+    return int(n * 0.9)
+
+
 def corpus_splits(seq: int):
     """(train, val) windows over the corpus (last 10% held out) and the vocabulary size."""
     text = default_corpus()
     vocab = sorted(set(text))
     ids = torch.tensor([vocab.index(c) for c in text], dtype=torch.long)
-    cut = int(len(ids) * 0.9)
+    cut = _train_chars(len(ids))
     return CharWindows(ids[:cut], seq), CharWindows(ids[cut:], seq), len(vocab)
 
 
@@ -245,11 +287,20 @@ def _predicted_step(trainer, summary: dict) -> dict:
             "link_beta_s_per_byte": calibration.link.beta}
 
 
+def _warn_once_per_job(rank: int) -> None:
+    """Deprecation notices come from the code, not the data, so every rank would print the same ones: only rank 0
+    shows them (other warnings still show on every rank)."""
+    if rank != 0:
+        for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+            warnings.filterwarnings("ignore", category=category)
+
+
 def run(cfg: TrainConfig) -> dict:
     """One rank of the main job (inside an initialised process group); returns the run's summary."""
     from .trainers import DDPTrainer, init_distributed
 
     info = init_distributed()
+    _warn_once_per_job(info.rank)
     torch.manual_seed(cfg.seed)  # same initial model on every rank (DDP also broadcasts rank 0's)
     train_data, val_data, vocab = corpus_splits(cfg.seq)
     model = GPT(vocab, cfg.layers, cfg.hidden, cfg.heads, cfg.seq)
@@ -262,7 +313,6 @@ def run(cfg: TrainConfig) -> dict:
                          keep_last=cfg.keep_last, resume=cfg.resume, eval_every=cfg.eval_every,
                          patience=cfg.patience, log_file=cfg.log_file, progress=cfg.progress, seed=cfg.seed,
                          watchdog_timeout=cfg.watchdog_timeout or None)
-    start_step = trainer.step
     if info.is_main:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"pytrain train: GPT {cfg.layers}x{cfg.hidden} ({n_params / 1e6:.2f}M params, vocab {vocab}, "
@@ -270,16 +320,18 @@ def run(cfg: TrainConfig) -> dict:
               f"{type(trainer.optimizer).__name__}, hook {cfg.hook}, {cfg.precision}, batch {cfg.batch}, "
               f"{trainer.total_steps} steps from step {trainer.step}", flush=True)
     start = time.perf_counter()
-    summary = trainer.fit()
+    summary = dict(trainer.fit())  # extended below: a plain dict of this run (steps_run from start_step)
     summary["seconds"] = time.perf_counter() - start
     if summary.get("median_opt_s") is not None:
         summary.update(_predicted_step(trainer, summary))
-    summary.update(config=asdict(cfg), uniform_loss=math.log(vocab), start_step=start_step)
+    summary.update(config=asdict(cfg), uniform_loss=math.log(vocab))
     return summary
 
 
 def format_summary(s: dict) -> str:
-    lines = [f"summary: {s['steps']} steps on {s['world_size']} processes in {s['seconds']:.1f} s; "
+    stretch = (f" (steps {s['start_step'] + 1}-{s['steps']} of {s['config']['steps']}, resumed from step "
+               f"{s['start_step']})") if s["start_step"] else ""
+    lines = [f"summary: {s['steps_run']} steps{stretch} on {s['world_size']} processes in {s['seconds']:.1f} s; "
              f"loss {s.get('first_loss', float('nan')):.3f} -> {s.get('final_loss', float('nan')):.3f} "
              f"(uniform {s['uniform_loss']:.3f}"
              + (f", best val {s['best_val_loss']:.3f})" if "best_val_loss" in s else ")")]
@@ -307,7 +359,7 @@ def verdict(s: dict) -> Tuple[int, Optional[str]]:
     first, last = s.get("first_loss"), s.get("final_loss")
     if first is None:
         return 0, f"note: no step was trained (the run was already at step {s['steps']})"
-    trained = s["steps"] - s["start_step"]
+    trained = s["steps_run"]
     losses = f"first loss {first:.4f} (step {s['start_step'] + 1}), last {last:.4f} (step {s['steps']})"
     if not math.isfinite(last):
         return 1, f"error: the final loss is not finite ({losses})"

@@ -1,6 +1,6 @@
 """The ``pytrain`` command line: the main job end to end on 2 real processes (small and fast), its exit status
-and message when the loss did not fall (an error from step 0, a note for a resumed run), and its clear errors for
-bad flags."""
+and message when the loss did not fall (an error from step 0, a note for a resumed run), a resumed run's summary
+(the steps it ran), ``--help`` (every flag with help and default), and its clear errors for bad flags."""
 import json
 import os
 import re
@@ -39,6 +39,16 @@ def test_train_smoke_two_processes(tmp_path):
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [".pytrain.lock", "step-00000006.pt"]
 
 
+def test_deprecation_warnings_once_per_job():
+    """The int8 hook's gather is deprecated in this torch (a FutureWarning the hook's code triggers on every rank):
+    the job prints it once, from rank 0."""
+    out = pytrain("train", "--steps", "2", "--nproc", "2", "--size", "tiny", "--batch", "4", "--hook", "int8",
+                  "--no-progress", "--eval-every", "100")
+    assert out.returncode == 0, out.stdout + out.stderr
+    warned = re.findall(r"^.*(?:Deprecation|Future)Warning: .*$", out.stderr, re.M)
+    assert len(warned) == len(set(warned)) <= 1, out.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["--batch", "7", "--nproc", "2"], "--batch 7 is not divisible by 2 processes"),
     (["--hidden", "100", "--heads", "3"], "--hidden 100 is not divisible by --heads 3"),
@@ -47,8 +57,27 @@ def test_train_smoke_two_processes(tmp_path):
     (["--checkpoint-every", "-1", "--checkpoint-dir", "{tmp}"], "--checkpoint-every must be >= 0 (0: only at the end), "
                                                                 "got -1"),
     (["--checkpoint-every", "5"], "--checkpoint-every needs --checkpoint-dir"),
+    (["--checkpoint-every", "0"], "--checkpoint-every needs --checkpoint-dir"),
     (["--keep-last", "0"], "--keep-last must be >= 1, got 0"),
     (["--watchdog-timeout", "-1"], "--watchdog-timeout must be >= 0 seconds (0: off), got -1.0"),
+    (["--watchdog-timeout", "nan"], "--watchdog-timeout must be a finite number seconds (0: off), got nan"),
+    (["--eval-every", "0"], "--eval-every must be >= 1, got 0"),
+    (["--lr", "-1"], "--lr must be >= 0, got -1.0"),
+    (["--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--weight-decay", "-1"], "--weight-decay must be >= 0, got -1.0"),
+    (["--max-grad-norm", "0"], "--max-grad-norm must be > 0, got 0.0"),
+    (["--warmup", "-1"], "--warmup must be >= 0, got -1"),
+    (["--warmup", "10", "--steps", "10"], "--warmup 10 must be below --steps 10 for the cosine schedule"),
+    (["--seq", "100000"], "--seq 100000 is too long for the corpus"),
+    (["--patience", "0"], "--patience must be >= 1, got 0"),
+    (["--layers", "0"], "--layers must be >= 1, got 0"),
+    (["--heads", "0"], "--heads must be >= 1, got 0"),
+    (["--seq", "0"], "--seq must be >= 1, got 0"),
+    (["--batch", "0"], "--batch must be >= 1, got 0"),
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--nproc", "0"], "--nproc must be >= 1, got 0"),
+    (["--grad-accum", "0"], "--grad-accum must be >= 1, got 0"),
     (["--hook", "gzip"], "invalid choice: 'gzip'"),
 ])
 def test_train_bad_flags(capsys, tmp_path, args, message):
@@ -60,6 +89,26 @@ def test_train_bad_flags(capsys, tmp_path, args, message):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_train_help_documents_every_flag(capsys):
+    """``pytrain train --help``: every TrainConfig field is a flag whose help has text and its default."""
+    from dataclasses import fields
+
+    from pytrain.train import TrainConfig
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    options = text[text.index("options:"):text.index("checkpoints and resume:")]
+    entries = {}  # flag -> its help, joined across wrapped lines
+    for match in re.finditer(r"^  (--[a-z-]+)(.*?)(?=^  -|\Z)", options, re.M | re.S):
+        entries[match.group(1)] = " ".join(match.group(2).split())
+    for f in fields(TrainConfig):
+        flag = f"--{f.name.replace('_', '-')}"
+        assert flag in entries, flag
+        assert re.search(r"\w+.*\(default: [^)]+\)$", entries[flag]), (flag, entries[flag])
+
+
 def test_loss_that_did_not_fall_is_explained(tmp_path):
     """lr 0: the loss moves with the batches only (up, for these two).  From step 0 that is an error (exit 1,
     naming both losses); in a resumed stretch only a note (exit 0)."""
@@ -69,9 +118,14 @@ def test_loss_that_did_not_fall_is_explained(tmp_path):
     assert out.returncode == 1, out.stdout + out.stderr
     assert re.search(r"pytrain train: error: the loss did not fall over 2 steps from step 0 \(first loss [\d.]+ "
                      r"\(step 1\), last [\d.]+ \(step 2\)\)", out.stderr), out.stderr
+    assert "summary: 2 steps on 1 processes" in out.stdout, out.stdout
     out = pytrain(*args, "--steps", "3", "--resume")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "note: the loss did not fall in this resumed stretch of 1 steps" in out.stderr, out.stderr
+    # the summary is this run's: one step (3), not three as if all were just run
+    assert "summary: 1 steps (steps 3-3 of 3, resumed from step 2) on 1 processes" in out.stdout, out.stdout
+    summary = json.loads(out.stdout.splitlines()[-1].removeprefix("summary: "))
+    assert (summary["steps"], summary["start_step"], summary["steps_run"]) == (3, 2, 1)
 
 
 def test_unknown_command(capsys):

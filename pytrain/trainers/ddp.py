@@ -41,11 +41,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ..comm.hooks import HookState, make_hook
+from ..comm.hooks import make_hook
 from . import checkpoint as ckpt
 from . import state as st
 from .launch import init_distributed
-from .metrics import JsonLogger, ProgressBar, is_main_rank
+from .metrics import JsonLogger, ProgressBar, TrainSummary, is_main_rank
 from .schedules import build_scheduler
 from .watchdog import Watchdog
 
@@ -97,7 +97,7 @@ class DDPTrainer:
         patience, min_delta: early stopping after ``patience`` evaluations without a val-loss
             improvement of more than ``min_delta``.
         log_file: JSON lines, one record per step and per evaluation (rank 0).
-        progress: draw a progress bar on rank 0's stderr.
+        progress: draw a progress bar (tqdm: elapsed, ETA, rate) on rank 0's stderr when it is a terminal.
         seed: the samplers' shuffling seed (same on every rank).
         watchdog_timeout: seconds a rank may go without progress (or a heartbeat) during ``fit`` before every
             rank ends with a ``RankFailure`` naming it; must exceed the longest step, evaluation or checkpoint
@@ -155,10 +155,10 @@ class DDPTrainer:
         self.progress = progress
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.best_val, self.bad_evals, self.stopped_early = math.inf, 0, False
-        self.history: List[dict] = []
-        self._primed = False
+        self.history: List[dict] = []  # one record per step this trainer trained
         self._saved_step: Optional[int] = None  # decided alike on every rank (no file-system check)
         self._lock: Optional[ckpt.DirectoryLock] = None
+        self._mark_start()
         resume_from = st.resume_path(resume, self.checkpoint_dir) if resume else None  # before the lock creates it
         if self.checkpoint_dir is not None:
             st.agree(self._hold_directory() if is_main_rank() else None, f"locking {self.checkpoint_dir}")
@@ -309,8 +309,8 @@ class DDPTrainer:
             return {}
         return {"bytes_sent": int(stats.bytes_sent), "bytes_uncompressed": int(stats.bytes_uncompressed)}
 
-    def fit(self, stop_after: Optional[int] = None) -> dict:
-        """Trains to ``total_steps`` (or early stop); returns the summary.
+    def fit(self, stop_after: Optional[int] = None) -> TrainSummary:
+        """Trains to ``total_steps`` (or early stop); returns the summary (``summary()``).
 
         ``stop_after``: return after this global step without a final checkpoint, as a
         crash or preemption would (for tests and time-boxed jobs).
@@ -331,8 +331,8 @@ class DDPTrainer:
             self._watchdog = _NoWatchdog()
             self.close()
 
-    def _fit(self, stop_after: Optional[int]) -> dict:
-        bar = ProgressBar(self.total_steps, enabled=self.progress)
+    def _fit(self, stop_after: Optional[int]) -> TrainSummary:
+        bar = ProgressBar(self.total_steps, enabled=self.progress, initial=self.step)
         self.ddp.train()
         while self.step < self.total_steps and not self.stopped_early:
             for micro in self._batches():
@@ -406,26 +406,16 @@ class DDPTrainer:
             self.optimizer.zero_grad(set_to_none=True)
         return statistics.median(times)
 
-    def _prime_buckets(self) -> None:
-        """One synchronised backward of a zero loss, so that DDP rebuilds its buckets at the next forward.
+    def _mark_start(self) -> None:
+        """Where this trainer's run starts (construction or a load): what ``summary`` counts from."""
+        self.start_step, self._start_bytes = self.step, self.comm_stats()
 
-        DDP regroups gradients into buckets after a model's first backward; a stateful hook's
-        memories (error feedback, warm-start Qs) belong to those rebuilt buckets.  Priming a
-        fresh DDP before loading them makes the resumed run's first step compress exactly
-        as the uninterrupted run's did.  Parameters are untouched and the RNG is restored
-        afterwards from the checkpoint.
-        """
-        inputs, targets = self._first_micro_batches()[0]
-        with self._autocast():
-            loss = self.loss_fn(self.ddp(inputs), targets) * 0.0
-        loss.backward()
-        self.optimizer.zero_grad(set_to_none=True)
-        self._primed = True
-
-    def summary(self) -> dict:
-        """Totals of the run so far (the bytes summed over ranks; collective: call on every rank)."""
+    def summary(self) -> TrainSummary:
+        """What this trainer did since it was constructed or resumed: steps run and their measurements, the bytes
+        summed over ranks (collective: call on every rank)."""
         records = self.history
-        out: Dict[str, Any] = {"steps": self.step, "epochs": self.epoch + self.batch_in_epoch / self.steps_per_epoch,
+        out: Dict[str, Any] = {"steps": self.step, "start_step": self.start_step, "steps_run": len(records),
+                               "epochs": self.epoch + self.batch_in_epoch / self.steps_per_epoch,
                                "world_size": self.world_size, "stopped_early": self.stopped_early}
         if records:
             times = [r["step_s"] for r in records[1:]] or [records[0]["step_s"]]
@@ -437,10 +427,11 @@ class DDPTrainer:
             out["best_val_loss"] = self.best_val
         stats = self.comm_stats()
         if stats:
-            totals = torch.tensor([stats["bytes_sent"], stats["bytes_uncompressed"]], dtype=torch.float64)
+            totals = torch.tensor([stats[k] - self._start_bytes[k] for k in ("bytes_sent", "bytes_uncompressed")],
+                                  dtype=torch.float64)
             dist.all_reduce(totals)
             out.update(bytes_sent=int(totals[0]), bytes_uncompressed=int(totals[1]))
-        return out
+        return TrainSummary(**out)
 
     # ------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -517,11 +508,8 @@ class DDPTrainer:
             self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
-        if local["hook"] is not None:
-            if self._primed and isinstance(self.hook_state, HookState):  # buckets already rebuilt by the warm-up
-                self.hook_state.load_state_dict(local["hook"], buckets_rebuilt=True)
-            else:
-                self.hook_state.load_state_dict(local["hook"])
+        if local["hook"] is not None:  # pytrain's states regroup their memories at the next backward themselves
+            self.hook_state.load_state_dict(local["hook"])
         st.set_rng_state(local["rng"])
 
     def load_state_dict(self, state: Optional[dict], source: str = "checkpoint") -> None:
@@ -535,13 +523,12 @@ class DDPTrainer:
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             error = ckpt.CheckpointError(f"{source}: malformed checkpoint ({type(exc).__name__}: {exc})")
         st.agree(error, f"checking {source}")
-        if self.hook_state is not None and not self.history and not self._primed:
-            self._prime_buckets()
         st.restore_all_or_nothing(self._snapshot, self._apply, state, source)
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self._saved_step = self.step
         self.best_val = state["early_stopping"]["best_val"]
         self.bad_evals = state["early_stopping"]["bad_evals"]
+        self._mark_start()
 
 
 class _NoWatchdog:

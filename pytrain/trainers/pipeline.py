@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from pytrain.cost.pipeline import SCHEDULES, bubble_fraction, load_balance, pipeline_step
+from pytrain.cost.report import BubbleReport
 from pytrain.trainers import state as st
 from pytrain.trainers.checkpoint import CheckpointError, load_checkpoint
 from pytrain.trainers.pipeline_balance import layer_times, partition
@@ -389,8 +390,9 @@ class PipelineTrainer:
 
     # ---- bubble --------------------------------------------------------------------------------
 
-    def bubble_report(self) -> Dict[str, object]:
-        """Measured idle fraction and step time of the pipeline next to the cost model's (collective).
+    def bubble_report(self) -> BubbleReport:
+        """Measured idle fraction and step time of the pipeline next to the cost model's (collective); a
+        ``pytrain.cost.report.BubbleReport`` (a readable record that still reads like a dict: ``report["measured"]``).
 
         measured: mean over the pipeline's ranks of ``1 - compute / wall`` of the schedule, summed over
         every step after the first; predicted: ``pytrain.cost.bubble_fraction``.  step_s: mean wall
@@ -404,10 +406,9 @@ class PipelineTrainer:
             raise RuntimeError("bubble_report needs at least 2 steps (the first one is not timed)")
         busy, idle = [b for b, _ in per_rank], [1.0 - b / w for b, w in per_rank]
         pp, m, v = self.grid.pp, self.n_microbatches, self.virtual_stages
-        return {
-            "schedule": self.schedule_name, "stages": pp, "virtual_stages": v, "microbatches": m,
-            "measured": sum(idle) / pp, "predicted": bubble_fraction(pp, m, self.schedule_name, v),
-            "per_rank": idle, "imbalance": load_balance(busy),
-            "step_s": sum(w for _, w in per_rank) / pp / timed,
-            "predicted_step_s": pipeline_step([b / timed / m for b in busy], m, self.schedule_name, v),
-        }
+        return BubbleReport(
+            schedule=self.schedule_name, stages=pp, virtual_stages=v, microbatches=m,
+            measured=sum(idle) / pp, predicted=bubble_fraction(pp, m, self.schedule_name, v),
+            per_rank=idle, imbalance=load_balance(busy),
+            step_s=sum(w for _, w in per_rank) / pp / timed,
+            predicted_step_s=pipeline_step([b / timed / m for b in busy], m, self.schedule_name, v))

@@ -85,6 +85,24 @@ def test_interrupted_and_resumed_run_is_bit_identical(resumed):
             assert torch.equal(got, want), f"rank {rank} param {i}: max diff {(got - want).abs().max()}"
 
 
+def _stopped_and_resumed_summaries(directory: str) -> tuple:
+    """A run stopped after step 4 (checkpointed there), then resumed to step 6: both summaries, as dicts."""
+    first = sc.trainer(sc.model(), comm_hook="allreduce", checkpoint_dir=directory, checkpoint_every=4, max_steps=6)
+    stopped = first.fit(stop_after=4)
+    resumed = sc.trainer(sc.model(), comm_hook="allreduce", checkpoint_dir=directory, max_steps=6, resume=True)
+    return dict(stopped), dict(resumed.fit()), repr(resumed.summary())
+
+
+def test_resumed_summary_counts_this_run(tmp_path):
+    """A resumed trainer's summary: the steps and bytes of its own run (the hook's byte counters are restored from
+    the checkpoint, so they are subtracted), not the whole run as if all were just done."""
+    stopped, resumed, text = spawn(_stopped_and_resumed_summaries, WORLD, str(tmp_path))[0]
+    assert (stopped["steps"], stopped["start_step"], stopped["steps_run"]) == (4, 0, 4)
+    assert (resumed["steps"], resumed["start_step"], resumed["steps_run"]) == (6, 4, 2)
+    assert resumed["bytes_uncompressed"] * 2 == stopped["bytes_uncompressed"] > 0  # every step sends the same
+    assert text.startswith("TrainSummary(2 steps (steps 5-6, resumed from step 4) on 2 ranks, loss "), text
+
+
 def test_keeps_last_k_checkpoints(resumed):
     assert resumed[0]["kept"] == [".pytrain.lock", "step-00000008.pt", "step-00000012.pt"]  # and the lock file
 

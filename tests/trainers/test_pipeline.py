@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pytrain.cost.report import BubbleReport
 from pytrain.testing.tolerances import assert_close
 from pytrain.trainers.launch import spawn
 from pytrain.trainers.pipeline import PipelineTrainer
@@ -160,6 +161,8 @@ def test_bubble_report(ranks, case, v, predicted):
     """(p-1)/(v m + p-1) with p = 2 ranks, m = 4; measured values are only sane, not predictable here."""
     for r in ranks:
         report = r["cases"][case]["bubble"]
+        assert isinstance(report, BubbleReport) and report.schedule == case
+        assert repr(report).startswith(f"BubbleReport({case}, 2 stages") and "predicted" in repr(report)
         assert (report["stages"], report["virtual_stages"], report["microbatches"]) == (2, v, N_MICRO)
         assert report["predicted"] == pytest.approx(predicted)
         assert 0.0 <= report["measured"] < 1.0 and report["imbalance"] >= 1.0
