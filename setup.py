@@ -151,7 +151,7 @@ setup(
     ext_modules=_extensions(BuildOptions.from_env()),
     cmdclass={"build_ext": BuildExt},
     python_requires=">=3.10",
-    install_requires=["torch>=2.11", "numpy"],
+    install_requires=["torch>=2.11", "numpy", "tqdm"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "timm", "transformers"],
         "bench": ["pytest-benchmark", "timm"],

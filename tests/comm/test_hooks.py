@@ -202,7 +202,7 @@ def resumed(tmp_path_factory):
 @pytest.mark.parametrize("how", ["load_state_dict", "unpickled"])
 @pytest.mark.parametrize("name", RESUMED)
 def test_resume_in_fresh_processes_is_bitwise(resumed, name, how):
-    """A plain load_state_dict (no priming backward, no buckets_rebuilt) or the unpickled state object, on a new
+    """A plain load_state_dict (no priming backward) or the unpickled state object, on a new
     process group and DDP, gives the uninterrupted run's gradients at every step, bit for bit."""
     saved, loaded = resumed
     for rank in range(2):

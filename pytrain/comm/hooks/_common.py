@@ -44,6 +44,9 @@ from torch import Tensor
 from ...cost.collectives import bytes_sent
 from ...ops.registry import FLOAT_DTYPES
 
+# torch >= 2.14 names it all_gather_single and deprecates all_gather_into_tensor (torch 2.11 has only the latter).
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 #: gradient dtypes the compressing hooks accept (they compute in float32)
 COMPRESS_DTYPES = FLOAT_DTYPES
 
@@ -407,12 +410,9 @@ class HookState:
                 "layout": {i: list(ps) for i, ps in self.layout.items()}, "binding": self.binding,
                 **self.extra_state()}
 
-    def load_state_dict(self, state: dict, *, buckets_rebuilt: bool = False) -> None:
+    def load_state_dict(self, state: dict) -> None:
         """Restore a ``state_dict``: the next backward continues the saved run, whatever the bucket layout of the
-        DDP model it runs in (a resumed run's fresh DDP included; see the module docstring).
-
-        ``buckets_rebuilt`` is accepted for callers written for the earlier contract (prime the DDP buckets with
-        one backward, then pass True) and changes nothing: priming is no longer needed."""
+        DDP model it runs in (a resumed run's fresh DDP included; see the module docstring)."""
         name = type(self).__name__
         if state.get("kind") != name:
             raise ValueError(f"{name}.load_state_dict: got the state of a {state.get('kind')}")

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ...quant import FORMATS, QTensor, dequantize, quantize
 from ...cost.collectives import bytes_sent
-from ._common import HookState, submit
+from ._common import HookState, all_gather_single, submit
 
 SLICE = 1 << 20  # elements dequantized at a time: 4 MB of float32 temporaries, cache-sized and reused by the
 # allocator (whole-bucket temporaries are fresh pages every step, which costs more than the dequantization)
@@ -75,7 +75,7 @@ class QuantState(HookState):
 
         one = self.pack(quantize(mine, self.fmt, block_size=self.block_size), 1)
         gathered = torch.empty((world, one.shape[1]), dtype=torch.uint8, device=x.device)
-        dist.all_gather_into_tensor(gathered, one, group=self.process_group, async_op=True).wait()
+        all_gather_single(gathered, one, group=self.process_group, async_op=True).wait()
         final = self.unpack(gathered, chunk)
         for lo, part in self.slices(final, 0, n):
             x[lo:lo + part.numel()].copy_(part)

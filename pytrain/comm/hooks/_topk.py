@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..topk import SEED, check_ratio, topk
 from ...cost.collectives import bytes_sent
-from ._common import HookState, submit
+from ._common import HookState, all_gather_single, submit
 
 INDEX_LIMIT = 1 << 31  # indices travel as int32
 
@@ -80,12 +80,12 @@ class TopKState(HookState):
         world, group = self.world_size, self.process_group
         counts = torch.empty(world, dtype=torch.int64, device=values.device)
         count = torch.full((1,), values.numel(), dtype=torch.int64, device=values.device)
-        dist.all_gather_into_tensor(counts, count, group=group, async_op=True).wait()
+        all_gather_single(counts, count, group=group, async_op=True).wait()
         send = torch.zeros(2, int(counts.max()), dtype=torch.int32, device=values.device)
         send[0, :values.numel()] = values.float().view(torch.int32)
         send[1, :values.numel()] = indices
         recv = torch.empty((world * 2, send.shape[1]), dtype=torch.int32, device=values.device)
-        dist.all_gather_into_tensor(recv, send, group=group, async_op=True).wait()
+        all_gather_single(recv, send, group=group, async_op=True).wait()
         sent = bytes_sent("all_gather", (count.nbytes + send.nbytes) * world, world)
         return recv[0::2].reshape(-1).view(torch.float32), recv[1::2].reshape(-1).long(), sent
 
