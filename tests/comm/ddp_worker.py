@@ -114,14 +114,20 @@ def scenario_train(data) -> dict:
     return out
 
 
-def scenario_torch_powersgd(data) -> dict:
-    """Averaged gradients of torch's powerSGD_hook and pytrain's, one bucket, same settings and seed."""
+def torch_and_pytrain_powersgd():
+    """The same MLP under torch's powerSGD_hook and under pytrain's, one bucket each, rank 4, same settings."""
     theirs = DDP(mlp(), bucket_cap_mb=ONE_BUCKET_MB)
     theirs.register_comm_hook(torch_psgd.PowerSGDState(None, matrix_approximation_rank=4, start_powerSGD_iter=2,
                                                        min_compression_rate=2, use_error_feedback=True,
                                                        warm_start=True, random_seed=0,
                                                        batch_tensors_with_same_shape=True), torch_psgd.powerSGD_hook)
     ours, _ = hooked(PowerSGDState(None, rank=4, start_iter=2), ONE_BUCKET_MB)
+    return theirs, ours
+
+
+def scenario_torch_powersgd(data) -> dict:
+    """Averaged gradients of torch's powerSGD_hook and pytrain's, one bucket, same settings and seed."""
+    theirs, ours = torch_and_pytrain_powersgd()
     grads: Dict[str, List[torch.Tensor]] = {"torch": [], "pytrain": []}
     for step in range(7):
         for name, model in (("torch", theirs), ("pytrain", ours)):
@@ -237,12 +243,7 @@ def scenario_rank_deficient(data) -> dict:
         F.cross_entropy(model(x[:1]), y[:1]).backward()
         return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
 
-    theirs = DDP(mlp(), bucket_cap_mb=ONE_BUCKET_MB)
-    theirs.register_comm_hook(torch_psgd.PowerSGDState(None, matrix_approximation_rank=4, start_powerSGD_iter=2,
-                                                       min_compression_rate=2, use_error_feedback=True,
-                                                       warm_start=True, random_seed=0,
-                                                       batch_tensors_with_same_shape=True), torch_psgd.powerSGD_hook)
-    ours, _ = hooked(PowerSGDState(None, rank=4, start_iter=2), ONE_BUCKET_MB)
+    theirs, ours = torch_and_pytrain_powersgd()
     plain = DDP(mlp(), bucket_cap_mb=ONE_BUCKET_MB)
     return {name: [one_sample(model, step) for step in range(6)]
             for name, model in (("torch", theirs), ("pytrain", ours), ("allreduce", plain))}
