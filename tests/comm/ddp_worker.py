@@ -264,6 +264,16 @@ def _resume_file(kind: str, name: str) -> Path:
     return WORKDIR / f"{kind}_{name}_rank{dist.get_rank()}.pt"
 
 
+def run_to_resume_end(model, opt, state, data) -> dict:
+    """Steps RESUME_AT..RESUME_END: each step's averaged gradients, the final parameters, the hook's iteration."""
+    grads = []
+    for step in range(RESUME_AT, RESUME_END):
+        backward(model, data, step)
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+        opt.step()
+    return {"params": flat_params(model), "grads": grads, "iter": state.iter}
+
+
 def scenario_resume_save(data) -> dict:
     """Uninterrupted runs of RESUME_END steps; at RESUME_AT each saves model, optimizer, the state's state_dict
     and the pickled state itself (torch.save(state)) for ``resume_load`` in fresh processes."""
@@ -275,12 +285,7 @@ def scenario_resume_save(data) -> dict:
         torch.save({"model": model.module.state_dict(), "optimizer": opt.state_dict(),
                     "hook": roundtrip(state.state_dict())}, _resume_file("saved", name))
         torch.save(state, _resume_file("pickled", name))  # the state object itself, as torch's PowerSGDState allows
-        grads = []
-        for step in range(RESUME_AT, RESUME_END):
-            backward(model, data, step)
-            grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
-            opt.step()
-        out[name] = {"params": flat_params(model), "grads": grads, "iter": state.iter}
+        out[name] = run_to_resume_end(model, opt, state, data)
     return out
 
 
@@ -300,12 +305,7 @@ def scenario_resume_load(data) -> dict:
             model, opt = hooked(state, cap)
             model.module.load_state_dict(saved["model"])
             opt.load_state_dict(saved["optimizer"])
-            grads = []
-            for step in range(RESUME_AT, RESUME_END):
-                backward(model, data, step)
-                grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
-                opt.step()
-            runs[how] = {"params": flat_params(model), "grads": grads, "iter": state.iter}
+            runs[how] = run_to_resume_end(model, opt, state, data)
         out[name] = runs
     state = RESUME["powersgd"][0]()  # last: the failed backward leaves its DDP model unusable
     state.load_state_dict(torch.load(_resume_file("saved", "powersgd"), weights_only=True)["hook"])
