@@ -26,9 +26,8 @@ from .registry import FLOAT_DTYPES, Implementation, registry
 LIB = torch.library.Library("pytrain", "FRAGMENT")  # noqa: TOR901 (kept alive for the process)
 
 
-def _triton_declines(**call) -> List[str]:
-    device = call.get("device")
-    if device is not None and device.type == "cpu" and not _extension.triton_interpreted():
+def _triton_declines(device: torch.device, dtype: torch.dtype) -> List[str]:
+    if device.type == "cpu" and not _extension.triton_interpreted():
         return ["Triton runs CPU tensors only under TRITON_INTERPRET=1"]
     return []
 
@@ -86,7 +85,7 @@ def define_op(
     triton: the launcher: a function of the op's module that imports ``pytrain.kernels.<op>`` when
         first called (importing pytrain never imports triton).
     compiled: the devices ``pytrain._C`` has kernels of this op for.
-    declines: extra per-call checks shared by the compiled backends (reasons list).
+    declines: extra checks of (device, dtype) shared by the compiled backends (reasons list).
     """
     reg = registry(name)
     LIB.define(name + schema)
@@ -102,8 +101,8 @@ def define_op(
         LIB.impl(f"{name}_triton", on_inputs_device(triton), "CompositeExplicitAutograd")
         torch.library.register_fake(f"pytrain::{name}_triton", fake, lib=LIB)
 
-        def triton_declines(**call) -> List[str]:
-            return _triton_declines(**call) + (declines(**call) if declines else [])
+        def triton_declines(device: torch.device, dtype: torch.dtype) -> List[str]:
+            return _triton_declines(device, dtype) + (declines(device=device, dtype=dtype) if declines else [])
 
         reg.register(Implementation("triton", getattr(torch.ops.pytrain, f"{name}_triton"), ("cuda", "cpu"),
                                     unavailable=_extension.triton_unavailable, declines=triton_declines))

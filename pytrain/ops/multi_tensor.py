@@ -174,6 +174,6 @@ class StorageOrder:
             target.copy_(stand_in)
 
 
-def select(op: str, params: List[Tensor], impl: Optional[str], **call) -> Implementation:
+def select(op: str, params: List[Tensor], impl: Optional[str]) -> Implementation:
     """The backend of ``op`` for the device and dtype of ``params`` (``impl`` forces one)."""
-    return registry(op).select(params[0].device, params[0].dtype, impl, **call)
+    return registry(op).select(params[0].device, params[0].dtype, impl)

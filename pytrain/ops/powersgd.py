@@ -99,7 +99,7 @@ def _ortho_fake(P: Tensor, eps: float) -> None:
     torch._check(P.dim() in (2, 3), lambda: f"orthogonalize: P must be 2-D or 3-D, got {tuple(P.shape)}")
 
 
-def _float32_only(dtype: torch.dtype, **call) -> List[str]:
+def _float32_only(device: torch.device, dtype: torch.dtype) -> List[str]:
     return [] if dtype == torch.float32 else [f"the PowerSGD kernels serve float32 only, got {dtype}"]
 
 
