@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from .hash import MASK32, lowbias32
-from .library import define_op
+from .library import define_op, register_autocast_lower_precision, register_autograd
 from .registry import FLOAT_DTYPES, registry
 
 FWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, float scale, bool causal, int window_left, int window_right, "
@@ -179,8 +179,8 @@ def unsupported(q: Tensor, k: Tensor, v: Tensor, dtype: Optional[torch.dtype] = 
     return [message for _, message in _problems(q, k, v, dtype)]
 
 
-def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
-    problems = _problems(q, k, v, None)
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, dtype: Optional[torch.dtype]) -> None:
+    problems = _problems(q, k, v, dtype)
     if problems:
         kind, message = problems[0]
         raise kind(f"flash_attention: {message}")
@@ -252,23 +252,42 @@ def _check_real(name: str, value: object) -> float:
     return float(value)
 
 
-class _FlashAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, scale, causal, window_left, window_right, dropout_p, seed, impl):
-        args = (scale, causal, window_left, window_right, dropout_p, seed)
-        fwd = registry("attention_fwd").select(q.device, q.dtype, impl)
-        out, lse = fwd.fn(q, k, v, *args)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args, ctx.impl = args, impl
-        ctx.mark_non_differentiable(lse)
-        return out, lse
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, *args = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.args = args
+    ctx.mark_non_differentiable(lse)
 
-    @staticmethod
+
+def _backward_of(suffix: str):
+    """The backward of ``attention_fwd<suffix>``: ``attention_bwd<suffix>``, the same backend's."""
+    bwd = getattr(torch.ops.pytrain, "attention_bwd" + suffix)
+
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        bwd = registry("attention_bwd").select(q.device, q.dtype, ctx.impl)
-        dq, dk, dv = bwd.fn(grad_out.contiguous(), q, k, v, out, lse, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None, None, None
+        grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
+        dq, dk, dv = bwd(grad_out, q, k, v, out, lse, *ctx.args)
+        return (dq, dk, dv) + (None,) * len(ctx.args)
+
+    return backward
+
+
+register_autograd("attention_fwd", _backward_of, _setup_context)
+register_autocast_lower_precision("attention_fwd")  # as autocast treats F.scaled_dot_product_attention
+
+
+def _autocast_dtype(q: Tensor, k: Tensor, v: Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast hands the op q, k, v in (``register_autocast_lower_precision``), or None when
+    autocast leaves them as they are (off on their device, or float64 among them)."""
+    if not all(isinstance(t, Tensor) for t in (q, k, v)):
+        return None
+    device_type = q.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return None
+    if any(t.dtype not in FLOAT_DTYPES for t in (q, k, v)):
+        return None
+    return torch.get_autocast_dtype(device_type)
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: Optional[float] = None,
@@ -287,11 +306,13 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
         dropout_p: probability of dropping an attention weight (training); reproducible from ``seed``
             (default: drawn from torch's global generator).
         return_lse: also return the log-sum-exp (batch, heads, seqlen_q), float32.
+            Under ``torch.autocast`` q, k, v are cast as for ``F.scaled_dot_product_attention``: float32 /
+            bfloat16 / float16 inputs on the autocast device to its autocast dtype (float64 stays).
         impl: force a backend ("cpu", "triton", "reference", ...).
     Returns:
         out (batch, heads, seqlen_q, headdim) in q's dtype, or (out, lse).  Rows that may see no key give 0.
     """
-    _check_inputs(q, k, v)
+    _check_inputs(q, k, v, _autocast_dtype(q, k, v))
     window_left, window_right = _window_sides(window)
     dropout_p = _check_real("dropout_p", dropout_p)
     if not 0.0 <= dropout_p < 1.0:
@@ -301,10 +322,12 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
         raise ValueError(f"flash_attention: scale must be finite, got {scale}")
     if seed is None:
         seed = int(torch.randint(0, 2**62, ())) if dropout_p > 0 else 0
+    dtype = _autocast_dtype(q, k, v) or q.dtype
     if q.numel() == 0 or k.shape[2] == 0:
-        out = q * 0.0  # nothing to attend: zeros that still carry (zero) gradients
+        out = (q * 0.0).to(dtype)  # nothing to attend: zeros that still carry (zero) gradients
         lse = torch.full(q.shape[:3], -math.inf, dtype=_lse_dtype(q), device=q.device)
     else:
-        out, lse = _FlashAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), scale, causal, window_left,
-                                         window_right, float(dropout_p), seed, impl)
+        fwd = registry("attention_fwd").select(q.device, dtype, impl).fn  # autograd and autocast: registered
+        out, lse = fwd(q.contiguous(), k.contiguous(), v.contiguous(), scale, causal, window_left, window_right,
+                       float(dropout_p), seed)
     return (out, lse) if return_lse else out
