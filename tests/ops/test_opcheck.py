@@ -43,6 +43,19 @@ def test_opcheck(case, impl):
     torch.library.opcheck(getattr(torch.ops.pytrain, OP_NAMES[impl].format(op)).default, _cases()[case])
 
 
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_opcheck_attention_forward_and_backward(impl, causal):
+    """opcheck of attention_fwd with inputs that need grads: test_autograd_registration and
+    test_aot_dispatch_dynamic then run the backward registered with torch.library.register_autograd."""
+    impl_or_skip("attention_fwd", impl)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 6, 16, generator=gen, requires_grad=True)
+    k, v = (torch.randn(1, 2, 5, 16, generator=gen, requires_grad=True) for _ in range(2))
+    op = getattr(torch.ops.pytrain, OP_NAMES[impl].format("attention_fwd")).default
+    torch.library.opcheck(op, (q, k, v, 0.25, causal, -1, -1, 0.0, 0))
+
+
 def test_every_op_has_a_reference():
     for name in ("adamw_step", "lars_step", "lamb_step", "global_norm"):
         assert registry(name).availability()["reference"] is None
