@@ -9,6 +9,7 @@ from torch import nn
 import pytrain
 from pytrain.nn import MultiheadAttention
 from pytrain.swap import ROUTED, SwapReport
+from pytrain.testing.tolerances import ATTENTION_ATOL
 from pytrain.testing.swap_models import (assert_identical, assert_swap_matches, outputs_and_grads, tiny_encoder,
                                          tiny_vit)
 
@@ -133,9 +134,15 @@ def test_torch_compile_after_swap_runs_and_matches():
     model = tiny_encoder(layers=1)
     forward = _encoder_forward(is_causal=True, mask=nn.Transformer.generate_square_subsequent_mask(L))
     pytrain.swap(model)
+    exact = outputs_and_grads(copy.deepcopy(model).double(), forward)
     eager = outputs_and_grads(model, forward)
-    compiled = torch.compile(model)
-    ours = outputs_and_grads(compiled, forward)
-    for name, e in eager.items():
-        torch.testing.assert_close(ours[name.removeprefix("_orig_mod.")] if name in ours else
-                                   ours["_orig_mod." + name], e, atol=1e-6, rtol=1e-5)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(forward)(model)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    compiled = torch.compile(model, fullgraph=True)
+    ours = {name.removeprefix("_orig_mod."): t for name, t in outputs_and_grads(compiled, forward).items()}
+    # one graph: inductor fuses and orders sums its own way, so compiled and eager agree to rounding; both
+    # are held to the float64 answer (as assert_swap_matches does)
+    for name, e in exact.items():
+        ours_err, eager_err = (ours[name] - e).abs().max().item(), (eager[name] - e).abs().max().item()
+        assert ours_err <= 2 * eager_err + ATTENTION_ATOL[torch.float32], f"{name}: {ours_err:.3g} vs {eager_err:.3g}"
