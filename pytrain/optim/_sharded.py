@@ -46,7 +46,8 @@ def is_dtensor(t: object) -> bool:
 
 
 def uses_dtensors(opt: torch.optim.Optimizer) -> bool:
-    return any(is_dtensor(p) for group in opt.param_groups for p in group["params"])
+    """Whether ``opt`` has DTensor params (inside a step's ``LocalView`` too, where its groups list local shards)."""
+    return getattr(opt, "_local_view", None) is not None or any(is_dtensor(p) for group in opt.param_groups for p in group["params"])
 
 
 def split_of(p: "DTensor") -> Split:
