@@ -11,14 +11,13 @@ trains as the unwrapped one; a run checkpointed with torch.distributed.checkpoin
 Two launches (process start-up dominates): 4 ranks (layouts incl. 2-D, the checkpoint save), then 2 ranks
 (layouts, fully_shard, the resume).
 """
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from pytrain.testing.processes import launch_ranks
 from pytrain.testing.tolerances import assert_close
 
 WORKER = Path(__file__).with_name("sharded_worker.py")
@@ -32,24 +31,7 @@ INT8_RESUME_RTOL = 2e-3  # a resume on another world size re-blocks the int8 mom
 
 def launch(tmp: Path, world: int, *scenarios: str) -> list:
     """Results of every rank (index = rank) of the worker's ``scenarios`` on ``world`` gloo processes."""
-    outs = [tmp / f"rank{r}_of{world}.pt" for r in range(world)]
-    root = str(WORKER.parents[2])  # this checkout's pytrain, not another one installed in the environment
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(world), str(tmp / f"store{world}"),
-                               str(outs[r]), *scenarios], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=env)
-             for r in range(world)]
-    logs = []
-    for proc in procs:
-        try:
-            logs.append(proc.communicate(timeout=LAUNCH_TIMEOUT_S)[0])
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            pytest.fail(f"sharded optimizer worker hung for {LAUNCH_TIMEOUT_S} s")
-    if any(p.returncode for p in procs):
-        pytest.fail("sharded optimizer worker failed:\n" + "\n".join(log[-4000:] for log in logs))
-    return [torch.load(out, weights_only=False) for out in outs]
+    return launch_ranks(WORKER, world, tmp, *scenarios, timeout_s=LAUNCH_TIMEOUT_S, what="sharded optimizer worker")
 
 
 @pytest.fixture(scope="module")
