@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from . import _sharded
 from .hyperparameters import check_group, check_max_grad_norm
 
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s epsilon: coef = max_norm / (norm + 1e-6)
@@ -104,7 +105,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         return min(1.0, max_grad_norm / (norm + clip_eps))
 
     def grad_norm(self) -> float:
-        """L2 norm over the gradients of every param of every group (one fused pass per device/dtype)."""
+        """L2 norm over the gradients of every param of every group (one fused pass per device/dtype);
+        DTensor params: over the whole params, the same on every rank (``_sharded``)."""
+        if _sharded.uses_dtensors(self):
+            return _sharded.grad_norm(self, lambda grads: ops.global_norm(grads, impl=self.impl))
         buckets: Dict[Tuple, List[Tensor]] = defaultdict(list)
         for group in self.param_groups:
             for p in self._params_with_grads(group):
@@ -138,10 +142,15 @@ class FusedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_groups()  # a scheduler or the caller may have written a group since the last step
-        self._step()  # defined by each optimizer
+        with _sharded.LocalView(self):  # DTensor params: their local shards (a no-op without DTensors)
+            self._step()  # defined by each optimizer
         return loss
 
     # ------------------------------------------------------------------------------------ state dict
+    def state_dict(self) -> dict:
+        """torch's; states of DTensor params are DTensors (``torch.distributed.checkpoint`` reshards them)."""
+        return _sharded.portable_state_dict(self, super().state_dict())
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Like torch's, but each state tensor gets the dtype the optimizer's setting gives it
         (``state_dtype``: fp32 masters, int8 codes, fp32 moments of bf16 params...; see ``_state_dtype``)
@@ -155,7 +164,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(saved_ids, params):
             if pid in saved_state:
-                self.state[p] = self._convert_state(p, {k: self._restore(k, v, p) for k, v in saved_state[pid].items()})
+                self.state[p] = {k: self._restore(k, v, p) for k, v in saved_state[pid].items()}
+        with _sharded.LocalView(self):  # conversions run on local shards
+            for p in [p for g in self.param_groups for p in g["params"] if p in self.state]:
+                self.state[p] = self._convert_state(p, self.state[p])
 
     def _state_dtype(self, key: str, param: Tensor) -> Optional[torch.dtype]:
         """The dtype of floating state ``key`` of ``param`` (None: keep the saved one); default: the param's."""

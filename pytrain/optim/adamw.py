@@ -77,41 +77,58 @@ class FusedAdamW(FusedOptimizer):
             return self._moment_dtype(param)  # int8 codes are not floating: they keep their dtype
         return None
 
+    #: int8 block scales belong to the local shard of a DTensor param (``_sharded``); ``_portable_state`` converts
+    shard_local_states = ("exp_avg_scale", "exp_avg_sq_scale")
+
     def _convert_state(self, p: Tensor, state: dict) -> dict:
         """A loaded state in this optimizer's format: float moments quantized to int8 codes for
         ``state_dtype="int8"``, int8 codes dequantized for a float ``state_dtype`` (then as ``_moment_dtype``).
         Blocks are runs of 256 elements in the param's storage order, as ``adamw_step`` steps them."""
         if "exp_avg" not in state:
             return state
-        perm = storage_perm(p) or tuple(range(p.dim()))
-
-        def frame(t: Tensor) -> Tensor:  # the elements in the order adamw_step's int8 blocks follow
-            return t.permute(perm)
-
         quantized = not state["exp_avg"].is_floating_point()
         if self.state_dtype == "int8" and not quantized:  # (amsgrad groups were refused before loading)
             state.pop("max_exp_avg_sq", None)
             codes = self._zero_states(p, amsgrad=False)
+            frame = self._int8_frame(p)
             adamw_op.quantize_m(frame(state["exp_avg"]).float(), frame(codes["exp_avg"]), codes["exp_avg_scale"])
             adamw_op.quantize_v(frame(state["exp_avg_sq"]).float(), frame(codes["exp_avg_sq"]),
                                 codes["exp_avg_sq_scale"])
             return {**state, **codes}
         if self.state_dtype != "int8" and quantized:
-            moments = self._zero_states(p, amsgrad=False)
-            frame(moments["exp_avg"]).copy_(
-                adamw_op.dequantize_m(frame(state.pop("exp_avg")), state.pop("exp_avg_scale"), torch.float32))
-            frame(moments["exp_avg_sq"]).copy_(
-                adamw_op.dequantize_v(frame(state.pop("exp_avg_sq")), state.pop("exp_avg_sq_scale"), torch.float32))
-            state.update(moments)
+            return self._portable_state(p, state)
         return state
 
-    def _zero_states(self, p: Tensor, amsgrad: bool) -> dict:
+    def _portable_state(self, p: Tensor, state: dict) -> dict:
+        """``state`` with int8 codes and their block scales replaced by fp32 moments (``_moment_dtype`` for a
+        float ``state_dtype``): the form a sharded checkpoint saves, as its blocks depend on the shard."""
+        if "exp_avg_scale" not in state:
+            return state
+        state = dict(state)
+        moments = self._zero_states(p, amsgrad=False, dtype=torch.float32 if self.state_dtype == "int8" else None)
+        frame = self._int8_frame(p)
+        frame(moments["exp_avg"]).copy_(
+            adamw_op.dequantize_m(frame(state.pop("exp_avg")), state.pop("exp_avg_scale"), torch.float32))
+        frame(moments["exp_avg_sq"]).copy_(
+            adamw_op.dequantize_v(frame(state.pop("exp_avg_sq")), state.pop("exp_avg_sq_scale"), torch.float32))
+        return {**state, **moments}
+
+    @staticmethod
+    def _int8_frame(p: Tensor):
+        """t -> the elements of ``t`` (shaped like ``p``) in the order adamw_step's int8 blocks follow."""
+        perm = storage_perm(p) or tuple(range(p.dim()))
+        return lambda t: t.permute(perm)
+
+    def _zero_states(self, p: Tensor, amsgrad: bool, dtype: Optional[torch.dtype] = None) -> dict:
         """Zero moments (and scales) for ``p``, with its memory layout (``preserve_format``: channels_last,
-        transposed...), so params, grads and states are stepped in storage order without copies."""
+        transposed...), so params, grads and states are stepped in storage order without copies.
+        ``dtype``: float moments of that dtype whatever ``state_dtype`` says."""
         def like_p(dtype):
             return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
-        if self.state_dtype == "int8":
+        if dtype is not None:
+            states = {"exp_avg": like_p(dtype), "exp_avg_sq": like_p(dtype)}
+        elif self.state_dtype == "int8":
             blocks = (p.numel() + INT8_BLOCK - 1) // INT8_BLOCK
             states = {"exp_avg": like_p(torch.int8), "exp_avg_sq": like_p(torch.uint8),
                       "exp_avg_scale": torch.zeros(blocks, dtype=torch.float32, device=p.device),

@@ -8,6 +8,10 @@ then Adam moments, update ``u = m_hat / (sqrt(v_hat) + eps) + wd * w`` and trust
 decay is non-zero unless ``always_adapt``).  The kernel writes the moments and
 accumulates the per-tensor norms in one sweep and applies the update in a second.
 A non-finite global gradient norm skips the step (``last_step_skipped``).
+
+DTensor params whose local tensor is a shard (FSDP2, tensor parallel): ``|w|`` and ``|u|`` must be the norms
+of the whole param, so for those the update's norm is computed here from the local shard, both norms are
+reduced over the mesh (``_sharded``), and the kernel steps each such param with ``lr * tr`` and ``adapt=False``.
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ from typing import Optional, Tuple
 import torch
 
 from .. import ops
+from ..ops.multi_tensor import compute_dtype, trust_ratio_or_one
+from . import _sharded
 from ._base import FusedOptimizer
 from .hyperparameters import check_max_grad_norm
 
@@ -51,11 +57,34 @@ class FusedLAMB(FusedOptimizer):
             if not self.state[p]:
                 self.state[p]["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 self.state[p]["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        for bucket in self.bucket(params, lambda p: None).values():
-            ops.lamb_step(
-                bucket, [p.grad for p in bucket], [self.state[p]["exp_avg"] for p in bucket],
-                [self.state[p]["exp_avg_sq"] for p in bucket], lr=group["lr"], beta1=beta1, beta2=beta2,
-                beta3=1 - beta1 if group["grad_averaging"] else 1.0, eps=group["eps"],
-                weight_decay=group["weight_decay"], bias_correction1=bc1, bias_correction2=bc2,
-                grad_scale=grad_scale, adapt=group["weight_decay"] != 0 or group["always_adapt"],
-                trust_clip=group["trust_clip"], impl=self.impl)
+        adapt = group["weight_decay"] != 0 or group["always_adapt"]
+        split = _sharded.split_params(self, params) if adapt else []
+        whole = [p for p in params if not any(p is q for q in split)]
+        kwargs = dict(beta1=beta1, beta2=beta2, beta3=1 - beta1 if group["grad_averaging"] else 1.0, eps=group["eps"],
+                      weight_decay=group["weight_decay"], bias_correction1=bc1, bias_correction2=bc2,
+                      grad_scale=grad_scale, trust_clip=group["trust_clip"])
+        for bucket in self.bucket(whole, lambda p: None).values():
+            ops.lamb_step(bucket, [p.grad for p in bucket], [self.state[p]["exp_avg"] for p in bucket],
+                          [self.state[p]["exp_avg_sq"] for p in bucket], lr=group["lr"], adapt=adapt, impl=self.impl, **kwargs)
+        if split:
+            for p, tr in zip(split, self._trust_ratios(split, **kwargs)):
+                ops.lamb_step([p], [p.grad], [self.state[p]["exp_avg"]], [self.state[p]["exp_avg_sq"]],
+                              lr=group["lr"] * tr, adapt=False, impl=self.impl, **kwargs)
+
+    def _trust_ratios(self, params: list, *, beta1: float, beta2: float, beta3: float, eps: float,
+                      weight_decay: float, bias_correction1: float, bias_correction2: float, grad_scale: float,
+                      trust_clip: bool) -> list:
+        """``|w| / |u|`` of the whole params (``lamb_step_reference``) from their local shards, before the step."""
+        squares = []
+        for p in params:
+            dt = compute_dtype(p)
+            w, g = p.to(dt), p.grad.to(dt) * grad_scale
+            m = beta1 * self.state[p]["exp_avg"].to(dt) + beta3 * g
+            v = beta2 * self.state[p]["exp_avg_sq"].to(dt) + (1.0 - beta2) * g * g
+            u = (m / bias_correction1) / (torch.sqrt(v) / bias_correction2 ** 0.5 + eps) + weight_decay * w
+            squares.append(torch.stack([(w * w).sum(), (u * u).sum()]).double())
+        norms = _sharded.active_view(self).whole_norms(params, torch.stack(squares))
+        tr = trust_ratio_or_one(norms[:, 0] / norms[:, 1], norms[:, 0], norms[:, 1])
+        if trust_clip:
+            tr = torch.clamp(tr, max=1.0)
+        return tr.tolist()

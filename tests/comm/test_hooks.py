@@ -8,14 +8,13 @@ round trips bitwise, and bad states / inputs raise clear errors.
 """
 import math
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from pytrain.comm import HOOK_NAMES, PowerSGDState, QuantState, TopKState, make_hook
+from pytrain.testing.processes import launch_ranks
 from pytrain.testing.tolerances import tolerance
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -27,24 +26,7 @@ COMPRESSED_STEPS = slice(2, None)  # torch comparison: start_iter=2, so steps 2.
 def launch(tmp: Path, *scenarios: str) -> list:
     """Run the worker's scenarios (all of test_hooks' when none are named) on 2 gloo ranks writing into ``tmp``;
     the results of both ranks (index = rank)."""
-    outs = [tmp / f"rank{r}.pt" for r in range(2)]
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), "2", str(tmp / "store"), str(outs[r]), *scenarios],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    logs = []
-    for proc in procs:
-        try:
-            logs.append(proc.communicate(timeout=LAUNCH_TIMEOUT_S)[0])
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            pytest.fail(f"DDP hook worker hung for {LAUNCH_TIMEOUT_S} s")
-    if any(p.returncode for p in procs):
-        pytest.fail("DDP hook worker failed:\n" + "\n".join(log[-4000:] for log in logs))
-    results = [torch.load(out, weights_only=False) for out in outs]
-    for out in outs:
-        out.unlink()
-    (tmp / "store").unlink(missing_ok=True)
-    return results
+    return launch_ranks(WORKER, 2, tmp, *scenarios, timeout_s=LAUNCH_TIMEOUT_S, what="DDP hook worker")
 
 
 @pytest.fixture(scope="module")

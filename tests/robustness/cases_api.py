@@ -183,7 +183,32 @@ def optimizer_cases() -> List[Case]:
                     Raises(ValueError, "amsgrad")))
     out.append(Case("optim.FusedAdamW", "int8_loads_fp32_state", _int8_load, Correct(0, 0)))
     out.append(Case("optim.FusedAdamW", "float64_state_dtype", _float64_states, Correct(0, 0)))
+    for name in ("FusedAdamW", "FusedLARS", "FusedLAMB"):
+        out.append(Case(f"optim.{name}", "dtensor_param_plain_grad", _dtensor_step(name, "plain_grad"),
+                        Raises(TypeError, "DTensor grad")))
+        out.append(Case(f"optim.{name}", "dtensor_param_partial", _dtensor_step(name, "partial"),
+                        Raises(ValueError, "Partial")))
     return out
+
+
+def _dtensor_step(name: str, kind: str):
+    """A step over a DTensor param on a 1-rank gloo mesh: with a plain-tensor grad, or a Partial param."""
+    def run():
+        import os
+        import tempfile
+
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import DTensor, Partial, Shard
+        if not dist.is_initialized():
+            store = os.path.join(tempfile.mkdtemp(), "store")
+            dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+        mesh = init_device_mesh("cpu", (1,))
+        placement = Partial() if kind == "partial" else Shard(0)
+        p = torch.nn.Parameter(DTensor.from_local(rand(4, 3), mesh, (placement,)))
+        p.grad = rand(4, 3) if kind == "plain_grad" else DTensor.from_local(rand(4, 3), mesh, (placement,))
+        fused(name)([p], **DEFAULT_KW[name]).step()
+    return run
 
 
 def _lars_group_lr(per_group: bool) -> List[torch.Tensor]:
