@@ -13,7 +13,7 @@ which they step with each validation loss (``steps_on_validation``).
   Smith & Topin 2017).
 * "cyclic": ``CyclicLR``, triangular (Smith 2017, arXiv:1506.01186): from lr/10 up to lr in W steps
   (T/10 when W is 0) and back down in as many, again and again.
-* "step": linear warmup (``LinearLR``) over W steps, then ``MultiStepLR``: x0.1 at half and at three
+* "step": linear warmup (``LinearLR``) over W steps (W > 1), then ``MultiStepLR``: x0.1 at half and at three
   quarters of the steps after warmup (the step decay of He et al. 2016).
 * "plateau": ``ReduceLROnPlateau``: halves the lr after 2 validations without improvement (patience 1);
   takes no warmup (W must be 0).
@@ -76,6 +76,7 @@ def build_scheduler(schedule: Union[None, str, Callable], optimizer: torch.optim
         return CyclicLR(optimizer, base_lr=[p / 10 for p in peaks], max_lr=peaks,
                         step_size_up=warmup or max(1, total_steps // 10), mode="triangular", cycle_momentum=False)
     if schedule == "step":
+        warmup = warmup if warmup > 1 else 0  # one warmup step is the full lr already: no warmup
         after = total_steps - warmup
         milestones = sorted({max(1, after // 2), max(1, 3 * after // 4)})
         return _with_warmup(optimizer, MultiStepLR(optimizer, milestones=milestones, gamma=0.1), warmup)
