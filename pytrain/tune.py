@@ -227,10 +227,10 @@ def open_study(args: argparse.Namespace, base: TrainConfig):
     import optuna
 
     retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)  # optuna >= 4.9
-    retry_kw = ({"heartbeat_stale_trial_callback": retry(max_retry=1)} if retry is not None else
-                {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=1)})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry_kw = ({"heartbeat_stale_trial_callback": retry(max_retry=1)} if retry is not None else
+                    {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=1)})
         storage = optuna.storages.RDBStorage(
             args.storage or f"sqlite:///{Path(args.dir).resolve() / 'study.db'}",
             engine_kwargs={"connect_args": {"timeout": 60}},  # two tune processes wait for each other's writes
