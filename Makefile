@@ -10,7 +10,8 @@ PIP    := $(VENV)/bin/pip
 PINS   := requirements-test.txt
 # What the venv gets: the pinned set, or (test-latest) the newest releases of what the tests import.
 DEPS   ?= -r $(PINS)
-NEWEST := --upgrade pip setuptools torch torchvision triton numpy transformers timm pytest pytest-benchmark ninja
+NEWEST := --upgrade pip setuptools torch torchvision triton numpy transformers timm pytest pytest-benchmark ninja \
+          optuna tensorboard matplotlib
 STAMP  := $(VENV)/.pytrain-installed
 LATEST := build/latest
 DEVICE_PINS     := requirements-device.txt

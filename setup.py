@@ -153,8 +153,11 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy", "tqdm"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "timm", "transformers"],
+        "test": ["pytest", "pytest-benchmark", "timm", "transformers", "optuna", "tensorboard", "matplotlib"],
         "bench": ["pytest-benchmark", "timm"],
+        "tune": ["optuna>=4.0", "matplotlib>=3.8"],  # pytrain tune (its plots use matplotlib)
+        "track": ["tensorboard>=2.14"],  # pytrain train --tensorboard (torch.utils.tensorboard)
+        "plot": ["matplotlib>=3.8"],  # pytrain plot
     },
     entry_points={"console_scripts": ["pytrain=pytrain.cli:main"]},
 )

@@ -1,4 +1,4 @@
-"""The ``pytrain`` command: ``pytrain info | train [options] | bench [names] | cost | plan``."""
+"""The ``pytrain`` command: ``pytrain info | train [options] | bench [names] | cost | plan | tune | plot``."""
 from __future__ import annotations
 
 import sys
@@ -12,6 +12,8 @@ commands:
   bench [names]   run the benchmark suites (bench/bench_<name>.py; all when no names) and print one table
   cost [opts]     the cost model of a described model and cluster (pytrain cost --help)
   plan [opts]     DP/PP/TP configurations ranked by predicted step time (pytrain plan --help)
+  tune [opts]     hyperparameter search over the main job with Optuna (pytrain tune --help)
+  plot RUN...     PNG plots of runs (TensorBoard dirs or JSON-lines logs) or --bench RESULTS (pytrain plot --help)
 """
 
 
@@ -35,6 +37,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .cost.cli import main as cost_main
 
         return cost_main(rest, command=command)
+    if command == "tune":
+        from .tune import main as tune_main
+
+        return tune_main(rest)
+    if command == "plot":
+        from .plot import main as plot_main
+
+        return plot_main(rest)
     if command == "bench":
         from .bench import main as bench_main
 

@@ -35,6 +35,7 @@ from .comm.hooks import HOOK_NAMES
 from .data import default_corpus
 from .ops import flash_attention
 from .optim import FusedAdamW, FusedLAMB, FusedLARS
+from .trainers.schedules import SCHEDULES
 
 SIZES = {"tiny": dict(layers=2, hidden=128, heads=4, seq=64),
          "small": dict(layers=3, hidden=192, heads=6, seq=64),
@@ -99,8 +100,9 @@ class TrainConfig:
                           "--grad-accum)", low=1)
     grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step", low=1)
     lr: float = _opt(3e-3, "peak learning rate", low=0.0)
-    schedule: str = _opt("cosine", "learning-rate schedule", choices=["cosine", "onecycle", "constant"])
-    warmup: Optional[int] = _opt(None, "learning-rate warmup steps", kind=int, low=0, default_text="10%% of --steps")
+    schedule: str = _opt("cosine", "learning-rate schedule (pytrain.trainers.schedules)", choices=list(SCHEDULES))
+    warmup: Optional[int] = _opt(None, "learning-rate warmup steps", kind=int, low=0,
+                                 default_text="10%% of --steps; 0 for plateau")
     weight_decay: float = _opt(0.01, "decoupled weight decay", low=0.0)
     max_grad_norm: Optional[float] = _opt(1.0, "clip the global gradient norm to this", kind=float, low=0.0,
                                           strict=True)
@@ -108,6 +110,8 @@ class TrainConfig:
                           choices=["adamw", "lamb", "lars", "torch-adamw"])
     state_dtype: str = _opt("float32", "FusedAdamW's moment storage", choices=["float32", "bfloat16", "int8"])
     hook: str = _opt("powersgd", "DDP gradient-communication hook (none: DDP's own all-reduce)", choices=list(HOOKS))
+    hook_rank: Optional[int] = _opt(None, "PowerSGD's rank (needs --hook powersgd)", kind=int, low=1,
+                                    default_text="the hook's own, 4")
     precision: str = _opt("fp32", "fp32, or autocast to bf16 / fp16 (fp16 adds a gradient scaler)",
                           choices=["fp32", "bf16", "fp16"])
     eval_every: int = _opt(50, "validation loss every this many steps", low=1)
@@ -121,6 +125,8 @@ class TrainConfig:
     resume: bool = _opt(False, "continue from the latest checkpoint in --checkpoint-dir (see below)")
     log_file: Optional[str] = _opt(None, "JSON lines: one record per step and per evaluation", kind=str,
                                    default_text="none")
+    tensorboard: Optional[str] = _opt(None, "write TensorBoard event files of the same records to this directory",
+                                      kind=str, default_text="none")
     seed: int = _opt(0, "seed of the model's initialisation and the data order")
     progress: bool = _opt(True, "progress bar on rank 0 (only when stderr is a terminal)")
     watchdog_timeout: float = _opt(120.0, "seconds a rank may make no progress before the job ends", low=0.0,
@@ -131,6 +137,8 @@ class TrainConfig:
         """``pytrain train``'s flags, one per field, with their help text and defaults."""
         parser = argparse.ArgumentParser(prog="pytrain train", description=__doc__.splitlines()[0], epilog=EPILOG,
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser.add_argument("--config", metavar="FILE", help="JSON object of these settings (keys as the flags, "
+                                                             "with _ for -, e.g. from pytrain tune); flags override it")
         for f in fields(cls):
             meta = f.metadata
             flag = f"--{f.name.replace('_', '-')}"
@@ -145,7 +153,13 @@ class TrainConfig:
     @classmethod
     def from_args(cls, argv: Optional[List[str]] = None) -> "TrainConfig":
         parser = cls.parser()
-        cfg = cls(**vars(parser.parse_args(argv)))
+        args = vars(parser.parse_args(argv))
+        config = args.pop("config")
+        if config is not None:
+            parser.set_defaults(**_read_config(config, parser))
+            args = vars(parser.parse_args(argv))
+            args.pop("config")
+        cfg = cls(**args)
         for f in fields(cls):
             problem = _out_of_bounds(getattr(cfg, f.name), f.metadata)
             if problem:
@@ -154,10 +168,14 @@ class TrainConfig:
             if getattr(cfg, key) is None:
                 setattr(cfg, key, value)
         if cfg.warmup is None:
-            cfg.warmup = cfg.steps // 10
+            cfg.warmup = 0 if cfg.schedule == "plateau" else cfg.steps // 10
+        if cfg.warmup and cfg.schedule == "plateau":
+            parser.error(f"--warmup {cfg.warmup}: the plateau schedule takes no warmup (it follows the validation loss)")
+        if cfg.hook_rank is not None and cfg.hook != "powersgd":
+            parser.error(f"--hook-rank {cfg.hook_rank} needs --hook powersgd, got --hook {cfg.hook}")
         if cfg.hidden % cfg.heads:
             parser.error(f"--hidden {cfg.hidden} is not divisible by --heads {cfg.heads}")
-        if cfg.warmup >= cfg.steps and cfg.schedule != "constant":
+        if cfg.warmup >= cfg.steps and cfg.schedule not in ("constant", "plateau"):
             parser.error(f"--warmup {cfg.warmup} must be below --steps {cfg.steps} for the {cfg.schedule} schedule")
         held_out = len(default_corpus()) - _train_chars(len(default_corpus()))
         if cfg.seq >= held_out:
@@ -176,6 +194,39 @@ class TrainConfig:
         if cfg.checkpoint_every is not None and cfg.checkpoint_dir is None:  # 0 too: "at the end" of nothing
             parser.error("--checkpoint-every needs --checkpoint-dir")
         return cfg
+
+
+def _read_config(path: str, parser: argparse.ArgumentParser) -> dict:
+    """The settings of a ``--config`` file, checked against the fields' kinds and choices (bounds are checked with
+    the flags')."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as exc:
+        parser.error(f"--config {path}: cannot read it ({exc.strerror})")
+    except json.JSONDecodeError as exc:
+        parser.error(f"--config {path}: not JSON ({exc.msg} at line {exc.lineno})")
+    if not isinstance(data, dict):
+        parser.error(f"--config {path}: expected a JSON object of settings, got {type(data).__name__}")
+    known = {f.name: f for f in fields(TrainConfig)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        parser.error(f"--config {path}: unknown settings {', '.join(unknown)} (known: {', '.join(known)})")
+    for key, value in data.items():
+        meta = known[key].metadata
+        kind = meta["kind"]
+        fits = value is None if kind is not bool else isinstance(value, bool)
+        fits = fits or (kind is float and isinstance(value, (int, float)) and not isinstance(value, bool)) or \
+            (kind in (int, str) and type(value) is kind)
+        if value is None and known[key].default is not None:
+            fits = False
+        if not fits:
+            parser.error(f"--config {path}: {key} must be {kind.__name__}, got {value!r}")
+        if meta["choices"] is not None and value not in meta["choices"]:
+            parser.error(f"--config {path}: {key} must be one of {', '.join(meta['choices'])}, got {value!r}")
+        if kind is float and value is not None:
+            data[key] = float(value)
+    return data
 
 
 class Block(nn.Module):
@@ -295,6 +346,17 @@ def _warn_once_per_job(rank: int) -> None:
             warnings.filterwarnings("ignore", category=category)
 
 
+def _comm_hook(cfg: TrainConfig):
+    """The trainer's ``comm_hook``: None, a hook name, or a PowerSGD (state, hook) pair of ``--hook-rank``."""
+    if cfg.hook == "none":
+        return None
+    if cfg.hook_rank is not None:
+        from .comm.hooks import PowerSGDState, powersgd_hook
+
+        return PowerSGDState(None, rank=cfg.hook_rank), powersgd_hook
+    return cfg.hook
+
+
 def run(cfg: TrainConfig) -> dict:
     """One rank of the main job (inside an initialised process group); returns the run's summary."""
     from .trainers import DDPTrainer, init_distributed
@@ -306,12 +368,13 @@ def run(cfg: TrainConfig) -> dict:
     model = GPT(vocab, cfg.layers, cfg.hidden, cfg.heads, cfg.seq)
     torch.manual_seed(cfg.seed + 1 + info.rank)  # per-rank streams for anything random during training
     trainer = DDPTrainer(model, make_optimizer(cfg, model.parameters()), lm_loss, train_data,
-                         batch_size=cfg.batch, val_data=val_data, comm_hook=None if cfg.hook == "none" else cfg.hook,
+                         batch_size=cfg.batch, val_data=val_data, comm_hook=_comm_hook(cfg),
                          precision=cfg.precision, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
                          lr_schedule=cfg.schedule, warmup_steps=cfg.warmup, max_steps=cfg.steps,
                          checkpoint_dir=cfg.checkpoint_dir, checkpoint_every=cfg.checkpoint_every,
                          keep_last=cfg.keep_last, resume=cfg.resume, eval_every=cfg.eval_every,
-                         patience=cfg.patience, log_file=cfg.log_file, progress=cfg.progress, seed=cfg.seed,
+                         patience=cfg.patience, log_file=cfg.log_file,
+                         tensorboard=cfg.tensorboard, progress=cfg.progress, seed=cfg.seed,
                          watchdog_timeout=cfg.watchdog_timeout or None)
     if info.is_main:
         n_params = sum(p.numel() for p in model.parameters())
@@ -324,6 +387,9 @@ def run(cfg: TrainConfig) -> dict:
     summary["seconds"] = time.perf_counter() - start
     if summary.get("median_opt_s") is not None:
         summary.update(_predicted_step(trainer, summary))
+        if "predicted_step_s" in summary:
+            trainer.log.log(step=trainer.step, predicted_step_s=summary["predicted_step_s"])
+    trainer.log.close()
     summary.update(config=asdict(cfg), uniform_loss=math.log(vocab))
     return summary
 

@@ -46,7 +46,8 @@ from . import checkpoint as ckpt
 from . import state as st
 from .launch import init_distributed
 from .metrics import JsonLogger, ProgressBar, TrainSummary, is_main_rank
-from .schedules import build_scheduler
+from .tracking import RunLog, TensorBoardLog, peak_memory_bytes
+from .schedules import build_scheduler, steps_on_validation
 from .watchdog import Watchdog
 
 CHECKPOINT_FORMAT = "pytrain.ddp/2"
@@ -87,8 +88,9 @@ class DDPTrainer:
         precision: "fp32", "bf16" (autocast) or "fp16" (autocast + GradScaler).
         grad_accum: micro-batches per step (all but the last under ``no_sync``).
         max_grad_norm: global gradient-norm clip (None: no clipping).
-        lr_schedule: None, "constant", "cosine" (linear warmup + cosine), "onecycle",
-            or ``fn(optimizer, total_steps) -> LRScheduler``; ``warmup_steps`` for the first two.
+        lr_schedule: None or a name of ``schedules.SCHEDULES`` ("constant", "cosine" (linear warmup + cosine),
+            "onecycle", "cyclic", "step", "plateau"), or ``fn(optimizer, total_steps) -> LRScheduler``;
+            ``warmup_steps`` for those that warm up (see ``pytrain.trainers.schedules``).
         max_steps / epochs: training length (``max_steps`` wins when both are given).
         checkpoint_dir, checkpoint_every, keep_last: checkpoints (see module docstring); ``checkpoint_every``
             None or 0: only at the end of ``fit``.
@@ -97,6 +99,8 @@ class DDPTrainer:
         patience, min_delta: early stopping after ``patience`` evaluations without a val-loss
             improvement of more than ``min_delta``.
         log_file: JSON lines, one record per step and per evaluation (rank 0).
+        tensorboard: a directory for TensorBoard event files of the same records (rank 0;
+            ``pytrain.trainers.tracking``).
         progress: draw a progress bar (tqdm: elapsed, ETA, rate) on rank 0's stderr when it is a terminal.
         seed: the samplers' shuffling seed (same on every rank).
         watchdog_timeout: seconds a rank may go without progress (or a heartbeat) during ``fit`` before every
@@ -111,7 +115,8 @@ class DDPTrainer:
                  warmup_steps: int = 0, max_steps: Optional[int] = None, epochs: int = 1,
                  checkpoint_dir: Optional[str] = None, checkpoint_every: Optional[int] = None, keep_last: int = 3,
                  resume: Union[bool, str] = False, eval_every: Optional[int] = None, patience: Optional[int] = None,
-                 min_delta: float = 0.0, log_file: Optional[str] = None, progress: bool = False, seed: int = 0,
+                 min_delta: float = 0.0, log_file: Optional[str] = None,
+                 tensorboard: Optional[str] = None, progress: bool = False, seed: int = 0,
                  bucket_cap_mb: float = 25.0, watchdog_timeout: Optional[float] = 120.0):
         self.info = init_distributed()
         self.world_size = self.info.world_size
@@ -151,7 +156,7 @@ class DDPTrainer:
         self.patience, self.min_delta = patience, min_delta
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.checkpoint_every, self.keep_last = checkpoint_every, keep_last
-        self.log = JsonLogger(log_file, append=bool(resume))
+        self.log = RunLog(JsonLogger(log_file, append=bool(resume)), TensorBoardLog(tensorboard))
         self.progress = progress
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.best_val, self.bad_evals, self.stopped_early = math.inf, 0, False
@@ -288,7 +293,7 @@ class DDPTrainer:
         norm, skipped = self._optimizer_step()
         opt_s = time.perf_counter() - opt_start
         lr = self.optimizer.param_groups[0]["lr"]
-        if self.scheduler is not None:
+        if self.scheduler is not None and not steps_on_validation(self.scheduler):
             self.scheduler.step()
         self._watchdog.mark(f"step {self.step + 1} loss all-reduce")
         dist.all_reduce(loss)
@@ -296,7 +301,7 @@ class DDPTrainer:
         self._tokens_per_step = self.batch_size * micro[0][1][0].numel()
         record = {"step": self.step + 1, "epoch": self.epoch, "loss": float(loss) / self.world_size, "lr": lr,
                   "grad_norm": norm, "step_s": step_s, "opt_s": opt_s, "samples_per_s": self.batch_size / step_s,
-                  "tokens_per_s": self._tokens_per_step / step_s}
+                  "tokens_per_s": self._tokens_per_step / step_s, "peak_mem_bytes": peak_memory_bytes(self.device)}
         if skipped:
             record["skipped"] = True
         record.update(self.comm_stats())
@@ -362,6 +367,8 @@ class DDPTrainer:
             val = self.evaluate()
             self.log.log(step=self.step, val_loss=val)
             self.history[-1]["val_loss"] = val
+            if steps_on_validation(self.scheduler):
+                self.scheduler.step(val)
             if val < self.best_val - self.min_delta:
                 self.best_val, self.bad_evals = val, 0
             else:
