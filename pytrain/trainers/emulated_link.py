@@ -37,49 +37,20 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple, Union
 
+from ..cost.collectives import format_rate, parse_rate  # noqa: F401  (re-exported: rates of links)
+
 PREFIX = "ptlink"
 SUBNET = "10.231.0"  # /24, only ever inside this module's namespaces
 IFNAME = "eth0"  # each rank's interface, inside its namespace
 BURST_S = 2e-3  # seconds of traffic the token bucket holds ...
 BURST_MIN = 128 * 1024  # ... and at least this many bytes (two 64 KB GSO packets)
 LIMIT_S = 0.05  # seconds of traffic the tbf queue holds before it drops
-MAX_RATE = 400e9  # bits/s: beyond this tbf's 32-bit rate tables are not worth trusting
 COMMAND_TIMEOUT_S = 20.0  # per `ip` / `tc` call: none of them should take more than milliseconds
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = "/var/run/netns"  # where `ip netns add` mounts namespaces
 
-_UNITS = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
-_RATE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmg]?)(?:bit)?(?:/s)?\s*$", re.IGNORECASE)
 _NAME_RE = re.compile(rf"^{PREFIX}-(\d+)-\d+-\w+$")
 _serial = itertools.count()
-
-
-def parse_rate(rate: Union[str, float, int]) -> float:
-    """Link rate in bits per second from "1gbit", "500mbit", "0.5gbit", "10g" (tc's units: k/m/g bits, powers of
-    10) or a number of bits/s.  Raises ValueError for anything else, or outside (0, 400 Gbit/s]."""
-    if isinstance(rate, bool):
-        raise TypeError(f"link rate must be a string like '1gbit' or bits/s as a number, got {rate!r}")
-    if isinstance(rate, (int, float)):
-        bits = float(rate)
-    elif isinstance(rate, str):
-        match = _RATE_RE.match(rate)
-        if match is None:
-            raise ValueError(f"link rate {rate!r}: expected a number with an optional unit kbit, mbit or gbit "
-                             f"(e.g. '1gbit', '500mbit')")
-        bits = float(match.group(1)) * _UNITS[match.group(2).lower()]
-    else:
-        raise TypeError(f"link rate must be a string like '1gbit' or bits/s as a number, got {type(rate).__name__}")
-    if not 0 < bits <= MAX_RATE:  # also rejects NaN
-        raise ValueError(f"link rate {rate!r} is {bits:g} bit/s; expected more than 0 and at most {MAX_RATE:g}")
-    return bits
-
-
-def format_rate(bits: float) -> str:
-    """tc-style text of a rate in bits/s: 1e9 -> '1gbit', 5e8 -> '500mbit'."""
-    for unit, scale in (("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3)):
-        if bits >= scale:
-            return f"{bits / scale:g}{unit}"
-    return f"{bits:g}bit"
 
 
 def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
