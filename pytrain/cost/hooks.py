@@ -23,10 +23,12 @@ from ._checks import count, real
 from .collectives import Link
 from .ddp import ddp_step
 
-#: hook -> codec seconds per parameter per step (CPU, 2-core Xeon, bench/results/links.md)
-CODEC_S_PER_PARAM: Dict[str, float] = {}
-LINK_EFFICIENCY = 1.0
-LINK_ALPHA_S = 1e-4
+#: hook -> codec seconds per parameter per step: bench/results/links-2026-12-06-cpu-loaded.md (25.2M params,
+#: 2 ranks, one thread each, on a 2-core Xeon at load ~10-14: noisy to +-30%), codec ms / 25.2M
+CODEC_S_PER_PARAM: Dict[str, float] = {"powersgd_r1": 1.41e-8, "powersgd_r4": 1.03e-8, "powersgd_r8": 1.50e-8,
+                                       "topk_0.1%": 1.79e-8, "topk_1%": 2.11e-8, "int8": 7.09e-8, "fp8": 6.75e-8}
+LINK_EFFICIENCY = 0.97  # all-reduce bandwidth / tbf rate at 0.5 and 1 Gbit/s (10 Gbit/s: 37%, CPU-bound there)
+LINK_ALPHA_S = 1e-3  # the calibrated alphas scatter from 0 to 2.5 ms on the loaded machine
 QUANT_BLOCK = 256
 
 
