@@ -4,8 +4,9 @@
 
 The cost model (``pytrain.cost.ddp.ddp_step`` per hook, as ``pytrain.cost.hooks`` uses it): per record (one
 rate), compute = that job's no-communication step, link = that job's calibrated alpha/beta, compression ratio =
-the hook's measured wire bytes / plain all-reduce's; codec seconds = what the loopback job's step of the hook
-has beyond the model without codec (the loopback link is fast, so that remainder is the codec's work).  The
+the hook's measured wire bytes / plain all-reduce's; codec seconds = what a hook's step
+has beyond the model without codec, the median over the rates (on loopback and fast links that remainder is
+mostly the codec's work; the median keeps one noisy job from setting it).  The
 plot: step time against link rate, one colour per hook, measured points and the predicted curve (link of the
 mean calibrated efficiency and alpha, compute of the mean floor).
 """
@@ -32,18 +33,21 @@ def predict(rec: dict, hook: str, codec_s: float) -> float:
                     link=_link(rec), compression_ratio=ratio, codec_s=codec_s).step_s
 
 
-def codecs(loopback: dict) -> Dict[str, float]:
-    """hook -> codec seconds per step: the loopback step beyond the model's prediction without codec."""
-    return {h: 0.0 if h == "plain" else max(0.0, c["median_s"] - predict(loopback, h, 0.0))
-            for h, c in loopback["cases"].items() if h != "none"}
+def codecs(records: List[dict]) -> Dict[str, float]:
+    """hook -> codec seconds per step: the median over the records (rates) of the step beyond the model's
+    prediction without codec (the median keeps one noisy rate from setting it)."""
+    hooks = [h for h in records[0]["cases"] if h not in ("none", "plain")]
+    out = {"plain": 0.0}
+    for h in hooks:
+        out[h] = statistics.median(max(0.0, r["cases"][h]["median_s"] - predict(r, h, 0.0)) for r in records)
+    return out
 
 
 def rows(records: List[dict]) -> List[dict]:
     out = []
     for model in sorted({r["model"] for r in records}):
         recs = [r for r in records if r["model"] == model]
-        loop = [r for r in recs if r["rate"] == "loopback"]
-        codec = codecs(loop[-1]) if loop else {}
+        codec = codecs(recs)
         for rec in recs:
             plain = rec["cases"]["plain"]["median_s"]
             for hook, c in rec["cases"].items():
@@ -95,8 +99,7 @@ def plot(records: List[dict], path: str) -> None:
         ax.plot([p[0] / 1e9 for p in pts], [p[1] for p in pts], "o", color=colour, label=f"{hook} measured")
         base = rated[0]
         fake = dict(base, link={"alpha_s": alpha, "beta_s_per_byte": 0.0})
-        loop = [r for r in records if r["rate"] == "loopback"]
-        codec = codecs(loop[-1]).get(hook, 0.0) if loop else 0.0
+        codec = codecs(records).get(hook, 0.0)
         curve = []
         for rate in grid:
             fake["link"]["beta_s_per_byte"] = 8 / (rate * eff)
