@@ -5,6 +5,9 @@
         one configuration: step time and its parts, bubble, memory per device by kind
     pytrain plan --params 7e9 --layers 32 --hidden 4096 --seq 4096 --batch 512 --cluster 8xH100-400G --nodes 4
         every valid configuration that fits, ranked by predicted step time (--top N rows)
+    pytrain plan --link 1gbit --params 25e6 --hidden 2048 --compute-s 0.05 --nodes 2
+        data parallel over a link of that rate: each DDP comm hook's predicted step, the fastest recommended
+        (codec times measured on a 2-core CPU, pytrain.cost.hooks; link efficiency from emulated links)
     pytrain cost --collective 25e6 --cluster 8xH100-400G --nodes 4
         the collectives' alpha-beta times for one message size on the cluster's links
 
@@ -20,8 +23,10 @@ import sys
 from typing import List, Optional
 
 from . import collectives
+from ._checks import real
 from .clusters import PRESETS, Cluster, Utilisation, get_cluster
-from .plan import PlanConfig, plan
+from .hooks import hook_steps, link_for_rate
+from .plan import PlanConfig, plan, training_flops
 
 GIB = 2**30
 
@@ -60,6 +65,12 @@ def _parser(command: str) -> argparse.ArgumentParser:
         ap.add_argument("--top", type=_count, default=10, help="rows to print (default: %(default)s)")
         ap.add_argument("--pytrain-only", action="store_true",
                         help="only configurations pytrain's trainers run today (default: all, each marked)")
+        ap.add_argument("--link", default=None,
+                        help="rank the DDP comm hooks for data parallel over a link of this rate instead, one rank "
+                             "per node (e.g. 1gbit, 500mbit; default: off)")
+        ap.add_argument("--compute-s", type=float, default=None,
+                        help="with --link: a step's forward + backward + update seconds without communication "
+                             "(default: from the cluster's FLOP/s, --seq and --batch)")
     else:
         ap.add_argument("--dp", type=_count, help="data-parallel degree (default: the fastest configuration's)")
         ap.add_argument("--pp", type=_count, help="pipeline stages (default: the fastest configuration's)")
@@ -128,6 +139,30 @@ def _detail(c: PlanConfig, cluster) -> str:
         f"activations {mem.activations / GIB:.2f} GiB"])
 
 
+def _hook_table(args, cluster: Cluster) -> str:
+    """``pytrain plan --link RATE``: every hook's predicted DDP step over the link, fastest first."""
+    rate = collectives.parse_rate(args.link)
+    world = max(2, args.nodes)
+    compute = args.compute_s
+    if compute is None:
+        compute = training_flops(args.params, args.layers, args.hidden, args.seq, args.batch) / world / cluster.rate
+    compute = real("--compute-s", compute, strict=True, unit="s")
+    link = link_for_rate(rate)
+    estimates = hook_steps(int(args.params), args.hidden, compute, link, world)
+    plain = next(e for e in estimates if e.hook == "plain")
+    lines = [f"data parallel on {world} ranks over a {collectives.format_rate(rate)} link ({link}); "
+             f"{args.params:g} params, square weights of width {args.hidden}; compute {compute:.4g} s per step",
+             "codec times: pytrain.cost.hooks.CODEC_S_PER_PARAM (measured on a loaded 2-core CPU, one thread "
+             "per rank: a GPU codes far faster)", "",
+             "| hook | predicted step s | x plain | comm s | codec s | bytes vs fp32 |", "|---|---|---|---|---|---|"]
+    lines += [f"| {e.hook} | {e.step_s:.4g} | {e.step_s / plain.step_s:.2f}x | {e.comm_s:.4g} | {e.codec_s:.4g} | "
+              f"{e.compression_ratio:.4g} |" for e in estimates]
+    best = estimates[0]
+    advice = ("plain all-reduce: no hook pays here" if best.hook == "plain" else
+              f"{best.hook} ({best.step_s / plain.step_s:.2f}x the plain step)")
+    return "\n".join(lines + ["", f"recommended: {advice}"])
+
+
 def main(argv: Optional[List[str]] = None, command: Optional[str] = None) -> int:
     """Entry point of ``pytrain cost`` and ``pytrain plan``: ``main(["plan", "--nodes", "2"])`` or
     ``main(["--nodes", "2"], command="plan")``; without a command word, ``cost``."""
@@ -142,6 +177,9 @@ def main(argv: Optional[List[str]] = None, command: Optional[str] = None) -> int
         cluster = get_cluster(args.cluster, args.nodes, utilisation)
         if command == "cost" and args.collective is not None:
             print(_collectives(args.collective, cluster))
+            return 0
+        if command == "plan" and args.link is not None:
+            print(_hook_table(args, cluster))
             return 0
         configs = plan(args.params, args.layers, args.hidden, args.seq, args.batch, cluster, heads=args.heads,
                        optimizer=args.optimizer, state_dtype=args.state_dtype, include_oom=command == "cost")

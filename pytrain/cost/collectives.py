@@ -25,8 +25,9 @@ all-to-all, ``1`` for broadcast, reduce and p2p.  With one process every collect
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
-from typing import Callable, Dict
+from typing import Callable, Dict, Union
 
 from ._checks import count, real
 
@@ -184,3 +185,36 @@ def coefficients(op: str, p: int) -> tuple:
         raise ValueError(f"unknown collective {op!r}; one of {sorted(COLLECTIVES)}")
     model = COLLECTIVES[op]
     return model(0, p, Link(1.0, 0.0)), model(1.0, p, Link(0.0, 1.0))
+
+
+_UNITS = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
+_RATE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmg]?)(?:bit)?(?:/s)?\s*$", re.IGNORECASE)
+MAX_RATE = 400e9  # bits/s: the fastest link rate taken (tc's tbf is not trusted beyond it either)
+
+
+def parse_rate(rate: Union[str, float, int]) -> float:
+    """Link rate in bits per second from "1gbit", "500mbit", "0.5gbit", "10g" (tc's units: k/m/g bits, powers of
+    10) or a number of bits/s.  Raises ValueError for anything else, or outside (0, 400 Gbit/s]."""
+    if isinstance(rate, bool):
+        raise TypeError(f"link rate must be a string like '1gbit' or bits/s as a number, got {rate!r}")
+    if isinstance(rate, (int, float)):
+        bits = float(rate)
+    elif isinstance(rate, str):
+        match = _RATE_RE.match(rate)
+        if match is None:
+            raise ValueError(f"link rate {rate!r}: expected a number with an optional unit kbit, mbit or gbit "
+                             f"(e.g. '1gbit', '500mbit')")
+        bits = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    else:
+        raise TypeError(f"link rate must be a string like '1gbit' or bits/s as a number, got {type(rate).__name__}")
+    if not 0 < bits <= MAX_RATE:  # also rejects NaN
+        raise ValueError(f"link rate {rate!r} is {bits:g} bit/s; expected more than 0 and at most {MAX_RATE:g}")
+    return bits
+
+
+def format_rate(bits: float) -> str:
+    """tc-style text of a rate in bits/s: 1e9 -> '1gbit', 5e8 -> '500mbit'."""
+    for unit, scale in (("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3)):
+        if bits >= scale:
+            return f"{bits / scale:g}{unit}"
+    return f"{bits:g}bit"

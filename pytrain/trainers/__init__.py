@@ -5,11 +5,13 @@ launch helpers, checkpoints and the fault watchdog.
 """
 from .checkpoint import CheckpointError, DirectoryLock, atomic_save, load_checkpoint
 from .ddp import DDPTrainer
-from .launch import DistInfo, SpawnError, init_distributed, spawn
+from .emulated_link import EmulatedLink
+from .launch import DistInfo, SpawnError, init_distributed, spawn, spawn_on_link
 from .metrics import JsonLogger, ProgressBar, TrainSummary
 from .pipeline import PipelineTrainer
 from .watchdog import RankFailure, Watchdog
 
 __all__ = ["CheckpointError", "DirectoryLock", "atomic_save", "load_checkpoint", "DDPTrainer", "DistInfo",
-           "SpawnError", "init_distributed", "spawn", "JsonLogger", "ProgressBar", "TrainSummary", "PipelineTrainer",
+           "SpawnError", "init_distributed", "spawn", "spawn_on_link", "EmulatedLink",
+           "JsonLogger", "ProgressBar", "TrainSummary", "PipelineTrainer",
            "RankFailure", "Watchdog"]

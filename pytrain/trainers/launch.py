@@ -7,7 +7,8 @@ Two ways to start N processes, same training code:
   ``MASTER_PORT``): the script calls ``init_distributed()``.
 * ``spawn(fn, nproc, *args)`` on one machine: starts ``nproc`` processes, sets the same
   variables in each, calls ``init_distributed()`` and then ``fn(*args)``, and returns
-  every rank's result to the caller (``pytrain train --nproc N`` uses this).
+  every rank's result to the caller (``pytrain train --nproc N`` uses this).  With ``link=EmulatedLink(N, rate)``
+  each rank runs in its own network namespace and the ranks talk over links of that rate (``emulated_link``).
 
 Faults under ``spawn``: each rank asks the kernel to SIGKILL it when the launching process dies
 (``PR_SET_PDEATHSIG``), so no rank trains on as an orphan.  When ranks fail, ``SpawnError`` names the rank that
@@ -40,6 +41,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from .emulated_link import EmulatedLink, RankPlace
+
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -55,6 +58,15 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def spawn_on_link(fn: Callable, nproc: int, rate: Optional[str], *args, **kwargs) -> List[Any]:
+    """``spawn``, on an ``EmulatedLink`` of ``rate`` ("1gbit", ...) that exists for the call (None: plain
+    ``spawn`` on this machine's loopback).  The link is removed when the call ends, also when a rank failed."""
+    if rate is None:
+        return spawn(fn, nproc, *args, **kwargs)
+    with EmulatedLink(nproc, rate) as link:
+        return spawn(fn, nproc, *args, link=link, **kwargs)
 
 
 def free_port() -> int:
@@ -162,13 +174,16 @@ def _die_with_parent(parent_pid: int) -> None:
 PR_SET_PDEATHSIG = 1
 
 
-def _worker(local_rank: int, fn: Callable, nproc: int, port: int, results, args: tuple, parent_pid: int) -> None:
+def _worker(local_rank: int, fn: Callable, nproc: int, port: int, results, args: tuple, parent_pid: int,
+            place: Optional[RankPlace] = None) -> None:
     global _fatal_reporter
     _die_with_parent(parent_pid)
     os.environ.update(RANK=str(local_rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(local_rank),
                       LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     _fatal_reporter = lambda message, own: results.put((local_rank, None, message, time.time(), own))  # noqa: E731
     try:
+        if place is not None:
+            os.environ.update(place.enter())
         init_distributed()
         value = _encode(fn(*args))
     except BaseException as exc:  # the parent re-raises it with this rank's traceback
@@ -209,7 +224,8 @@ def _exit_description(code: int) -> str:
     return f"exited with code {code}"
 
 
-def spawn(fn: Callable, nproc: int, *args, timeout_s: Optional[float] = None, grace_s: float = 10.0) -> List[Any]:
+def spawn(fn: Callable, nproc: int, *args, timeout_s: Optional[float] = None, grace_s: float = 10.0,
+          link: Optional[EmulatedLink] = None) -> List[Any]:
     """Runs ``fn(*args)`` in ``nproc`` new processes forming one process group; returns their results.
 
     ``fn`` must be importable (a module-level function: processes start with the "spawn" method).  Results come
@@ -217,13 +233,18 @@ def spawn(fn: Callable, nproc: int, *args, timeout_s: Optional[float] = None, gr
     process dies (no orphans keep training).  If a rank fails, the others get ``grace_s`` seconds to end (and
     report) on their own, then are terminated, and ``SpawnError`` names the rank that failed first and how
     (see ``SpawnError``).  ``timeout_s``: terminate every rank and raise ``SpawnError`` after this long.
+    ``link``: an ``EmulatedLink`` of ``nproc`` ranks; rank r then runs in ``link.places[r]``'s network namespace
+    and gloo talks over the emulated link (the caller owns the link and closes it, also when this raises).
     """
     if nproc < 1:
         raise ValueError(f"spawn: nproc must be >= 1, got {nproc}")
+    if link is not None and link.nproc != nproc:
+        raise ValueError(f"spawn: the emulated link joins {link.nproc} ranks, but nproc is {nproc}")
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
     port, parent = free_port(), os.getpid()
-    procs = [ctx.Process(target=_worker, args=(r, fn, nproc, port, results, args, parent), name=f"pytrain-rank{r}")
+    procs = [ctx.Process(target=_worker, name=f"pytrain-rank{r}",
+                         args=(r, fn, nproc, port, results, args, parent, None if link is None else link.places[r]))
              for r in range(nproc)]
     for p in procs:
         p.start()

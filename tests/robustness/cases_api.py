@@ -706,5 +706,31 @@ def warmup() -> None:
         F.scaled_dot_product_attention(*(rand(1, 2, 5, 16, seed=s) for s in range(3)))
 
 
+def link_cases() -> List[Case]:
+    """pytrain.trainers.emulated_link: rates and sizes are checked before any namespace is made."""
+    from pytrain.trainers import EmulatedLink, spawn
+    from pytrain.trainers.emulated_link import parse_rate
+
+    fam, out = "trainers.EmulatedLink", []
+    for name, rate, exc in (("rate_word", "fast", ValueError), ("rate_zero", "0gbit", ValueError),
+                            ("rate_negative", -1e9, ValueError), ("rate_nan", NAN, ValueError),
+                            ("rate_inf", INF, ValueError), ("rate_unit_tbit", "1tbit", ValueError),
+                            ("rate_bool", True, TypeError), ("rate_list", [1e9], TypeError)):
+        out.append(Case(fam, name, lambda r=rate: parse_rate(r), Raises(exc, "link rate"), isolate=False))
+    for name, nproc, exc in (("nproc_1", 1, ValueError), ("nproc_float", 2.0, ValueError),
+                             ("nproc_huge", 10**6, ValueError)):
+        out.append(Case(fam, name, lambda n=nproc: EmulatedLink(n, "1gbit"), Raises(exc, "nproc must be"),
+                        isolate=False))
+    out.append(Case(fam, "bad_rate_before_any_namespace", lambda: EmulatedLink(2, "slow"),
+                    Raises(ValueError, "link rate"), isolate=False))
+
+    class FourRanks:  # a link's size is checked before spawn starts a process
+        nproc = 4
+
+    out.append(Case(fam, "spawn_link_size_mismatch", lambda: spawn(print, 2, link=FourRanks()),
+                    Raises(ValueError, "joins 4 ranks, but nproc is 2"), isolate=False))
+    return out
+
+
 def cases() -> List[Case]:
-    return optimizer_cases() + nn_cases() + quant_cases() + hook_cases() + swap_cases()
+    return optimizer_cases() + nn_cases() + quant_cases() + hook_cases() + swap_cases() + link_cases()

@@ -1,0 +1,75 @@
+"""Data-parallel step time of each DDP comm hook over a link of a given rate: which hook to turn on.
+
+Per hook h on W ranks, for a model of N fp32 parameters whose step computes for c seconds:
+
+    step(h) = ddp_step(N, compute_s=c, link, compression_ratio=r_h, codec_s=k_h N)       (see ``ddp``)
+    link    = Link(alpha, 8 / (rate * efficiency))                                       (bytes/s on the wire)
+
+r_h: bytes on the wire / bytes of the fp32 all-reduce (``compression_ratio``: PowerSGD rank r ~ 2 r / width for
+square width x width weights, top-k 2 x ratio (values and indices), int8 / fp8 (1 + 4 / block) / 4);
+k_h: the codec's seconds per parameter per step (compress + decompress + error feedback), measured by
+``bench/bench_links.py`` on loopback as the step time the link does not explain.  ``CODEC_S_PER_PARAM`` holds
+those of the 2-core Xeon of ``bench/results/links.md`` (CPU, one thread per rank, loaded machine): rerun the
+bench on your own machine before trusting them there (a GPU codes orders of magnitude faster).  ``LINK_EFFICIENCY`` and
+``LINK_ALPHA_S`` come from calibrating the emulated links there (``pytrain.cost.calibrate`` over tbf-limited
+veth pairs): the all-reduce reaches ``efficiency`` of the nominal rate.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List
+
+from ._checks import count, real
+from .collectives import Link
+from .ddp import ddp_step
+
+#: hook -> codec seconds per parameter per step: bench/results/links-2026-12-06-cpu-loaded.md (25.2M params,
+#: 2 ranks, one thread each, on a 2-core Xeon at load ~10-14: noisy to +-30%), codec ms / 25.2M
+CODEC_S_PER_PARAM: Dict[str, float] = {"powersgd_r1": 1.41e-8, "powersgd_r4": 1.03e-8, "powersgd_r8": 1.50e-8,
+                                       "topk_0.1%": 1.79e-8, "topk_1%": 2.11e-8, "int8": 7.09e-8, "fp8": 6.75e-8}
+LINK_EFFICIENCY = 0.97  # all-reduce bandwidth / tbf rate at 0.5 and 1 Gbit/s (10 Gbit/s: 37%, CPU-bound there)
+LINK_ALPHA_S = 1e-3  # the calibrated alphas scatter from 0 to 2.5 ms on the loaded machine
+QUANT_BLOCK = 256
+
+
+def compression_ratio(hook: str, width: int) -> float:
+    """Bytes on the wire over those of the fp32 all-reduce for ``hook`` ("plain", "powersgd_r<k>",
+    "topk_<pct>%", "int8", "fp8") on square ``width`` x ``width`` weight matrices."""
+    if hook == "plain":
+        return 1.0
+    if hook.startswith("powersgd_r"):
+        return min(1.0, 2 * int(hook[len("powersgd_r"):]) / count("width", width))
+    if hook.startswith("topk_") and hook.endswith("%"):
+        return 2 * float(hook[len("topk_"):-1]) / 100
+    if hook in ("int8", "fp8"):
+        return (1 + 4 / QUANT_BLOCK) / 4
+    raise ValueError(f"unknown hook {hook!r}; expected plain, powersgd_r<k>, topk_<pct>%, int8 or fp8")
+
+
+@dataclass(frozen=True)
+class HookEstimate:
+    hook: str
+    step_s: float
+    comm_s: float
+    codec_s: float
+    compression_ratio: float
+
+
+def link_for_rate(rate_bits: float, efficiency: float = LINK_EFFICIENCY, alpha_s: float = LINK_ALPHA_S) -> Link:
+    """The alpha-beta link of a ``rate_bits`` bit/s link whose collectives reach ``efficiency`` of it."""
+    return Link(real("alpha_s", alpha_s), 8 / (real("rate_bits", rate_bits, strict=True) * efficiency))
+
+
+def hook_steps(n_params: int, width: int, compute_s: float, link: Link, world_size: int = 2,
+               codec_s_per_param: Dict[str, float] = None) -> List[HookEstimate]:
+    """Predicted step of every hook of ``codec_s_per_param`` (default ``CODEC_S_PER_PARAM``, and plain),
+    fastest first."""
+    codecs = dict(CODEC_S_PER_PARAM if codec_s_per_param is None else codec_s_per_param)
+    codecs.setdefault("plain", 0.0)
+    out = []
+    for hook, k in codecs.items():
+        r = compression_ratio(hook, width)
+        est = ddp_step(count("n_params", n_params), compute_s=compute_s, world_size=world_size, link=link,
+                       compression_ratio=r, codec_s=k * n_params)
+        out.append(HookEstimate(hook, est.step_s, est.comm_s, k * n_params, r))
+    return sorted(out, key=lambda e: e.step_s)
