@@ -3,6 +3,8 @@
 // ops whose schemas pytrain/ops declares.  pybind11 serves only the helpers that are not ops.
 #include <torch/extension.h>
 
+#include "cpu/attention_isa.h"
+
 namespace {
 
 // What the CPU this process runs on can do (the kernels pick their SIMD path at run time).
@@ -14,7 +16,18 @@ py::dict cpu_capabilities() {
   caps["avx512f"] = static_cast<bool>(__builtin_cpu_supports("avx512f"));
   caps["avx512bw"] = static_cast<bool>(__builtin_cpu_supports("avx512bw"));
   caps["avx512bf16"] = static_cast<bool>(__builtin_cpu_supports("avx512bf16"));
+  caps["amx_bf16"] = pytrain::cpu::cpu_has_amx_bf16();  // as oneDNN sees it (the brgemm paths use it)
   return caps;
+}
+
+// The GEMM path the CPU attention kernels take for each input dtype (head dim 64), this CPU, this environment.
+py::dict cpu_attention_paths() {
+  py::dict paths;
+  for (auto [name, dtype] : {std::pair{"float32", at::kFloat}, std::pair{"bfloat16", at::kBFloat16},
+                             std::pair{"float16", at::kHalf}}) {
+    paths[name] = pytrain::cpu::attention_path_name(pytrain::cpu::attention_path("attention", dtype, 64));
+  }
+  return paths;
 }
 
 bool built_with_cuda() {
@@ -29,6 +42,8 @@ bool built_with_cuda() {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pytrain compiled kernels (ops register through torch.library; these are helpers)";
-  m.def("cpu_capabilities", &cpu_capabilities, "SIMD features of this CPU: avx2, fma, avx512f, avx512bw, avx512bf16");
+  m.def("cpu_capabilities", &cpu_capabilities, "SIMD features of this CPU: avx2, fma, avx512f, avx512bw, avx512bf16, amx_bf16");
+  m.def("cpu_attention_paths", &cpu_attention_paths,
+        "GEMM path of the CPU attention kernels per dtype: amx, avx512_bf16 or fp32 (csrc/cpu/attention_isa.h)");
   m.def("built_with_cuda", &built_with_cuda, "True when the CUDA kernels were compiled into this extension");
 }

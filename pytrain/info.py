@@ -22,6 +22,17 @@ def _cpu_capabilities() -> Dict[str, bool]:
     return {name: name in flags for name in ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16")}
 
 
+def _cpu_attention_paths() -> Dict[str, str]:
+    """The GEMM path of the CPU attention kernels per input dtype (amx, avx512_bf16, fp32; csrc/cpu/attention_isa.h)."""
+    ext, why = _extension.load_extension()
+    if ext is None:
+        return {"all": f"unavailable: {why}"}
+    try:
+        return dict(ext.cpu_attention_paths())
+    except RuntimeError as err:  # a PYTRAIN_CPU_ATTENTION_PATH this CPU cannot run
+        return {"all": f"unavailable: {err}"}
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -58,6 +69,7 @@ def info() -> Dict[str, Any]:
         "cpu": _cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "cpu_capabilities": _cpu_capabilities(),
+        "cpu_attention_paths": _cpu_attention_paths(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "triton_interpret": _extension.triton_interpreted(),
         "ops": {name: {impl: why or "available" for impl, why in reg.availability().items()}
@@ -67,9 +79,11 @@ def info() -> Dict[str, Any]:
 
 def format_info(data: Dict[str, Any]) -> str:
     """``info()`` as readable text (what ``pytrain info`` prints)."""
-    lines = [f"{key:18} {value}" for key, value in data.items() if key not in ("ops", "cpu_capabilities")]
+    lines = [f"{key:18} {value}" for key, value in data.items() if key not in ("ops", "cpu_capabilities", "cpu_attention_paths")]
     caps = ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in data["cpu_capabilities"].items())
     lines.append(f"{'cpu_capabilities':18} {caps}")
+    paths = ", ".join(f"{k}={v}" for k, v in data["cpu_attention_paths"].items())
+    lines.append(f"{'cpu_attention_path':18} {paths}")
     lines.append("backends per op:")
     for op, impls in data["ops"].items():
         for impl, status in impls.items():

@@ -33,6 +33,21 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+#: the /proc/cpuinfo flags that decide which CPU kernel paths run (AMX tiles, bf16 / fp16 dot products)
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8", "amx_fp16")
+
+
+def _cpu_flags() -> str:
+    """The ISA_FLAGS this CPU has, plus the vendor family ("Intel ... AMX" or not), for the table header."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    have = [f for f in ISA_FLAGS if f in flags]
+    return (" ".join(have) or "none of " + " ".join(ISA_FLAGS)) + ("; AMX" if "amx_bf16" in flags else "; no AMX")
+
+
 def _version(dist: str) -> str:
     try:
         return importlib.metadata.version(dist)
@@ -53,6 +68,7 @@ def machine_description(device: str, load_at_start: float) -> Dict[str, str]:
         "commit": commit,
         "gpu": gpu,
         "cpu_model": _cpu_model(),
+        "cpu_flags": _cpu_flags(),
         "cores": str(os.cpu_count()),
         "threads": str(torch.get_num_threads()),
         "load_at_start": f"{load_at_start:.2f}",

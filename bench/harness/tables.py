@@ -90,8 +90,9 @@ class Results:
         head = [
             f"## pytrain benchmarks, {machine['date']} (commit {machine['commit']})",
             "",
-            f"device **{self.device}**: {machine['gpu'] + '; host ' if machine['gpu'] else ''}{machine['cpu_model']}, "
-            f"{machine['cores']} cores ({machine['threads']} torch threads, load {machine['load_at_start']} at start); "
+            f"device **{self.device}**: {machine['gpu'] + '; host ' if machine['gpu'] else ''}{machine['cpu_model']} "
+            f"(flags: {machine['cpu_flags']}), {machine['cores']} cores ({machine['threads']} torch threads, "
+            f"load {machine['load_at_start']} at start); "
             f"torch {machine['torch']} (CUDA {machine['cuda']}), triton {machine['triton']}, "
             f"Python {machine['python']}",
             "",

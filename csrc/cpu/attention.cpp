@@ -25,6 +25,9 @@
 //   * bfloat16 on CPUs with AVX512_BF16: vdpbf16ps, operands packed as bf16 pairs along the reduction
 //     dimension (P and dS are rounded to bf16 for their GEMMs, as FlashAttention does on GPUs); other
 //     CPUs (or odd head dims) take the float32 path.
+//   * bfloat16 on CPUs with AMX: the same operands (A row-major, B as bf16 pairs: the VNNI layout) through
+//     PyTorch's blocked GEMM at::native::cpublas::brgemm, which oneDNN runs on AMX tiles; only the
+//     softmax, masks and dropout between the GEMMs are pytrain's.  cpu/attention_isa.h picks the path.
 // Tiles outside the band are never visited (loop bounds come from the band); tiles cut by its edges
 // are masked element by element.  2^x is a vectorized polynomial (Cephes exp2f, ~1-2 ulp).
 //
@@ -48,6 +51,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -90,7 +94,10 @@ struct Problem {
   bool dropout;
   float keep_scale;     // 1 / (1 - p)
   uint32_t threshold, s0, s1;
-  bool bf16dot;         // bf16 inputs through vdpbf16ps
+  AttentionPath path;   // cpu/attention_isa.h
+  bool bf16dot;         // bf16 operands (the amx or avx512_bf16 path)
+  bool amx;             // their GEMMs through cpublas::brgemm
+  int64_t Lkp;          // nkb * kBK: keys of the transposed, zero-padded k^T / v^T copies
 
   // Keys [lo, hi) allowed for some query of [i0, i0 + nq).
   std::pair<int64_t, int64_t> key_range(int64_t i0, int64_t nq) const {
@@ -437,9 +444,10 @@ class Scratch {
 };
 
 // Runs f(item, scratch) for items [0, n), handed out dynamically to at::get_num_threads() threads
-// (each item's result must not depend on which thread runs it).
+// (each item's result must not depend on which thread runs it).  amx: each thread hands back its AMX tile
+// state (cpublas::brgemm_release) when done.
 template <class F>
-void run_items(int64_t n, int64_t scratch_floats, const F& f) {
+void run_items(int64_t n, int64_t scratch_floats, bool amx, const F& f) {
   if (n <= 0) return;
   std::atomic<int64_t> next{0};
   const int64_t threads = std::clamp<int64_t>(at::get_num_threads(), 1, n);
@@ -449,6 +457,7 @@ void run_items(int64_t n, int64_t scratch_floats, const F& f) {
          i = next.fetch_add(1, std::memory_order_relaxed)) {
       f(i, scratch.data());
     }
+    if (amx) at::native::cpublas::brgemm_release();
   });
 }
 
@@ -488,7 +497,10 @@ Problem make_problem(const char* op, const at::Tensor& q, const at::Tensor& k, d
   p.threshold = static_cast<uint32_t>(std::min<double>(std::floor(dropout_p * 4294967296.0), 4294967295.0));
   p.s0 = static_cast<uint32_t>(static_cast<uint64_t>(seed) & 0xffffffffU);
   p.s1 = static_cast<uint32_t>((seed >> 32) & 0xffffffff);
-  p.bf16dot = q.scalar_type() == at::kBFloat16 && p.D % 2 == 0 && cpu_has_bf16dot();
+  p.path = attention_path(op, q.scalar_type(), p.D);
+  p.bf16dot = p.path != AttentionPath::kFp32;
+  p.amx = p.path == AttentionPath::kAmx;
+  p.Lkp = p.nkb * kBK;
   return p;
 }
 
@@ -496,15 +508,16 @@ Problem make_problem(const char* op, const at::Tensor& q, const at::Tensor& k, d
 at::Tensor as_f32(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
 const uint16_t* bf16_ptr(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); }
 
-// k or v of every (batch, kv head) -> bf16 pairs along keys: [(j / 2) * D + d] (rows padded to nkb * kBK).
-at::Tensor key_pairs(const Problem& p, const at::Tensor& x) {
-  const int64_t pairs = p.nkb * kBK / 2;
-  at::Tensor out = at::empty({p.B * p.Hkv, pairs * p.D}, at::kInt);
+// k or v of every (batch, kv head) -> bf16 x^T: [d * Lkp + j], keys Lk..Lkp zero (the A operand of
+// out^T += v^T P^T and dQ^T += k^T dS^T, row-major for both bf16 paths).
+at::Tensor keys_transposed(const Problem& p, const at::Tensor& x) {
+  at::Tensor out = at::zeros({p.B * p.Hkv, p.D * p.Lkp}, at::kBFloat16);
   const uint16_t* src = bf16_ptr(x);
-  uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr());
+  uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr());
   at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t bk = lo; bk < hi; ++bk)
-      interleave_rows_bf16(src + bk * p.Lk * p.D, p.Lk, p.D, p.D, pairs, dst + bk * pairs * p.D);
+      for (int64_t j = 0; j < p.Lk; ++j)
+        for (int64_t d = 0; d < p.D; ++d) dst[bk * p.D * p.Lkp + d * p.Lkp + j] = src[(bk * p.Lk + j) * p.D + d];
   });
   return out;
 }
@@ -517,7 +530,7 @@ struct FwdArgs {
   const float* vf = nullptr;
   const uint16_t* qb = nullptr;  // bf16 path
   const uint16_t* kb = nullptr;
-  const uint16_t* vpairs = nullptr;  // v as bf16 pairs along keys
+  const uint16_t* vt = nullptr;      // v^T (keys_transposed)
   void* out = nullptr;               // (B, H, Lq, D) in dtype
   at::ScalarType dtype;
   float* lse = nullptr;
@@ -553,11 +566,10 @@ void fwd_block(const FwdArgs& a, int64_t bh, int64_t qb, float* ws) {
     const int64_t j0 = kb * kBK, nk = std::min(kBK, p.Lk - j0), kv_row = bkv * p.Lk + j0;
     const Tile t = make_tile(p, bh, i0, nq, j0, nk);
     if (p.bf16dot) {
-      gemm_bf16(nk, kBQ, D / 2, a.kb + kv_row * D, D, 2, reinterpret_cast<const uint32_t*>(qt), kBQ, st, kBQ,
-                nullptr, false, p.scale);
+      gemm_bf16_path(p.amx, nk, kBQ, D / 2, a.kb + kv_row * D, D, reinterpret_cast<const uint32_t*>(qt), kBQ, st,
+                     kBQ, nullptr, false, p.scale);
       fwd_softmax_pairs(t, st, m, l, alpha, pp);
-      const uint16_t* vp = a.vpairs + bkv * (p.nkb * kBK * D) + j0 * D;
-      gemm_bf16(D, kBQ, (nk + 1) / 2, vp, 2, 2 * D, pp, kBQ, ot, kBQ, alpha, true);
+      gemm_bf16_path(p.amx, D, kBQ, (nk + 1) / 2, a.vt + bkv * D * p.Lkp + j0, p.Lkp, pp, kBQ, ot, kBQ, alpha, true);
     } else {
       gemm_f32(nk, kBQ, D, a.kf + kv_row * D, D, 1, qt, kBQ, st, kBQ, nullptr, false, p.scale);
       fwd_softmax_f32(t, st, m, l, alpha);
@@ -582,12 +594,12 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   const Problem& p = a.p;
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({p.B, p.H, p.Lq}, q.options().dtype(at::kFloat));
-  at::Tensor qf, kf, vf, vpairs;
+  at::Tensor qf, kf, vf, vt;
   if (p.bf16dot) {
     a.qb = bf16_ptr(q);
     a.kb = bf16_ptr(k);
-    vpairs = key_pairs(p, v);
-    a.vpairs = reinterpret_cast<const uint16_t*>(vpairs.data_ptr());
+    vt = keys_transposed(p, v);
+    a.vt = bf16_ptr(vt);
   } else {
     qf = as_f32(q), kf = as_f32(k), vf = as_f32(v);
     a.qf = qf.data_ptr<float>(), a.kf = kf.data_ptr<float>(), a.vf = vf.data_ptr<float>();
@@ -600,7 +612,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
     return hi - lo;
   });
   const int64_t BH = p.B * p.H;
-  run_items(p.nqb * BH, fwd_scratch_floats(p), [&](int64_t item, float* ws) {
+  run_items(p.nqb * BH, fwd_scratch_floats(p), p.amx, [&](int64_t item, float* ws) {
     fwd_block(a, item % BH, order[item / BH], ws);
   });
   return {out, lse};
@@ -640,7 +652,7 @@ struct BwdArgs {
   const float* vf = nullptr;
   const uint16_t* kb = nullptr;  // bf16 path
   const uint16_t* vb = nullptr;
-  const uint16_t* kpairs = nullptr;  // k as bf16 pairs along keys
+  const uint16_t* kt = nullptr;      // k^T (keys_transposed)
   const void* q = nullptr;           // float32 (float32 path) or bf16
   const void* grad = nullptr;
   const void* out = nullptr;
@@ -712,21 +724,21 @@ void bwd_tile(const BwdArgs& a, const QBlock& blk, int64_t bh, int64_t qb, int64
   float* dv_acc = dk_acc + kBK * Dp;
   const Tile t = make_tile(p, bh, i0, nq, j0, nk);
   if (p.bf16dot) {
-    gemm_bf16(nk, kBQ, D / 2, a.kb + kv_row * D, D, 2, reinterpret_cast<const uint32_t*>(blk.qt), kBQ, st, kBQ,
-              nullptr, false, p.scale);
-    gemm_bf16(nk, kBQ, D / 2, a.vb + kv_row * D, D, 2, reinterpret_cast<const uint32_t*>(blk.dot), kBQ, dpt, kBQ,
-              nullptr, false);
+    gemm_bf16_path(p.amx, nk, kBQ, D / 2, a.kb + kv_row * D, D, reinterpret_cast<const uint32_t*>(blk.qt), kBQ, st,
+                   kBQ, nullptr, false, p.scale);
+    gemm_bf16_path(p.amx, nk, kBQ, D / 2, a.vb + kv_row * D, D, reinterpret_cast<const uint32_t*>(blk.dot), kBQ, dpt,
+                   kBQ, nullptr, false);
     bwd_ds_bf16(t, st, dpt, blk.lse, blk.delta, p_rows, ds_rows, ds_pairs, do_kv, do_q);
     if (do_kv) {
       const int64_t q_pairs = (nq + 1) / 2;
-      gemm_bf16(nk, Dp, q_pairs, p_rows, kBQ, 2, reinterpret_cast<const uint32_t*>(blk.dor), Dp, dv_acc, Dp,
-                nullptr, true);
-      gemm_bf16(nk, Dp, q_pairs, ds_rows, kBQ, 2, reinterpret_cast<const uint32_t*>(blk.qr), Dp, dk_acc, Dp,
-                nullptr, true);
+      gemm_bf16_path(p.amx, nk, Dp, q_pairs, p_rows, kBQ, reinterpret_cast<const uint32_t*>(blk.dor), Dp, dv_acc, Dp,
+                     nullptr, true);
+      gemm_bf16_path(p.amx, nk, Dp, q_pairs, ds_rows, kBQ, reinterpret_cast<const uint32_t*>(blk.qr), Dp, dk_acc, Dp,
+                     nullptr, true);
     }
     if (do_q) {
-      const uint16_t* kp = a.kpairs + bkv * (p.nkb * kBK * D) + j0 * D;
-      gemm_bf16(D, kBQ, (nk + 1) / 2, kp, 2, 2 * D, ds_pairs, kBQ, blk.dqt, kBQ, nullptr, true);
+      gemm_bf16_path(p.amx, D, kBQ, (nk + 1) / 2, a.kt + bkv * D * p.Lkp + j0, p.Lkp, ds_pairs, kBQ, blk.dqt, kBQ,
+                     nullptr, true);
     }
   } else {
     gemm_f32(nk, kBQ, D, a.kf + kv_row * D, D, 1, blk.qt, kBQ, st, kBQ, nullptr, false, p.scale);
@@ -789,12 +801,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& g
   a.dq = dq.data_ptr(), a.dk = dk.data_ptr(), a.dv = dv.data_ptr();
   a.dtype = q.scalar_type();
   a.lse = lse.data_ptr<float>();
-  at::Tensor qf, kf, vf, gf, of, kpairs;
+  at::Tensor qf, kf, vf, gf, of, kt;
   if (p.bf16dot) {
     a.q = q.data_ptr(), a.grad = grad_out.data_ptr(), a.out = out.data_ptr();
     a.kb = bf16_ptr(k), a.vb = bf16_ptr(v);
-    kpairs = key_pairs(p, k);
-    a.kpairs = reinterpret_cast<const uint16_t*>(kpairs.data_ptr());
+    kt = keys_transposed(p, k);
+    a.kt = bf16_ptr(kt);
   } else {
     qf = as_f32(q), kf = as_f32(k), vf = as_f32(v), gf = as_f32(grad_out), of = as_f32(out);
     a.q = qf.data_ptr(), a.grad = gf.data_ptr(), a.out = of.data_ptr();
@@ -805,7 +817,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& g
   if (fused_backward(p)) {
     // Per thread: tile scratch, then the packed q side of the group's heads (reused across items).
     const int64_t local_blocks = p.group * p.nqb;
-    run_items(BKV, tile_ws + local_blocks * lay.total, [&](int64_t bkv, float* ws) {
+    run_items(BKV, tile_ws + local_blocks * lay.total, p.amx, [&](int64_t bkv, float* ws) {
       float* local = ws + tile_ws;
       const int64_t h0 = (bkv / p.Hkv) * p.H + (bkv % p.Hkv) * p.group;  // first head of the group (b * H + h)
       auto block_of = [&](int64_t bh, int64_t qb) { return lay.at(local + ((bh - h0) * p.nqb + qb) * lay.total); };
@@ -835,7 +847,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& g
     return hi - lo;
   });
   const int64_t kv_items = p.nkb * BKV;
-  run_items(kv_items + p.nqb * BH, tile_ws, [&](int64_t item, float* ws) {
+  run_items(kv_items + p.nqb * BH, tile_ws, p.amx, [&](int64_t item, float* ws) {
     if (item < kv_items) {
       bwd_key_block(a, item % BKV, kb_order[item / BKV], ws, /*do_q=*/false, block_of);
     } else {

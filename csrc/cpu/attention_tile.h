@@ -1,6 +1,7 @@
 // The GEMMs of one CPU attention tile (csrc/cpu/attention.cpp): one register-blocked micro-kernel, templated on
 // how the operands are multiplied (Dot: fp32 FMAs with broadcast scalars, or bf16 pairs through vdpbf16ps),
-// and the drivers gemm_f32 / gemm_bf16 that cut a product into micro-kernel blocks.
+// the drivers gemm_f32 / gemm_bf16 that cut a product into micro-kernel blocks, and gemm_bf16_path, which runs a
+// bf16 product either through gemm_bf16 or through PyTorch's blocked GEMM (cpublas::brgemm: AMX tiles).
 //
 // C[M x N] (=, +=) A[M x K] B[K x N]: A(r, k) = A[r * sar + k * sak] broadcast, B row k = 16-lane vectors at
 // B + k * ldb, C row r at C + r * ldc; N a multiple of 16.  With accumulate, C is first multiplied lane-wise by
@@ -21,6 +22,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "cpu/attention_isa.h"
 #include "cpu/multi_tensor.h"  // PYTRAIN_SIMD
 #include "cpu/simd.h"
 
@@ -181,21 +183,43 @@ PYTRAIN_BF16_TARGET __attribute__((flatten)) inline void gemm_bf16(int64_t M, in
 
 #pragma GCC pop_options
 
-// Chosen at run time: the bf16 path needs AVX512_BF16 (Zen 4, Sapphire Rapids and later).
-inline bool cpu_has_bf16dot() {
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl");
-  }();
-  return has;
-}
 #else
-inline bool cpu_has_bf16dot() { return false; }
 inline void gemm_bf16(int64_t, int64_t, int64_t, const uint16_t*, int64_t, int64_t, const uint32_t*, int64_t, float*,
                       int64_t, const float*, bool, float = 1.0f) {
   TORCH_CHECK(false, "attention: bf16 dot products are not compiled in");
 }
 #endif
+
+// C[r, n] = C[r, n] * colscale[n] (colscale given) and then * s, rows [0, M), columns [0, N).
+PYTRAIN_SIMD inline void scale_tile(float* C, int64_t M, int64_t N, int64_t ldc, const float* colscale, float s) {
+  for (int64_t r = 0; r < M; ++r) {
+    float* c = C + r * ldc;
+    if (colscale) {
+#pragma omp simd
+      for (int64_t n = 0; n < N; ++n) c[n] *= colscale[n];
+    }
+    if (s != 1.0f) {
+#pragma omp simd
+      for (int64_t n = 0; n < N; ++n) c[n] *= s;
+    }
+  }
+}
+
+// The bf16 GEMMs of attention, A row-major (A(r, k) = A[r * lda + k], bf16), B bf16 pairs along k (VNNI: K pairs
+// rows of ldb uint32), C fp32, K counted in pairs; cscale / out_scale as in gemm_bf16.  amx: PyTorch's blocked
+// GEMM (oneDNN brgemm on AMX tiles), with the rescale of C before and the output scale after it as separate
+// passes (the rounding is the same: scale * fl(A B)); otherwise pytrain's vdpbf16ps micro-kernel.
+inline void gemm_bf16_path(bool amx, int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda,
+                           const uint32_t* B, int64_t ldb, float* C, int64_t ldc, const float* cscale,
+                           bool accumulate, float out_scale = 1.0f) {
+  if (!amx) {
+    gemm_bf16(M, N, K, A, lda, 2, B, ldb, C, ldc, cscale, accumulate, out_scale);
+    return;
+  }
+  if (accumulate && cscale) scale_tile(C, M, N, ldc, cscale, 1.0f);
+  at::native::cpublas::brgemm(M, N, 2 * K, lda, ldb, ldc, accumulate, reinterpret_cast<const at::BFloat16*>(A),
+                              reinterpret_cast<const at::BFloat16*>(B), C, /*is_vnni=*/true);
+  if (out_scale != 1.0f) scale_tile(C, M, N, ldc, nullptr, out_scale);
+}
 
 }  // namespace pytrain::cpu

@@ -247,3 +247,62 @@ def test_launch_grid_fits_cuda_limits_for_many_heads():
             assert len(grid) == 1 and grid[0] == -(-rows // block) * 70_000 <= 2**31 - 1, (rows, block, grid)
     with pytest.raises(RuntimeError, match="over CUDA's grid limit"):
         attention_kernels.launch_grid(2**31, 16, 70_000)
+
+
+# ------------------------------------------------------------------------ CPU ISA paths (cpu/attention_isa.h)
+def _cpu_path_or_skip(path, monkeypatch):
+    """Force the CPU attention path of bf16 inputs (PYTRAIN_CPU_ATTENTION_PATH), or skip where this CPU lacks it."""
+    impl_or_skip("attention_fwd", "cpu")
+    from pytrain import _extension
+
+    ext, _ = _extension.load_extension()
+    caps = ext.cpu_capabilities()
+    needs = {"amx": ("amx_bf16", "AMX-BF16 (through oneDNN)"), "avx512_bf16": ("avx512bf16", "AVX512_BF16")}
+    if path in needs and not caps[needs[path][0]]:
+        pytest.skip(f"the {path} attention path needs {needs[path][1]}, which this CPU lacks")
+    monkeypatch.setenv("PYTRAIN_CPU_ATTENTION_PATH", path)
+    assert ext.cpu_attention_paths()["bfloat16"] == path
+    assert ext.cpu_attention_paths()["float32"] == "fp32"
+
+
+CPU_PATHS = ["amx", "avx512_bf16", "fp32"]
+
+
+@pytest.mark.parametrize("path", CPU_PATHS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [CPU_SHAPES[1], CPU_SHAPES[5], CPU_SHAPES[6], CPU_SHAPES[8]], ids=str)
+def test_cpu_bf16_path_matches_reference(shape, causal, path, monkeypatch):
+    _cpu_path_or_skip(path, monkeypatch)
+    check_against_reference("cpu", shape, torch.bfloat16, causal)
+
+
+@pytest.mark.parametrize("path", CPU_PATHS)
+def test_cpu_bf16_path_window_and_dropout(path, monkeypatch):
+    """Masked tiles and dropout on each path: within twice the error of the reference run in bf16 itself."""
+    _cpu_path_or_skip(path, monkeypatch)
+    check_against_reference("cpu", CPU_SHAPES[2], torch.bfloat16, True, WINDOWS[1])
+    qkv, grad = _inputs((1, 2, 1, 70, 90, 32), torch.bfloat16)
+    kwargs = dict(causal=True, dropout_p=0.3, seed=1234)
+    exact = _run(lambda q, k, v: flash_attention(q, k, v, impl="reference", **kwargs), [t.double() for t in qkv],
+                 grad)
+    in_dtype = _run(lambda q, k, v: flash_attention(q, k, v, impl="reference", **kwargs), qkv, grad)
+    ours = _run(lambda q, k, v: flash_attention(q, k, v, impl="cpu", **kwargs), qkv, grad)
+    for name, a, t, e in zip(("out", "dq", "dk", "dv"), ours, in_dtype, exact):
+        ours_err, ref_err = (a.double() - e).abs().max().item(), (t.double() - e).abs().max().item()
+        assert ours_err <= 2 * ref_err + ATTENTION_ATOL[torch.bfloat16], f"{name}: {ours_err:.3g} vs {ref_err:.3g}"
+
+
+def test_cpu_bf16_paths_are_deterministic(monkeypatch):
+    _cpu_path_or_skip("amx", monkeypatch)
+    qkv, grad = _inputs((2, 4, 2, 130, 130, 64), torch.bfloat16)
+    first = _run(lambda q, k, v: flash_attention(q, k, v, causal=True, impl="cpu"), qkv, grad)
+    second = _run(lambda q, k, v: flash_attention(q, k, v, causal=True, impl="cpu"), qkv, grad)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_cpu_path_bad_value_is_rejected(monkeypatch):
+    impl_or_skip("attention_fwd", "cpu")
+    monkeypatch.setenv("PYTRAIN_CPU_ATTENTION_PATH", "sse9")
+    (q, k, v), _ = _inputs((1, 1, 1, 4, 4, 16), torch.bfloat16)
+    with pytest.raises(RuntimeError, match="PYTRAIN_CPU_ATTENTION_PATH must be one of"):
+        flash_attention(q, k, v, impl="cpu")
