@@ -85,19 +85,25 @@ def token_losses_reference(logits: Tensor, target: Tensor, ignore_index: int, la
 def linear_cross_entropy_reference(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
                                    grad_scale: Optional[Tensor], ignore_index: int, label_smoothing: float,
                                    z_loss: float, softcap: float, chunk: int):
-    """Materialised in float32 (float64 for float64 inputs); gradients by autograd.  ``chunk`` is ignored."""
+    """Materialised in float32 (float64 for float64 inputs), gradients by the formulas of the module docstring
+    (tests check them against autograd).  ``chunk`` is ignored."""
     _check_targets(target, weight.shape[0], ignore_index)
     acc = _acc_dtype(hidden.dtype)
-    leaves = [t.detach().to(acc).requires_grad_(grad_scale is not None) for t in (hidden, weight)]
-    b = None if bias is None else bias.detach().to(acc).requires_grad_(grad_scale is not None)
-    with torch.enable_grad():
-        losses = token_losses_reference(F.linear(leaves[0], leaves[1], b), target, ignore_index, label_smoothing,
-                                        z_loss, softcap)
-        if grad_scale is None:
-            return losses.detach(), hidden.new_empty(0), weight.new_empty(0), hidden.new_empty(0)
-        grads = torch.autograd.grad((losses * grad_scale.to(acc)).sum(), leaves + ([b] if b is not None else []))
-    grad_bias = grads[2].to(bias.dtype) if bias is not None else hidden.new_empty(0)
-    return losses.detach(), grads[0].to(hidden.dtype), grads[1].to(weight.dtype), grad_bias
+    h, w = hidden.to(acc), weight.to(acc)
+    x = F.linear(h, w, None if bias is None else bias.to(acc))
+    losses = token_losses_reference(x, target, ignore_index, label_smoothing, z_loss, softcap)
+    if grad_scale is None:
+        return losses, hidden.new_empty(0), weight.new_empty(0), hidden.new_empty(0)
+    z = softcap * torch.tanh(x / softcap) if softcap > 0 else x
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    keep = target != ignore_index
+    onehot = F.one_hot(torch.where(keep, target, 0), x.shape[1]).to(acc)
+    dz = torch.exp(z - lse) * (1 + 2 * z_loss * lse) - label_smoothing / x.shape[1] - (1 - label_smoothing) * onehot
+    if softcap > 0:
+        dz = dz * (1 - (z / softcap) ** 2)
+    dx = dz * torch.where(keep, grad_scale.to(acc), 0.0)[:, None]  # ignored rows: 0 even for a NaN scale
+    grad_bias = dx.sum(0).to(bias.dtype) if bias is not None else hidden.new_empty(0)
+    return losses, (dx @ w).to(hidden.dtype), (dx.t() @ h).to(weight.dtype), grad_bias
 
 
 # ------------------------------------------------------------------------------------------ input rules
