@@ -178,7 +178,7 @@ define_op("linear_cross_entropy", SCHEMA, reference=linear_cross_entropy_referen
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, target, bias, scale, options, impl):
+    def forward(ctx, hidden, weight, target, bias, scale, divisor, options, impl):
         op = registry("linear_cross_entropy").select(hidden.device, hidden.dtype, impl).fn
         wants_grad = any(ctx.needs_input_grad[:2]) or (bias is not None and ctx.needs_input_grad[3])
         ctx.options, ctx.impl, ctx.has_bias = options, impl, bias is not None
@@ -190,7 +190,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         losses, gh, gw, gb = op(hidden, weight, target, bias, scale if wants_grad else None, *options)
         ctx.save_for_backward(gh, gw, gb)
         ctx.stored = True
-        return (losses * scale).sum()
+        return losses.sum() if divisor is None else losses.sum() / divisor  # 0 / 0 = NaN, as F.cross_entropy
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -201,7 +201,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             op = registry("linear_cross_entropy").select(hidden.device, hidden.dtype, ctx.impl).fn
             scale = grad_out.to(_acc_dtype(hidden.dtype)).contiguous()
             _, gh, gw, gb = op(hidden, weight, target, bias, scale, *ctx.options)
-        return gh, gw, None, (gb if ctx.has_bias else None), None, None, None
+        return gh, gw, None, (gb if ctx.has_bias else None), None, None, None, None
 
 
 def _real(name: str, value: object) -> float:
@@ -277,13 +277,12 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: O
         if reduction != "mean":
             raise ValueError(f"linear_cross_entropy: num_items_in_batch replaces the mean's divisor; it needs "
                              f"reduction='mean', got {reduction!r}")
-        if isinstance(num_items_in_batch, Tensor):
-            num_items_in_batch = num_items_in_batch.to(valid.device, valid.dtype)
-        scale = valid / num_items_in_batch
-    elif reduction == "mean":
-        scale = valid / valid.sum()
+        divisor = num_items_in_batch
+        if isinstance(divisor, Tensor):
+            divisor = divisor.to(valid.device, valid.dtype)
     else:
-        scale = valid if reduction == "sum" else None
+        divisor = valid.sum() if reduction == "mean" else None
+    scale = None if reduction == "none" else valid if divisor is None else valid / divisor
     options = (int(ignore_index), eps, zl, cap, int(chunk))
     return _LinearCrossEntropy.apply(hidden.contiguous(), weight.contiguous(), target,
-                                     None if bias is None else bias.contiguous(), scale, options, impl)
+                                     None if bias is None else bias.contiguous(), scale, divisor, options, impl)
