@@ -145,11 +145,14 @@ def test_num_items_in_batch_is_huggingface_sum_over_count(impl):
         torch.testing.assert_close(got, total / 123)
 
 
-def test_default_chunk_keeps_logits_chunk_within_hidden():
-    for n, vocab, hid in ((4096, 32000, 2048), (4096, 128256, 2048), (37, 1003, 16), (1, 50257, 8192), (0, 5, 3)):
+def test_default_chunk_is_liger_rule_with_a_floor():
+    from pytrain.ops.linear_cross_entropy import MIN_CHUNK
+    for n, vocab, hid in ((4096, 32000, 2048), (4096, 128256, 2048), (37, 1003, 16), (1, 50257, 8192), (0, 5, 3),
+                          (100000, 32000, 4096)):
         c = default_chunk(n, vocab, hid)
         assert 1 <= c and (n == 0 or c <= n)
-        assert c * vocab <= max(n * hid, vocab) + vocab, (n, vocab, hid, c)
+        assert c == min(n, MIN_CHUNK) or c * vocab <= n * hid + vocab, (n, vocab, hid, c)
+    assert default_chunk(4096, 128256, 2048) == MIN_CHUNK  # a quarter of the logits at a time
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
