@@ -9,7 +9,8 @@ over its row in blocks of ``BLOCK`` columns:
    sum s of exp(z - m), rescaled by exp(m_old - m_new) when the max grows) and the sum of z;
 2. with gradients, overwrite the row with dx = g (p (1 + 2 z_loss lse) - eps / V - (1 - eps)[j == t]) tanh'.
 
-Then grad_hidden[chunk] = dx @ weight and grad_weight += dx^T @ hidden[chunk] (torch, dx rounded to the inputs'
+A target outside [0, V) that is not ignore_index gives a NaN loss and gradient row (the public function checks
+targets on the host first, except under torch.compile).  Then grad_hidden[chunk] = dx @ weight and grad_weight += dx^T @ hidden[chunk] (torch, dx rounded to the inputs'
 dtype, grad_weight accumulated in float32), grad_bias += column sums of dx.  Memory O(chunk x V + V x H).
 """
 from __future__ import annotations
@@ -42,6 +43,12 @@ def _row_kernel(x_ptr, V, bias_ptr, target_ptr, scale_ptr, loss_ptr, ignore_inde
             for j in range(0, V, BLOCK):
                 offs = j + tl.arange(0, BLOCK)
                 tl.store(x_row + offs, tl.zeros([BLOCK], tl.float32), mask=offs < V)
+    elif (t < 0) | (t >= V):  # a target outside [0, V): NaN loss and gradient rather than a wrong number
+        tl.store(loss_ptr + row, float("nan"))
+        if GRAD:
+            for j in range(0, V, BLOCK):
+                offs = j + tl.arange(0, BLOCK)
+                tl.store(x_row + offs, tl.full([BLOCK], float("nan"), tl.float32), mask=offs < V)
     else:
         m = -float("inf")
         s = 0.0

@@ -174,3 +174,19 @@ def test_reference_gradients_are_autograd_of_torch():
     got = _loss_and_grads(linear_cross_entropy, h, w, t, b, impl="reference", **options)
     for e, g in zip(expected, got):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["cpu", "triton"])
+def test_kernel_rejects_or_poisons_out_of_range_target(impl):
+    """The kernels themselves (reached without the public function's host check): CPU raises, Triton gives NaN."""
+    impl_or_skip(OP, impl)
+    h, w, t, b = _inputs(torch.float32, n=5, vocab=7)
+    t[2] = 7
+    name = OP if impl == "cpu" else OP + "_triton"
+    op = getattr(torch.ops.pytrain, name)
+    if impl == "cpu":
+        with pytest.raises(RuntimeError, match=r"target\[2\] = 7 is outside \[0, 7\)"):
+            op(h, w, t, b, None, IGNORE, 0.0, 0.0, 0.0, 4)
+    else:
+        losses, gh, _, _ = op(h, w, t, b, torch.ones(5), IGNORE, 0.0, 0.0, 0.0, 4)
+        assert losses[2].isnan() and not losses[[0, 1, 3, 4]].isnan().any() and gh[2].isnan().all()
