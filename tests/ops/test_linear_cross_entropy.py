@@ -180,7 +180,7 @@ def test_reference_gradients_are_autograd_of_torch():
 def test_kernel_rejects_or_poisons_out_of_range_target(impl):
     """The kernels themselves (reached without the public function's host check): CPU raises, Triton gives NaN."""
     impl_or_skip(OP, impl)
-    h, w, t, b = _inputs(torch.float32, n=5, vocab=7)
+    h, w, t, b = _inputs(torch.float32, n=9, vocab=7)
     t[2] = 7
     name = OP if impl == "cpu" else OP + "_triton"
     op = getattr(torch.ops.pytrain, name)
@@ -188,5 +188,5 @@ def test_kernel_rejects_or_poisons_out_of_range_target(impl):
         with pytest.raises(RuntimeError, match=r"target\[2\] = 7 is outside \[0, 7\)"):
             op(h, w, t, b, None, IGNORE, 0.0, 0.0, 0.0, 4)
     else:
-        losses, gh, _, _ = op(h, w, t, b, torch.ones(5), IGNORE, 0.0, 0.0, 0.0, 4)
-        assert losses[2].isnan() and not losses[[0, 1, 3, 4]].isnan().any() and gh[2].isnan().all()
+        losses, gh, _, _ = op(h, w, t, b, torch.ones(9), IGNORE, 0.0, 0.0, 0.0, 4)
+        assert losses[2].isnan() and not losses[[0, 1, 3, 4, 5]].isnan().any() and gh[2].isnan().all()
