@@ -223,6 +223,30 @@ def _pruner(name: str, base: TrainConfig):
     return optuna.pruners.NopPruner()
 
 
+def _begin_immediate(engine) -> None:
+    """Take SQLite's write lock when a transaction begins (``BEGIN IMMEDIATE``), not at its first write.
+
+    SQLite ignores ``SELECT ... FOR UPDATE``, and Python's sqlite3 driver runs a transaction's reads before it
+    sends ``BEGIN``; so two threads (``--jobs`` > 1) or two tune processes could both read a queued (waiting)
+    trial, both mark it running, and run it twice into one trial directory.  With the lock taken at ``BEGIN``,
+    Optuna's read-then-write of a trial's state is atomic.  (SQLAlchemy's recipe for pysqlite transactions.)
+    """
+    from sqlalchemy import event
+
+    if engine.dialect.name != "sqlite":
+        return
+
+    @event.listens_for(engine, "connect")
+    def _driver_autocommit(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None  # the driver sends no BEGIN of its own
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened before the listeners were attached
+
+
 def open_study(args: argparse.Namespace, base: TrainConfig):
     import optuna
 
@@ -235,6 +259,7 @@ def open_study(args: argparse.Namespace, base: TrainConfig):
             args.storage or f"sqlite:///{Path(args.dir).resolve() / 'study.db'}",
             engine_kwargs={"connect_args": {"timeout": 60}},  # two tune processes wait for each other's writes
             heartbeat_interval=args.heartbeat, grace_period=3 * args.heartbeat, **retry_kw)
+    _begin_immediate(storage.engine)
     return optuna.create_study(study_name=args.study, storage=storage, direction="minimize", load_if_exists=True,
                                sampler=optuna.samplers.TPESampler(seed=args.sampler_seed),
                                pruner=_pruner(args.pruner, base))

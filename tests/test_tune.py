@@ -8,7 +8,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import warnings
 from pathlib import Path
 
 import optuna
@@ -17,7 +19,7 @@ from optuna.trial import TrialState
 from PIL import Image
 
 from pytrain.train import TrainConfig
-from pytrain.tune import finished
+from pytrain.tune import finished, open_study, parser as tune_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ["--layers", "1", "--hidden", "32", "--heads", "2", "--seq", "16", "--steps", "12", "--eval-every", "4",
@@ -110,3 +112,25 @@ def test_tune_plots(study):
     for name in ("history", "importances"):
         with Image.open(study["dir"] / f"{name}.png") as image:
             assert image.size == (800, 450)
+
+
+def test_a_queued_trial_is_popped_once(tmp_path):
+    """Two threads asking at once for the next trial never both get the one that was queued (SQLite ignores
+    ``FOR UPDATE``; ``open_study`` begins its transactions IMMEDIATE so that the read-then-write is atomic)."""
+    args = tune_parser().parse_args(["--dir", str(tmp_path), "--heartbeat", "60"])
+    study = open_study(args, TrainConfig())
+    warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)  # asked directly, not by optimize
+    for _ in range(20):
+        study.enqueue_trial({"lr": 1e-3})
+        start, got = threading.Barrier(2), []
+
+        def ask() -> None:
+            start.wait()
+            got.append(study.ask().number)
+
+        threads = [threading.Thread(target=ask) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(set(got)) == 2, got
