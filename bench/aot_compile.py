@@ -226,6 +226,20 @@ def powersgd(rank: int) -> Driver:
     return f"powersgd rank={rank}", run
 
 
+def linear_cross_entropy(dtype: str, bias: bool, softcap: bool, grad: bool, vocab: int = 5003) -> Driver:
+    def run():
+        from pytrain.kernels.linear_cross_entropy import linear_cross_entropy as launch
+
+        n, h = 8, 64
+        w = torch.empty(vocab, h, dtype=FLOATS[dtype])
+        launch(torch.empty(n, h, dtype=FLOATS[dtype]), w, torch.zeros(n, dtype=torch.int64),
+               torch.empty(vocab, dtype=FLOATS[dtype]) if bias else None, torch.ones(n) if grad else None,
+               -100, 0.1, 1e-4, 30.0 if softcap else 0.0, 4)
+
+    flags = "".join(f" {name}" for name, on in (("bias", bias), ("softcap", softcap), ("grad", grad)) if on)
+    return f"linear_cross_entropy {dtype} V={vocab}{flags}", run
+
+
 ATTN_MASKS = {  # name: (causal, window_left, window_right)
     "full": (False, -1, -1), "causal": (True, -1, -1), "window": (False, 256, 256), "left-window": (False, 256, -1),
 }
@@ -279,6 +293,9 @@ def full() -> Iterator[Driver]:
         yield powersgd(rank)
     for dtype, d, (mask, dropout) in itertools.product(FLOATS, HEAD_DIMS, ATTN_FULL_FLAGS):
         yield attention(dtype, d, mask, dropout)
+    for dtype, bias, softcap, grad in itertools.product(FLOATS, (False, True), (False, True), (False, True)):
+        yield linear_cross_entropy(dtype, bias, softcap, grad)
+    yield linear_cross_entropy("bf16", False, False, True, vocab=1003)  # BLOCK below 4096
 
 
 def quick() -> Iterator[Driver]:
@@ -299,12 +316,15 @@ def quick() -> Iterator[Driver]:
         yield dequantize(fmt, "bf16")
     yield topk("fp16")
     yield powersgd(4)
+    yield linear_cross_entropy("bf16", False, True, True)
     yield attention("bf16", 128, "full", False)
     yield attention("bf16", 128, "window", True, seed=1)
     yield attention("fp16", 64, "causal", False)
     yield attention("fp16", 256, "causal", True)
     yield attention("fp32", 96, "causal", True)
     yield attention("fp32", 64, "left-window", False)
+    yield linear_cross_entropy("bf16", True, True, True)
+    yield linear_cross_entropy("fp16", False, False, False, vocab=1003)
 
 
 def smoke() -> Iterator[Driver]:
@@ -318,6 +338,7 @@ def smoke() -> Iterator[Driver]:
     yield dequantize("fp8_e4m3", "fp32")
     yield topk("bf16")
     yield powersgd(4)
+    yield linear_cross_entropy("bf16", False, True, True)
     yield attention("fp16", 64, "causal", True, seed=1)
 
 

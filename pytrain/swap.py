@@ -16,7 +16,9 @@ PyTorch's module.  Every replacement returns the function that undoes it.
   optimizer built before the swap keeps working; same state_dict).  Note that an encoder layer's
   inference fast path (eval mode, no grad) runs PyTorch's fused kernel without calling the module.
 * Hugging Face transformers models: ``attn_implementation`` set to ``"pytrain"``
-  (``pytrain.integrations.transformers``).
+  (``pytrain.integrations.transformers``); causal LMs (LLaMA, Mistral, GPT-2, Qwen2, Gemma 2...) also compute
+  the training ``loss`` from ``labels`` by ``pytrain.ops.linear_cross_entropy`` without building the logits
+  (those outputs have ``logits=None``; inference and evaluation are unchanged).
 * Modules whose ``forward`` calls ``scaled_dot_product_attention`` (timm ViTs and many others):
   their forward runs under ``patch_sdpa``.  Code that imported the function by name
   (``from torch.nn.functional import scaled_dot_product_attention``) is not reached.
@@ -255,8 +257,21 @@ def _hf_condition(m: nn.Module) -> Optional[str]:
 
 
 def _swap_hf(m: nn.Module, report: SwapReport, path: str) -> Callable[[], None]:
-    from .integrations.transformers import use_pytrain
-    return use_pytrain(m)
+    """Attention through ``attn_implementation="pytrain"``, and for causal LMs the training loss through the
+    fused linear cross-entropy (its own report entry; calls counted under ``path + " (loss)"``)."""
+    from .integrations.transformers import FUSED_LOSS, fused_loss_decline_reason, use_fused_loss, use_pytrain
+    undo_attention = use_pytrain(m)
+    reason = fused_loss_decline_reason(m)
+    report.entries.append(Entry(path, "transformers loss (logits + F.cross_entropy)", "" if reason else FUSED_LOSS,
+                                reason or ""))
+    if reason is not None:
+        return undo_attention
+    undo_loss = use_fused_loss(m, lambda why: report.record(f"{path} (loss)" if path else "(loss)", why))
+
+    def undo():
+        undo_loss()
+        undo_attention()
+    return undo
 
 
 @dataclass(frozen=True)

@@ -85,8 +85,10 @@ def test_info_reports_every_op_and_backend():
     data = pytrain.info()
     assert {"adamw_step", "lars_step", "lamb_step", "global_norm"} <= set(data["ops"])
     for name, impls in data["ops"].items():
-        # attention has no CUDA C++ kernel: on GPUs its Triton kernels serve, and no "cuda" backend is listed
-        expected = {"cpu", "triton", "reference"} | (set() if name.startswith("attention") else {"cuda"})
+        # attention and linear_cross_entropy have no CUDA C++ kernel: on GPUs their Triton kernels serve, and no
+        # "cuda" backend is listed
+        no_cuda = name.startswith("attention") or name == "linear_cross_entropy"
+        expected = {"cpu", "triton", "reference"} | (set() if no_cuda else {"cuda"})
         assert set(impls) == expected, name
         assert impls["reference"] == "available"
     assert data["torch"] == torch.__version__

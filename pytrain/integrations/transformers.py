@@ -121,3 +121,76 @@ def use_pytrain(model: PreTrainedModel) -> Callable[[], None]:
 
 
 register()
+
+
+# ------------------------------------------------------------------------------------------ fused loss
+FUSED_LOSS = "loss from labels by pytrain.ops.linear_cross_entropy (no logits in training)"
+
+
+def fused_loss_decline_reason(model: PreTrainedModel) -> Optional[str]:
+    """Why ``pytrain.swap`` keeps a model's own loss (None: training losses can go through the fused op)."""
+    head = getattr(model, "lm_head", None)
+    if not isinstance(head, nn.Linear):
+        return "no nn.Linear lm_head (not a causal LM head)"
+    if getattr(model.config, "is_encoder_decoder", False):
+        return "encoder-decoder model"
+    if type(model).__name__.endswith("ForCausalLM") or type(model).__name__ == "GPT2LMHeadModel":
+        return None
+    return f"{type(model).__name__} is not a known causal LM class (*ForCausalLM, GPT2LMHeadModel)"
+
+
+def _call_decline_reason(model: nn.Module, kwargs: dict) -> Optional[str]:
+    if not (model.training and torch.is_grad_enabled()):
+        return "evaluation (logits kept for metrics)"
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if kwargs.get(name) not in (None, 0):
+            return f"{name} is set"
+    if kwargs.get("return_dict") is False:
+        return "return_dict=False"
+    return None
+
+
+def use_fused_loss(model: PreTrainedModel, record: Callable[[Optional[str]], None]) -> Callable[[], None]:
+    """Training calls with ``labels`` compute ``loss`` by the fused op from the last hidden states, and return
+    ``logits=None`` (they are never built); any other call (no labels, eval, ``logits_to_keep``) runs the model's
+    own forward, and ``record`` counts each call with labels (None: fused, else the reason).  Returns the undo."""
+    from ..nn.linear_cross_entropy import LinearCrossEntropyLoss
+
+    original = model.forward
+    head = model.lm_head
+
+    def forward(*args, **kwargs):
+        if kwargs.get("labels") is None:  # inference: not a loss call, nothing to count
+            return original(*args, **kwargs)
+        reason = _call_decline_reason(model, kwargs)
+        record(reason)
+        if reason is not None:
+            return original(*args, **kwargs)
+        labels = kwargs.pop("labels")
+        shift_labels = kwargs.pop("shift_labels", None)
+        num_items = kwargs.pop("num_items_in_batch", None)
+        captured = []
+
+        def capture(hidden):  # the head's input; a placeholder stands in for the logits
+            captured.append(hidden)
+            return hidden.new_zeros(0)
+
+        head.forward = capture
+        try:
+            out = original(*args, **kwargs)
+        finally:
+            del head.forward
+        hidden = captured[0]
+        if shift_labels is None:  # transformers' ForCausalLMLoss: token i predicts labels[i + 1]
+            shift_labels = nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        out.loss = LinearCrossEntropyLoss(softcap=cap)(hidden, head.weight, shift_labels.to(hidden.device),
+                                                       head.bias, num_items_in_batch=num_items)
+        out.logits = None
+        return out
+
+    model.forward = forward
+
+    def undo():
+        del model.forward
+    return undo

@@ -1,4 +1,5 @@
 """Modules built on pytrain's kernels."""
 from .attention import FlashAttention, MultiheadAttention
+from .linear_cross_entropy import LinearCrossEntropyLoss
 
-__all__ = ["FlashAttention", "MultiheadAttention"]
+__all__ = ["FlashAttention", "MultiheadAttention", "LinearCrossEntropyLoss"]

@@ -48,6 +48,28 @@ def tiny_mistral(hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: in
     return MistralForCausalLM(cfg)
 
 
+def tiny_qwen2(hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2, vocab: int = 128,
+               seed: int = 0) -> nn.Module:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
+                      attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(cfg)
+
+
+def tiny_gemma2(hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2, vocab: int = 128,
+                final_logit_softcapping: float = 2.0, seed: int = 0) -> nn.Module:
+    """Gemma 2 with a small final-logit softcap, so the tanh matters at random-init logit sizes, and no attention
+    softcap (the swapped attention declines softcapping to transformers' SDPA path, which refuses it)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+    cfg = Gemma2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+                       max_position_embeddings=256, final_logit_softcapping=final_logit_softcapping,
+                       attn_logit_softcapping=None, attn_implementation="eager")  # transformers has no SDPA path for Gemma 2
+    torch.manual_seed(seed)
+    return Gemma2ForCausalLM(cfg)
+
 def tiny_vit(seed: int = 0) -> nn.Module:
     """timm ViT: 32x32 images, 8x8 patches, 2 blocks, 4 heads of 16."""
     import timm

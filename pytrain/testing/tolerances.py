@@ -106,3 +106,15 @@ QUANT_SQNR_DB: Dict[Tuple[str, str, str], float] = {
     ("fp8_e5m2", "block256", "gaussian"): 24.0, ("fp8_e5m2", "block256", "student_t3"): 25.5,
     ("fp8_e5m2", "row", "gaussian"): 24.0, ("fp8_e5m2", "row", "student_t3"): 25.5,
 }
+
+
+#: Fused linear cross-entropy (loss and gradients): normwise error max|x - x64| / max|x64| allowed on top of "at
+#: most 2x PyTorch's own error in the same dtype" (F.linear in that dtype, cross-entropy in float32, the Hugging
+#: Face recipe).  Chunked sums, a vectorized exp and float32 accumulation across chunks differ from it by
+#: rounding only.
+LINEAR_CROSS_ENTROPY_RTOL: Dict[torch.dtype, float] = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.bfloat16: 1e-2,
+    torch.float16: 2e-3,
+}

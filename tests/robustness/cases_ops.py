@@ -1,6 +1,7 @@
 """Bad and edge inputs for pytrain.ops and pytrain.comm's tensor ops: the multi-tensor optimizer steps
-(adamw_step, lars_step, lamb_step), global_norm, flash_attention, the group quantizer, topk and the PowerSGD
-pieces.  Every case runs in a worker process (``pytrain.testing.robustness``): these calls reach C++ code.
+(adamw_step, lars_step, lamb_step), global_norm, flash_attention, the group quantizer, topk, the PowerSGD
+pieces and linear_cross_entropy.  Every case runs in a worker process (``pytrain.testing.robustness``): these
+calls reach C++ code.
 
 Expected outcomes: a clear error naming the argument (``Raises``), or the float64 reference's result
 (``Correct``: NaN / Inf inputs must give what the reference gives), or, for layouts an op may either serve or
@@ -694,6 +695,89 @@ def _orthogonalize_cases(P) -> List[Case]:
     return out
 
 
+# ================================================================ linear_cross_entropy
+def lce_inputs(n=6, h=4, v=11, dtype=F32):
+    return rand(n, h, dtype=dtype), rand(v, h, dtype=dtype, seed=1), torch.arange(n) % v, rand(v, dtype=dtype, seed=2)
+
+
+def lce(fn=lce_inputs, **kw):
+    def run():
+        from pytrain.ops import linear_cross_entropy
+        return linear_cross_entropy(*fn(), **kw)
+    return run
+
+
+def lce_exact(fn=lce_inputs, **kw):
+    """The op on fn()'s inputs against F.linear + F.cross_entropy in float64 (what the op must equal)."""
+    def run():
+        import torch.nn.functional as F
+        from pytrain.ops import linear_cross_entropy
+        h, w, t, b = fn()
+        want = F.cross_entropy(F.linear(h.to(F64), w.to(F64), b.to(F64)), t, reduction=kw.get("reduction", "mean"))
+        return linear_cross_entropy(h, w, t, b, **kw), want
+    return run
+
+
+def lce_with(**changes):
+    """lce_inputs() with some of (hidden, weight, target, bias) replaced by fn(original)."""
+    def fn():
+        args = dict(zip(("hidden", "weight", "target", "bias"), lce_inputs()))
+        for k, f in changes.items():
+            args[k] = f(args[k])
+        return tuple(args.values())
+    return fn
+
+
+def linear_cross_entropy_cases() -> List[Case]:
+    fam = "ops.linear_cross_entropy"
+    out = [
+        Case(fam, "hidden_list", lce(lce_with(hidden=lambda h: h.tolist())), Raises(TypeError, "hidden")),
+        Case(fam, "hidden_1d", lce(lce_with(hidden=lambda h: h[0])), Raises(ValueError, "hidden")),
+        Case(fam, "hidden_size_mismatch", lce(lce_with(weight=lambda w: w[:, :3])), Raises(ValueError, "differ in H")),
+        Case(fam, "weight_no_rows", lce(lce_with(weight=lambda w: w[:0], bias=lambda b: b[:0])),
+             Raises(ValueError, "V = 0")),
+        Case(fam, "target_2d", lce(lce_with(target=lambda t: t[None])), Raises(ValueError, "target")),
+        Case(fam, "target_float", lce(lce_with(target=lambda t: t.float())), Raises(ValueError, "int64")),
+        Case(fam, "target_is_vocab", lce(lce_with(target=lambda t: t.clone().fill_(11))),
+             Raises(ValueError, "outside")),
+        Case(fam, "target_minus_one", lce(lce_with(target=lambda t: t - 1)), Raises(ValueError, "outside")),
+        Case(fam, "weight_dtype_mismatch", lce(lce_with(weight=lambda w: w.double())), Raises(ValueError, "dtype")),
+        Case(fam, "bias_shape", lce(lce_with(bias=lambda b: b[:5])), Raises(ValueError, "bias")),
+        Case(fam, "reduction_unknown", lce(reduction="avg"), Raises(ValueError, "reduction")),
+        Case(fam, "num_items_with_sum", lce(reduction="sum", num_items_in_batch=3), Raises(ValueError, "num_items")),
+        Case(fam, "chunk_zero", lce(chunk_size=0), Raises(ValueError, "chunk_size")),
+        Case(fam, "ignore_index_float", lce(ignore_index=1.5), Raises(TypeError, "ignore_index")),
+        Case(fam, "softcap_zero", lce(softcap=0.0), Raises(ValueError, "softcap")),
+        Case(fam, "z_loss_negative", lce(z_loss=-1.0), Raises(ValueError, "z_loss")),
+        Case(fam, "label_smoothing_bool", lce(label_smoothing=True), Raises(TypeError, "label_smoothing")),
+        Case(fam, "hidden_meta", lce(lce_with(**{k: (lambda x: x.to("meta")) for k in ("hidden", "weight", "bias")},
+                                               target=lambda t: t.to("meta"))),
+             Raises((RuntimeError, ValueError, NotImplementedError), "meta|Meta")),
+    ]
+    for dname, dt in BAD_DTYPES.items():
+        out.append(Case(fam, f"hidden_{dname}", lce(lce_with(**{k: (lambda x, dt=dt: retype(x, dt))
+                                                                 for k in ("hidden", "weight", "bias")})),
+                        Raises(ValueError, "dtype")))
+    for name, value in (("nan", math.nan), ("inf", math.inf), ("above_one", 1.5)):
+        out.append(Case(fam, f"label_smoothing_{name}", lce(label_smoothing=value), Raises(ValueError, "label_smooth")))
+    for name, poke in (("nan", math.nan), ("inf", math.inf)):
+        def poked(h, value=poke):
+            h = h.clone()
+            h[2, 1] = value
+            return h
+        for reduction in ("mean", "none"):
+            out.append(Case(fam, f"hidden_{name}_{reduction}", lce_exact(lce_with(hidden=poked), reduction=reduction),
+                            Correct()))
+    out += [
+        Case(fam, "exact_transposed_weight", lce_exact(lce_with(weight=transposed)), Correct()),
+        Case(fam, "exact_strided_hidden", lce_exact(lce_with(hidden=strided)), Correct()),
+        Case(fam, "exact_no_tokens", lce_exact(lce_with(hidden=lambda h: h[:0], target=lambda t: t[:0])), Correct()),
+        Case(fam, "exact_huge_logits", lce_exact(lce_with(hidden=lambda h: h * 1e4)), Correct(atol=1e-2, rtol=1e-5)),
+        Case(fam, "exact_float64", lce_exact(lambda: lce_inputs(dtype=F64)), Correct(1e-12, 1e-10)),
+    ]
+    return out
+
+
 def warmup() -> None:
     """One good call of each op family (first-call set-up outside the cases' time limits)."""
     import pytrain.comm as comm
@@ -705,8 +789,9 @@ def warmup() -> None:
     quantize_groups(rand(64), "int8", 32)
     comm.topk(rand(40000), 0.01)
     comm.powersgd_compress(rand(8, 6), rand(6, 2))
+    ops.linear_cross_entropy(*lce_inputs())
 
 
 def cases() -> List[Case]:
     return step_cases() + global_norm_cases() + attention_cases() + quantize_group_cases() + topk_cases() + \
-        powersgd_cases()
+        powersgd_cases() + linear_cross_entropy_cases()

@@ -27,7 +27,9 @@ def test_swap_matches_and_unswaps(name):
     model = BUILDERS[name]()
     ours = copy.deepcopy(model)
     report = pytrain.swap(ours)
-    assert [(e.path, e.now) for e in report.entries] == [("", 'attn_implementation="pytrain"')]
+    assert [(e.path, e.now) for e in report.entries] == [
+        ("", 'attn_implementation="pytrain"'),
+        ("", "loss from labels by pytrain.ops.linear_cross_entropy (no logits in training)")]
     assert ours.config._attn_implementation == "pytrain"
     assert_swap_matches(model, ours, _forward())
     assert not report.declined_calls and report.calls[("model.layers.1.self_attn" if name != "gpt2"
