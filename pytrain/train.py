@@ -30,6 +30,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .comm.hooks import HOOK_NAMES
 from .data import default_corpus
@@ -43,7 +44,9 @@ SIZES = {"tiny": dict(layers=2, hidden=128, heads=4, seq=64),
 HOOKS = (*HOOK_NAMES, "none")  # --hook: pytrain.comm's hook names, or none (DDP's own all-reduce)
 EPILOG = """checkpoints and resume:
   --checkpoint-dir DIR     write step-<step>.pt there at the end of the run (and every --checkpoint-every
-                           steps; 0 or absent: only at the end), keeping the last --keep-last; the job owns DIR
+                           steps; 0 or absent: only at the end), keeping the last --keep-last (--shard fsdp:
+                           step-<step>.dcp directories of torch.distributed.checkpoint, which resume on any
+                           number of processes); the job owns DIR
                            while it runs (a second job on DIR fails at once, naming the holder's pid)
   --resume                 continue from the latest checkpoint in --checkpoint-dir, which must exist (else
                            exit 2); if it holds no checkpoint yet, start from step 0 (with a note); --steps is
@@ -109,7 +112,15 @@ class TrainConfig:
     optimizer: str = _opt("adamw", "optimizer (torch-adamw: torch.optim.AdamW, for comparison)",
                           choices=["adamw", "lamb", "lars", "torch-adamw"])
     state_dtype: str = _opt("float32", "FusedAdamW's moment storage", choices=["float32", "bfloat16", "int8"])
-    hook: str = _opt("powersgd", "DDP gradient-communication hook (none: DDP's own all-reduce)", choices=list(HOOKS))
+    shard: str = _opt("none", "fsdp: shard parameters, gradients and optimizer states over the processes (FSDP2, "
+                              "per transformer block); none: DDP replicas", choices=["none", "fsdp"])
+    reshard_after_forward: bool = _opt(True, "with --shard fsdp: free each block's gathered parameters after its "
+                                             "forward (gather again for backward)")
+    activation_checkpointing: bool = _opt(False, "recompute each block's activations in backward instead of "
+                                                 "storing them")
+    dropout: float = _opt(0.0, "attention-weight dropout probability (below 1)", low=0.0)
+    hook: Optional[str] = _opt(None, "DDP gradient-communication hook (none: DDP's own all-reduce)", kind=str,
+                               choices=list(HOOKS), default_text="powersgd; none with --shard fsdp")
     hook_rank: Optional[int] = _opt(None, "PowerSGD's rank (needs --hook powersgd)", kind=int, low=1,
                                     default_text="the hook's own, 4")
     precision: str = _opt("fp32", "fp32, or autocast to bf16 / fp16 (fp16 adds a gradient scaler)",
@@ -171,6 +182,19 @@ class TrainConfig:
             cfg.warmup = 0 if cfg.schedule == "plateau" else cfg.steps // 10
         if cfg.warmup and cfg.schedule == "plateau":
             parser.error(f"--warmup {cfg.warmup}: the plateau schedule takes no warmup (it follows the validation loss)")
+        if cfg.shard == "fsdp":
+            if cfg.hook not in (None, "none"):
+                parser.error(f"--hook {cfg.hook} is a DDP gradient-communication hook; --shard fsdp reduce-scatters "
+                             "gradients itself (leave --hook out, or --hook none)")
+            if cfg.precision == "fp16":
+                parser.error("--precision fp16 is not supported with --shard fsdp (its gradient scaler is not "
+                             "shard-aware); use --precision bf16")
+        elif not cfg.reshard_after_forward:
+            parser.error("--no-reshard-after-forward needs --shard fsdp")
+        if cfg.hook is None:
+            cfg.hook = "none" if cfg.shard == "fsdp" else "powersgd"
+        if cfg.dropout >= 1:
+            parser.error(f"--dropout must be below 1, got {cfg.dropout}")
         if cfg.hook_rank is not None and cfg.hook != "powersgd":
             parser.error(f"--hook-rank {cfg.hook_rank} needs --hook powersgd, got --hook {cfg.hook}")
         if cfg.hidden % cfg.heads:
@@ -232,30 +256,41 @@ def _read_config(path: str, parser: argparse.ArgumentParser) -> dict:
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, hidden: int, heads: int):
+    def __init__(self, hidden: int, heads: int, dropout: float = 0.0, checkpointing: bool = False):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.proj = nn.Linear(hidden, hidden)
         self.mlp = nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.GELU(), nn.Linear(4 * hidden, hidden))
-        self.heads = heads
+        self.heads, self.dropout, self.checkpointing = heads, dropout, checkpointing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpointing and torch.is_grad_enabled():
+            # the recompute restores the RNG state the forward started from (preserve_rng_state), so flash
+            # attention draws the same dropout seed, hence the same mask, again
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, h = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, s, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
-        att = flash_attention(q, k, v, causal=True)  # (b, heads, s, h/heads)
+        dropout = self.dropout if self.training else 0.0
+        att = flash_attention(q, k, v, causal=True, dropout_p=dropout)  # (b, heads, s, h/heads)
         x = x + self.proj(att.transpose(1, 2).reshape(b, s, h))
         return x + self.mlp(self.norm2(x))
 
 
 class GPT(nn.Module):
-    """Character LM: (batch, seq) int64 tokens -> (batch, seq, vocab) logits."""
+    """Character LM: (batch, seq) int64 tokens -> (batch, seq, vocab) logits.  ``dropout``: attention-weight dropout
+    in training; ``activation_checkpointing``: each block recomputes its activations in backward
+    (``torch.utils.checkpoint``, non-reentrant)."""
 
-    def __init__(self, vocab: int, layers: int, hidden: int, heads: int, seq: int):
+    def __init__(self, vocab: int, layers: int, hidden: int, heads: int, seq: int, dropout: float = 0.0,
+                 activation_checkpointing: bool = False):
         super().__init__()
         self.embed = nn.Embedding(vocab, hidden)
         self.pos = nn.Parameter(torch.zeros(seq, hidden))
-        self.blocks = nn.ModuleList(Block(hidden, heads) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(hidden, heads, dropout, activation_checkpointing) for _ in range(layers))
         self.norm = nn.LayerNorm(hidden)
         nn.init.normal_(self.embed.weight, std=0.02)  # tied output: small logits, loss starts near log(vocab)
 
@@ -359,33 +394,42 @@ def _comm_hook(cfg: TrainConfig):
 
 def run(cfg: TrainConfig) -> dict:
     """One rank of the main job (inside an initialised process group); returns the run's summary."""
-    from .trainers import DDPTrainer, init_distributed
+    from .trainers import DDPTrainer, FSDPTrainer, init_distributed, shard_model
 
     info = init_distributed()
     _warn_once_per_job(info.rank)
     torch.manual_seed(cfg.seed)  # same initial model on every rank (DDP also broadcasts rank 0's)
     train_data, val_data, vocab = corpus_splits(cfg.seq)
-    model = GPT(vocab, cfg.layers, cfg.hidden, cfg.heads, cfg.seq)
+    model = GPT(vocab, cfg.layers, cfg.hidden, cfg.heads, cfg.seq, dropout=cfg.dropout,
+                activation_checkpointing=cfg.activation_checkpointing)
+    n_params = sum(p.numel() for p in model.parameters())
+    if cfg.shard == "fsdp":  # the optimizer is built on the sharded (DTensor) parameters
+        shard_model(model.to(info.device), model.blocks, reshard_after_forward=cfg.reshard_after_forward)
+        trainer_class, kwargs = FSDPTrainer, {}
+    else:
+        trainer_class, kwargs = DDPTrainer, {"comm_hook": _comm_hook(cfg)}
     torch.manual_seed(cfg.seed + 1 + info.rank)  # per-rank streams for anything random during training
-    trainer = DDPTrainer(model, make_optimizer(cfg, model.parameters()), lm_loss, train_data,
-                         batch_size=cfg.batch, val_data=val_data, comm_hook=_comm_hook(cfg),
-                         precision=cfg.precision, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
-                         lr_schedule=cfg.schedule, warmup_steps=cfg.warmup, max_steps=cfg.steps,
-                         checkpoint_dir=cfg.checkpoint_dir, checkpoint_every=cfg.checkpoint_every,
-                         keep_last=cfg.keep_last, resume=cfg.resume, eval_every=cfg.eval_every,
-                         patience=cfg.patience, log_file=cfg.log_file,
-                         tensorboard=cfg.tensorboard, progress=cfg.progress, seed=cfg.seed,
-                         watchdog_timeout=cfg.watchdog_timeout or None)
+    trainer = trainer_class(model, make_optimizer(cfg, model.parameters()), lm_loss, train_data,
+                            batch_size=cfg.batch, val_data=val_data, precision=cfg.precision,
+                            grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
+                            lr_schedule=cfg.schedule, warmup_steps=cfg.warmup, max_steps=cfg.steps,
+                            checkpoint_dir=cfg.checkpoint_dir, checkpoint_every=cfg.checkpoint_every,
+                            keep_last=cfg.keep_last, resume=cfg.resume, eval_every=cfg.eval_every,
+                            patience=cfg.patience, log_file=cfg.log_file,
+                            tensorboard=cfg.tensorboard, progress=cfg.progress, seed=cfg.seed,
+                            watchdog_timeout=cfg.watchdog_timeout or None, **kwargs)
     if info.is_main:
-        n_params = sum(p.numel() for p in model.parameters())
+        comm = "FSDP" if cfg.shard == "fsdp" else f"hook {cfg.hook}"
         print(f"pytrain train: GPT {cfg.layers}x{cfg.hidden} ({n_params / 1e6:.2f}M params, vocab {vocab}, "
               f"seq {cfg.seq}), {info.world_size} x {info.device.type} ({dist.get_backend()}), "
-              f"{type(trainer.optimizer).__name__}, hook {cfg.hook}, {cfg.precision}, batch {cfg.batch}, "
+              f"{type(trainer.optimizer).__name__}, {comm}, {cfg.precision}, batch {cfg.batch}, "
               f"{trainer.total_steps} steps from step {trainer.step}", flush=True)
     start = time.perf_counter()
     summary = dict(trainer.fit())  # extended below: a plain dict of this run (steps_run from start_step)
     summary["seconds"] = time.perf_counter() - start
-    if summary.get("median_opt_s") is not None:
+    if cfg.shard == "fsdp":
+        summary["cost_model"] = "models DDP steps, not --shard fsdp"
+    elif summary.get("median_opt_s") is not None:
         summary.update(_predicted_step(trainer, summary))
         if "predicted_step_s" in summary:
             trainer.log.log(step=trainer.step, predicted_step_s=summary["predicted_step_s"])

@@ -119,7 +119,8 @@ def sample(trial, base: TrainConfig, fixed: set) -> Dict[str, object]:
     pick("optimizer", lambda: trial.suggest_categorical("optimizer", ["adamw", "lamb", "lars"]))
     if out.get("optimizer", base.optimizer) == "adamw":
         pick("state_dtype", lambda: trial.suggest_categorical("state_dtype", ["float32", "bfloat16", "int8"]))
-    pick("hook", lambda: trial.suggest_categorical("hook", list(HOOKS)))
+    if base.shard != "fsdp":  # FSDP reduce-scatters gradients itself: no DDP hook to search
+        pick("hook", lambda: trial.suggest_categorical("hook", list(HOOKS)))
     if out.get("hook", base.hook) == "powersgd":
         pick("hook_rank", lambda: trial.suggest_int("hook_rank", 1, 8, log=True))
     pick("max_grad_norm", lambda: trial.suggest_float("max_grad_norm", 0.1, 10.0, log=True))

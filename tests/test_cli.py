@@ -79,6 +79,13 @@ def test_deprecation_warnings_once_per_job():
     (["--nproc", "0"], "--nproc must be >= 1, got 0"),
     (["--grad-accum", "0"], "--grad-accum must be >= 1, got 0"),
     (["--hook", "gzip"], "invalid choice: 'gzip'"),
+    (["--shard", "fsdp", "--hook", "powersgd"], "--hook powersgd is a DDP gradient-communication hook; --shard fsdp "
+                                                "reduce-scatters gradients itself"),
+    (["--shard", "fsdp", "--precision", "fp16"], "--precision fp16 is not supported with --shard fsdp"),
+    (["--no-reshard-after-forward"], "--no-reshard-after-forward needs --shard fsdp"),
+    (["--shard", "zero3"], "invalid choice: 'zero3'"),
+    (["--dropout", "1"], "--dropout must be below 1, got 1.0"),
+    (["--dropout", "-0.1"], "--dropout must be >= 0, got -0.1"),
 ])
 def test_train_bad_flags(capsys, tmp_path, args, message):
     """Rejected before anything runs or is written ({tmp}: a fresh empty directory)."""

@@ -31,6 +31,7 @@ import hashlib
 import io
 import os
 import re
+import shutil
 import socket
 import struct
 import tempfile
@@ -40,7 +41,7 @@ from typing import Any, List, Optional, Union
 import torch
 
 PathLike = Union[str, os.PathLike]
-CHECKPOINT_RE = re.compile(r"^step-(\d{8})\.pt$")
+CHECKPOINT_RE = re.compile(r"^step-(\d{8})(\.pt|\.dcp)$")  # files; sharded: directories
 MAGIC = b"PYTRAINCKPT\n"
 FORMAT_VERSION = 1
 _LENGTH = struct.Struct("<Q")
@@ -110,8 +111,12 @@ def atomic_save(obj: Any, path: PathLike) -> None:
 
 
 def _unlink_quietly(path: PathLike) -> None:
+    """Removes a file, or a directory tree (a sharded checkpoint); gone already is fine."""
     try:
-        os.unlink(path)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
     except FileNotFoundError:
         pass
 
@@ -163,20 +168,22 @@ def load_checkpoint(path: PathLike) -> dict:
     return decode(data, str(path))
 
 
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:08d}.pt"
+def checkpoint_name(step: int, suffix: str = ".pt") -> str:
+    """``step-<step>.pt`` (``suffix=".dcp"``: a sharded checkpoint's directory)."""
+    return f"step-{step:08d}{suffix}"
 
 
-def checkpoint_paths(directory: PathLike) -> List[Path]:
-    """The checkpoints in ``directory``, oldest (lowest step) first; temporary and lock files are ignored."""
+def checkpoint_paths(directory: PathLike, suffix: str = ".pt") -> List[Path]:
+    """The checkpoints named ``step-*<suffix>`` in ``directory``, oldest (lowest step) first; temporary and lock
+    files are ignored."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.iterdir() if CHECKPOINT_RE.match(p.name))
+    return sorted(p for p in directory.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and m[2] == suffix)
 
 
-def latest_checkpoint(directory: PathLike) -> Optional[Path]:
-    paths = checkpoint_paths(directory)
+def latest_checkpoint(directory: PathLike, suffix: str = ".pt") -> Optional[Path]:
+    paths = checkpoint_paths(directory, suffix)
     return paths[-1] if paths else None
 
 
@@ -200,13 +207,13 @@ def stray_temp_files(directory: PathLike) -> List[Path]:
     return strays
 
 
-def prune(directory: PathLike, keep_last: int) -> None:
-    """Deletes all but the newest ``keep_last`` checkpoints, and temporary files whose writer (a process on this
-    host) has died; another live writer's in-flight temporary file is never touched.
+def prune(directory: PathLike, keep_last: int, suffix: str = ".pt") -> None:
+    """Deletes all but the newest ``keep_last`` checkpoints named ``*<suffix>``, and temporary files (or directories)
+    whose writer (a process on this host) has died; another live writer's in-flight temporary file is never touched.
 
     Call it only from the process that holds the directory's ``DirectoryLock``."""
     directory = Path(directory)
-    paths = checkpoint_paths(directory)
+    paths = checkpoint_paths(directory, suffix)
     for old in paths[:max(0, len(paths) - keep_last)] + stray_temp_files(directory):
         _unlink_quietly(old)
 

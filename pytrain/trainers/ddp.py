@@ -108,6 +108,8 @@ class DDPTrainer:
             write.  None: no watchdog.
     """
 
+    checkpoint_suffix = ".pt"  # checkpoint files: step-<step>.pt
+
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable, train_data: Dataset, *,
                  batch_size: int, val_data: Optional[Dataset] = None,
                  comm_hook: Union[None, str, HookPair] = None, precision: str = "fp32", grad_accum: int = 1,
@@ -128,8 +130,7 @@ class DDPTrainer:
         self.micro_batch = batch_size // (self.world_size * grad_accum)
         self.device = self.info.device
         self.model = model.to(self.device)
-        self.ddp = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None,
-                                           bucket_cap_mb=bucket_cap_mb)
+        self.ddp = self._wrap(bucket_cap_mb)
         self.optimizer, self.loss_fn = optimizer, loss_fn
         self.hook_name = comm_hook if isinstance(comm_hook, str) else (None if comm_hook is None else "custom")
         self.hook_state = self._register_hook(comm_hook)
@@ -164,7 +165,7 @@ class DDPTrainer:
         self._saved_step: Optional[int] = None  # decided alike on every rank (no file-system check)
         self._lock: Optional[ckpt.DirectoryLock] = None
         self._mark_start()
-        resume_from = st.resume_path(resume, self.checkpoint_dir) if resume else None  # before the lock creates it
+        resume_from = st.resume_path(resume, self.checkpoint_dir, self.checkpoint_suffix) if resume else None  # before the lock creates it
         if self.checkpoint_dir is not None:
             st.agree(self._hold_directory() if is_main_rank() else None, f"locking {self.checkpoint_dir}")
         if resume_from is not None:
@@ -221,6 +222,15 @@ class DDPTrainer:
         return DataLoader(data, batch_size=self.micro_batch, sampler=sampler, drop_last=False,
                           generator=torch.Generator().manual_seed(0))
 
+    def _wrap(self, bucket_cap_mb: float) -> nn.Module:
+        """The module the training steps call: ``self.model`` wrapped in DDP (the FSDP trainer: the model itself)."""
+        return DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None,
+                                       bucket_cap_mb=bucket_cap_mb)
+
+    def _no_sync(self):
+        """Context in which backward passes accumulate gradients locally, without communication."""
+        return self.ddp.no_sync()
+
     def _register_hook(self, comm_hook):
         if comm_hook is None:
             return None
@@ -250,7 +260,7 @@ class DDPTrainer:
         total = torch.zeros((), device=self.device)
         for i, (inputs, targets) in enumerate(micro):
             last = sync and i == len(micro) - 1
-            with nullcontext() if last else self.ddp.no_sync():
+            with nullcontext() if last else self._no_sync():
                 self._watchdog.mark(f"step {self.step + 1} forward (micro-batch {i})")
                 with self._autocast():
                     loss = self.loss_fn(self.ddp(inputs), targets)
@@ -268,7 +278,8 @@ class DDPTrainer:
         else:
             self.scaler.unscale_(self.optimizer)
             params = [p for p in self.model.parameters() if p.grad is not None]
-            norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm or math.inf))
+            norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm or math.inf)
+            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor grads: a DTensor
             self.scaler.step(self.optimizer)
         self.scaler.update()
         skipped = bool(getattr(self.optimizer, "last_step_skipped", False))

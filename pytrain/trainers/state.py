@@ -100,8 +100,8 @@ def save_collective(state: Optional[dict], path: PathLike, *, writer: bool, keep
 
 
 # ------------------------------------------------------------------------------------------ reading
-def resume_path(resume: Union[bool, PathLike], directory: Optional[PathLike]) -> Optional[Path]:
-    """The checkpoint ``resume`` names: True, the latest in ``directory`` (None if there is none; a
+def resume_path(resume: Union[bool, PathLike], directory: Optional[PathLike], suffix: str = ".pt") -> Optional[Path]:
+    """The checkpoint ``resume`` names: True, the latest ``*<suffix>`` in ``directory`` (None if there is none; a
     ``CheckpointError`` if ``directory`` does not exist); a path, itself.
 
     Collective when a process group is initialised: rank 0 decides and every rank gets the same file name, in its
@@ -114,7 +114,7 @@ def resume_path(resume: Union[bool, PathLike], directory: Optional[PathLike]) ->
         if not Path(directory).is_dir():
             decision[0] = ("error", f"resume: checkpoint directory {directory} does not exist (rank 0)")
         else:
-            latest = latest_checkpoint(directory)
+            latest = latest_checkpoint(directory, suffix)
             decision[0] = ("name", latest.name if latest is not None else None)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(decision, src=0)
