@@ -114,6 +114,8 @@ class TrainConfig:
     state_dtype: str = _opt("float32", "FusedAdamW's moment storage", choices=["float32", "bfloat16", "int8"])
     shard: str = _opt("none", "fsdp: shard parameters, gradients and optimizer states over the processes (FSDP2, "
                               "per transformer block); none: DDP replicas", choices=["none", "fsdp"])
+    tp: int = _opt(1, "tensor-parallel degree (with --shard fsdp): attention heads and MLP columns split over "
+                      "this many processes; FSDP over the rest (a 2-D mesh)", low=1)
     reshard_after_forward: bool = _opt(True, "with --shard fsdp: free each block's gathered parameters after its "
                                              "forward (gather again for backward)")
     activation_checkpointing: bool = _opt(False, "recompute each block's activations in backward instead of "
@@ -191,6 +193,8 @@ class TrainConfig:
                              "shard-aware); use --precision bf16")
         elif not cfg.reshard_after_forward:
             parser.error("--no-reshard-after-forward needs --shard fsdp")
+        elif cfg.tp > 1:
+            parser.error(f"--tp {cfg.tp} needs --shard fsdp (data parallelism over the other mesh dim)")
         if cfg.hook is None:
             cfg.hook = "none" if cfg.shard == "fsdp" else "powersgd"
         if cfg.dropout >= 1:
@@ -206,9 +210,13 @@ class TrainConfig:
             parser.error(f"--seq {cfg.seq} is too long for the corpus: the held-out {held_out} characters need "
                          f"--seq < {held_out}")
         world = int(os.environ.get("WORLD_SIZE", cfg.nproc))
-        if cfg.batch % (world * cfg.grad_accum):
-            parser.error(f"--batch {cfg.batch} is not divisible by {world} processes x --grad-accum "
-                         f"{cfg.grad_accum} = {world * cfg.grad_accum}")
+        if world % cfg.tp or cfg.heads % cfg.tp:
+            parser.error(f"--tp {cfg.tp} must divide the {world} processes and --heads {cfg.heads}")
+        data = world // cfg.tp
+        if cfg.batch % (data * cfg.grad_accum):
+            what = f"{world} processes" if cfg.tp == 1 else f"{data} data-parallel groups (--tp {cfg.tp})"
+            parser.error(f"--batch {cfg.batch} is not divisible by {what} x --grad-accum "
+                         f"{cfg.grad_accum} = {data * cfg.grad_accum}")
         if cfg.resume and cfg.checkpoint_dir is None:
             parser.error("--resume needs --checkpoint-dir")
         if cfg.resume and "WORLD_SIZE" not in os.environ and not os.path.isdir(cfg.checkpoint_dir):
@@ -273,10 +281,12 @@ class Block(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, h = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, s, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
+        # qkv's features are head-major (head, q|k|v, head dim), so a column split (tensor parallelism) gives each
+        # rank whole heads: -1 is the heads this rank holds (all, without tensor parallelism)
+        q, k, v = self.qkv(self.norm1(x)).view(b, s, -1, 3, h // self.heads).permute(3, 0, 2, 1, 4)
         dropout = self.dropout if self.training else 0.0
-        att = flash_attention(q, k, v, causal=True, dropout_p=dropout)  # (b, heads, s, h/heads)
-        x = x + self.proj(att.transpose(1, 2).reshape(b, s, h))
+        att = flash_attention(q, k, v, causal=True, dropout_p=dropout)  # (b, local heads, s, h/heads)
+        x = x + self.proj(att.transpose(1, 2).reshape(b, s, -1))
         return x + self.mlp(self.norm2(x))
 
 
@@ -318,6 +328,19 @@ class CharWindows(torch.utils.data.Dataset):
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def tensor_parallel(model: GPT, mesh) -> GPT:
+    """Megatron-style tensor parallelism of each block over the 1-D ``mesh``: qkv and the MLP's first linear split
+    by output columns (each rank holds heads/N whole heads and computes their attention locally), proj and the
+    MLP's second linear by input rows (their outputs all-reduced); norms and embeddings replicated."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    plan = {"qkv": ColwiseParallel(), "proj": RowwiseParallel(), "mlp.0": ColwiseParallel(),
+            "mlp.2": RowwiseParallel()}
+    for block in model.blocks:
+        parallelize_module(block, mesh, plan)
+    return model
 
 
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
@@ -404,8 +427,14 @@ def run(cfg: TrainConfig) -> dict:
                 activation_checkpointing=cfg.activation_checkpointing)
     n_params = sum(p.numel() for p in model.parameters())
     if cfg.shard == "fsdp":  # the optimizer is built on the sharded (DTensor) parameters
-        shard_model(model.to(info.device), model.blocks, reshard_after_forward=cfg.reshard_after_forward)
-        trainer_class, kwargs = FSDPTrainer, {}
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(info.device.type, (info.world_size // cfg.tp, cfg.tp), mesh_dim_names=("dp", "tp"))
+        if cfg.tp > 1:
+            tensor_parallel(model.to(info.device), mesh["tp"])
+        shard_model(model.to(info.device), model.blocks, reshard_after_forward=cfg.reshard_after_forward,
+                    mesh=mesh["dp"])
+        trainer_class, kwargs = FSDPTrainer, {"data_mesh": mesh["dp"]}
     else:
         trainer_class, kwargs = DDPTrainer, {"comm_hook": _comm_hook(cfg)}
     torch.manual_seed(cfg.seed + 1 + info.rank)  # per-rank streams for anything random during training
@@ -419,7 +448,7 @@ def run(cfg: TrainConfig) -> dict:
                             tensorboard=cfg.tensorboard, progress=cfg.progress, seed=cfg.seed,
                             watchdog_timeout=cfg.watchdog_timeout or None, **kwargs)
     if info.is_main:
-        comm = "FSDP" if cfg.shard == "fsdp" else f"hook {cfg.hook}"
+        comm = f"FSDP x TP {cfg.tp}" if cfg.tp > 1 else "FSDP" if cfg.shard == "fsdp" else f"hook {cfg.hook}"
         print(f"pytrain train: GPT {cfg.layers}x{cfg.hidden} ({n_params / 1e6:.2f}M params, vocab {vocab}, "
               f"seq {cfg.seq}), {info.world_size} x {info.device.type} ({dist.get_backend()}), "
               f"{type(trainer.optimizer).__name__}, {comm}, {cfg.precision}, batch {cfg.batch}, "

@@ -36,6 +36,11 @@ try:  # public since torch 2.4
     from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover - torch without distributed support
     DTensor = ()  # isinstance(x, ()) is always False
+try:  # FSDP2 over a tensor-parallel Shard(0) dim places the param _StridedShard(0) on the data-parallel dim; in
+    # torch 2.14 that placement is no Shard subclass and its is_shard() is False, yet each rank holds a part
+    from torch.distributed.tensor.placement_types import _StridedShard
+except ImportError:  # pragma: no cover - torch without distributed support
+    _StridedShard = ()
 
 #: a shard's place in its param: (mesh, mesh dims the param is sharded along); None: the local tensor is whole
 Split = Optional[Tuple[Hashable, Tuple[int, ...]]]
@@ -58,7 +63,7 @@ def split_of(p: "DTensor") -> Split:
         if placement.is_partial():
             raise ValueError(f"a param with a Partial placement ({p.placements}) cannot be stepped: "
                              "its value is a pending sum; redistribute it to Shard/Replicate first")
-        if placement.is_shard() and mesh.size(dim) > 1:
+        if (placement.is_shard() or isinstance(placement, _StridedShard)) and mesh.size(dim) > 1:
             dims.append(dim)
     return (mesh, tuple(dims)) if dims else None
 

@@ -122,12 +122,13 @@ class DDPTrainer:
                  bucket_cap_mb: float = 25.0, watchdog_timeout: Optional[float] = 120.0):
         self.info = init_distributed()
         self.world_size = self.info.world_size
+        self.data_ranks, self.data_rank = self._data_parallel()  # who splits the batch (all ranks, for DDP)
         self._check_args(batch_size, grad_accum, precision, keep_last, max_grad_norm, train_data, resume,
                          checkpoint_dir, checkpoint_every, watchdog_timeout)
         self.watchdog_timeout = watchdog_timeout
         self._watchdog: Union[Watchdog, _NoWatchdog] = _NoWatchdog()
         self.batch_size, self.grad_accum, self.precision = batch_size, grad_accum, precision
-        self.micro_batch = batch_size // (self.world_size * grad_accum)
+        self.micro_batch = batch_size // (self.data_ranks * grad_accum)
         self.device = self.info.device
         self.model = model.to(self.device)
         self.ddp = self._wrap(bucket_cap_mb)
@@ -139,18 +140,18 @@ class DDPTrainer:
         if self._clip_in_step and max_grad_norm is not None:
             optimizer.max_grad_norm = max_grad_norm
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
-        self.sampler = ResumableSampler(train_data, num_replicas=self.world_size, rank=self.info.rank, shuffle=True,
+        self.sampler = ResumableSampler(train_data, num_replicas=self.data_ranks, rank=self.data_rank, shuffle=True,
                                         seed=seed, drop_last=True)
         self.loader = self._loader(train_data, self.sampler)
         self.steps_per_epoch = (self.sampler.num_samples // self.micro_batch) // grad_accum
         if self.steps_per_epoch == 0:
             raise ValueError(f"DDPTrainer: the training set ({len(train_data)} samples, {self.sampler.num_samples} "
-                             f"per rank) is smaller than one step's share per rank ({batch_size // self.world_size})")
+                             f"per rank) is smaller than one step's share per rank ({batch_size // self.data_ranks})")
         self.total_steps = max_steps if max_steps is not None else epochs * self.steps_per_epoch
         self.scheduler = build_scheduler(lr_schedule, optimizer, self.total_steps, warmup_steps)
         self.val_loader = None
         if val_data is not None:
-            val_sampler = DistributedSampler(val_data, num_replicas=self.world_size, rank=self.info.rank,
+            val_sampler = DistributedSampler(val_data, num_replicas=self.data_ranks, rank=self.data_rank,
                                              shuffle=False)
             self.val_loader = self._loader(val_data, val_sampler)
         self.eval_every = eval_every or self.steps_per_epoch
@@ -184,9 +185,9 @@ class DDPTrainer:
             raise ValueError(f"DDPTrainer: precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if not isinstance(grad_accum, int) or grad_accum < 1:
             raise ValueError(f"DDPTrainer: grad_accum must be an int >= 1, got {grad_accum!r}")
-        if not isinstance(batch_size, int) or batch_size < 1 or batch_size % (self.world_size * grad_accum):
-            raise ValueError(f"DDPTrainer: batch_size {batch_size} is not divisible by world_size {self.world_size} "
-                             f"x grad_accum {grad_accum} = {self.world_size * grad_accum}; each rank needs whole "
+        if not isinstance(batch_size, int) or batch_size < 1 or batch_size % (self.data_ranks * grad_accum):
+            raise ValueError(f"DDPTrainer: batch_size {batch_size} is not divisible by {self.data_ranks} data-parallel "
+                             f"ranks x grad_accum {grad_accum} = {self.data_ranks * grad_accum}; each rank needs whole "
                              "micro-batches of the same size")
         if keep_last < 1:
             raise ValueError(f"DDPTrainer: keep_last must be >= 1, got {keep_last}")
@@ -221,6 +222,11 @@ class DDPTrainer:
         # a private generator: creating an iterator must not draw from the global RNG (resumes would drift)
         return DataLoader(data, batch_size=self.micro_batch, sampler=sampler, drop_last=False,
                           generator=torch.Generator().manual_seed(0))
+
+    def _data_parallel(self) -> Tuple[int, int]:
+        """(ranks the global batch is split over, this rank's index among them): every rank for DDP.  The loss and
+        validation averages over all ranks stay right when groups of ranks share a share (tensor parallelism)."""
+        return self.world_size, self.info.rank
 
     def _wrap(self, bucket_cap_mb: float) -> nn.Module:
         """The module the training steps call: ``self.model`` wrapped in DDP (the FSDP trainer: the model itself)."""
@@ -404,7 +410,7 @@ class DDPTrainer:
 
     def _first_micro_batches(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """This rank's first ``grad_accum`` micro-batches of the unshuffled data (leaves the sampler alone)."""
-        sampler = DistributedSampler(self.sampler.dataset, num_replicas=self.world_size, rank=self.info.rank,
+        sampler = DistributedSampler(self.sampler.dataset, num_replicas=self.data_ranks, rank=self.data_rank,
                                      shuffle=False)
         batches = iter(self._loader(self.sampler.dataset, sampler))
         return [tuple(t.to(self.device) for t in next(batches)) for _ in range(self.grad_accum)]

@@ -62,12 +62,14 @@ def shard_model(model: nn.Module, blocks: Iterable[nn.Module], *, reshard_after_
 class FSDPTrainer(DDPTrainer):
     """``DDPTrainer`` on a model sharded by ``shard_model`` (see the module doc); same arguments, except
     ``comm_hook`` (must be None) and ``precision`` ("fp32" or "bf16").  ``optimizer`` must be built on the
-    sharded model's parameters."""
+    sharded model's parameters.  ``data_mesh``: the 1-D mesh the model was sharded over, when it is not all
+    ranks (with tensor parallelism on the other dim of a 2-D mesh): the global batch is split over its ranks,
+    and the ranks of one tensor-parallel group get the same samples."""
 
     checkpoint_suffix = sc.SUFFIX
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn, train_data, *,
-                 comm_hook=None, precision: str = "fp32", **kwargs):
+                 comm_hook=None, precision: str = "fp32", data_mesh=None, **kwargs):
         if not isinstance(model, FSDPModule):
             raise ValueError(f"FSDPTrainer: the model must be sharded first (shard_model or fully_shard), got a plain "
                              f"{type(model).__name__}; then build the optimizer on its (DTensor) parameters")
@@ -82,7 +84,15 @@ class FSDPTrainer(DDPTrainer):
         if precision == "fp16":
             raise ValueError("FSDPTrainer: precision 'fp16' is not supported (its gradient scaler is not "
                              "shard-aware); use 'bf16' or 'fp32'")
+        if data_mesh is not None and data_mesh.ndim != 1:
+            raise ValueError(f"FSDPTrainer: data_mesh must be a 1-D device mesh, got {data_mesh.ndim} dims")
+        self._data_mesh = data_mesh
         super().__init__(model, optimizer, loss_fn, train_data, precision=precision, **kwargs)
+
+    def _data_parallel(self):
+        if self._data_mesh is None:
+            return super()._data_parallel()
+        return self._data_mesh.size(), self._data_mesh.get_local_rank()
 
     def _wrap(self, bucket_cap_mb: float) -> nn.Module:
         return self.model  # fully_shard made the model its own wrapper

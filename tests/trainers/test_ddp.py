@@ -136,7 +136,7 @@ def test_schedules():
 
 
 def test_batch_not_divisible_by_world_size(accum):
-    assert "batch_size 30 is not divisible by world_size 2 x grad_accum 4" in accum[0]["bad_batch"]
+    assert "batch_size 30 is not divisible by 2 data-parallel ranks x grad_accum 4" in accum[0]["bad_batch"]
 
 
 @pytest.mark.parametrize("name, message", [

@@ -8,6 +8,8 @@
 * Sharded checkpoints: a run checkpointed on 4 processes resumes on 2 and continues with the loss curve of the
   uninterrupted 4-process run; a checkpoint write that fails after the shards are written leaves the previous
   checkpoint the latest, and a resume loads it.
+* Tensor parallelism (``--tp 2``: heads and MLP columns split, flash attention on the local heads): alone on 2
+  processes it equals DDP; as DP x TP on a 2 x 2 mesh of 4 processes it equals plain FSDP on 4.
 * Misuse (an unsharded model, an optimizer built before sharding, a DDP hook, fp16) is a clear error.
 
 Three launches (see ``pytrain.testing.fsdp_scenarios``): 2 ranks (the DDP/FSDP pairs), 4 ranks (the checkpointed
@@ -24,11 +26,12 @@ from pytrain.trainers import spawn
 
 TOL = dict(rtol=1e-5, atol=1e-6)  # fp32, reduce-scatter vs all-reduce summation order over 10 steps
 STEPS = ["--steps", "10", "--eval-every", "5"]
-PAIRS = {  # name -> flags of both runs (the DDP one adds --hook none)
-    "adamw_fp32": ["--optimizer", "adamw"],
-    "adamw_bf16_states_no_reshard": ["--optimizer", "adamw", "--state-dtype", "bfloat16"],
-    "lamb_accum": ["--optimizer", "lamb", "--grad-accum", "2", "--schedule", "constant"],
-    "dropout_activation_checkpointing": ["--dropout", "0.1"],  # the FSDP run adds --activation-checkpointing
+PAIRS = {  # name -> (flags of both runs, flags of the FSDP run only); the DDP run adds --hook none
+    "adamw_fp32": ([], []),
+    "adamw_bf16_states_no_reshard": (["--state-dtype", "bfloat16"], ["--no-reshard-after-forward"]),
+    "lamb_accum": (["--optimizer", "lamb", "--grad-accum", "2", "--schedule", "constant"], []),
+    "dropout_activation_checkpointing": (["--dropout", "0.1"], ["--activation-checkpointing"]),
+    "tensor_parallel_2": ([], ["--tp", "2"]),  # 2 processes: 1 data-parallel group, 2 tensor-parallel ranks
 }
 
 
@@ -41,9 +44,8 @@ def records(path):
 def pairs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pairs")
     cfgs = []
-    for name, flags in PAIRS.items():
-        shard = ["--shard", "fsdp"] + (["--no-reshard-after-forward"] if "no_reshard" in name else []) + \
-            (["--activation-checkpointing"] if "activation_checkpointing" in name else [])
+    for name, (flags, only_fsdp) in PAIRS.items():
+        shard = ["--shard", "fsdp", *only_fsdp]
         cfgs.append(sc.config(*STEPS, *flags, "--hook", "none", "--log-file", str(tmp / f"{name}.ddp")))
         cfgs.append(sc.config(*STEPS, *flags, *shard, "--log-file", str(tmp / f"{name}.fsdp")))
     cfgs.append(sc.config(*STEPS, "--state-dtype", "int8", "--shard", "fsdp", "--log-file", str(tmp / "int8.fsdp")))
@@ -79,7 +81,9 @@ def resumed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
     ckpt = tmp / "ckpt"
     common = [*STEPS, "--shard", "fsdp", "--checkpoint-dir", str(ckpt), "--checkpoint-every", "5"]
-    spawn(sc.runs, 4, [sc.config(*common, "--log-file", str(tmp / "four"), "--nproc", "4")])
+    spawn(sc.runs, 4, [sc.config(*common, "--log-file", str(tmp / "four"), "--nproc", "4"),
+                       sc.config(*STEPS, "--shard", "fsdp", "--tp", "2", "--nproc", "4", "--log-file", str(tmp / "2d"),
+                                 "--checkpoint-dir", str(tmp / "ckpt2d"))])
     assert sorted(p.name for p in ckpt.iterdir()) == [".pytrain.lock", "step-00000005.dcp", "step-00000010.dcp"]
     shutil.rmtree(ckpt / "step-00000010.dcp")
     out = spawn(sc.resume_and_failures, 2, sc.config(*common, "--resume", "--log-file", str(tmp / "two")),
@@ -97,6 +101,15 @@ def test_checkpoint_on_4_processes_resumes_on_2(resumed):
     torch.testing.assert_close([r["lr"] for r in two], [r["lr"] for r in four[5:]], **TOL)
     assert [r["step"] for r in two_val] == [10]
     assert (tmp / "ckpt" / "step-00000010.dcp" / "trainer.pt").is_file()  # the resumed run's own
+
+
+def test_dp_x_tp_on_a_2d_mesh_equals_fsdp(resumed):
+    """4 processes as 2 data-parallel groups x 2 tensor-parallel ranks: the loss curve of plain FSDP on 4."""
+    tmp, _ = resumed
+    (four, _), (two_d, _) = records(tmp / "four"), records(tmp / "2d")
+    for key in ("loss", "grad_norm"):
+        torch.testing.assert_close([r[key] for r in two_d], [r[key] for r in four], **TOL, msg=key)
+    assert (tmp / "ckpt2d" / "step-00000010.dcp" / "trainer.pt").is_file()
 
 
 def test_failed_save_keeps_the_last_complete_checkpoint(resumed):
