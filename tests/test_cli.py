@@ -117,10 +117,10 @@ def test_train_help_documents_every_flag(capsys):
 
 
 def test_loss_that_did_not_fall_is_explained(tmp_path):
-    """lr 0: the loss moves with the batches only (up, for these two).  From step 0 that is an error (exit 1,
-    naming both losses); in a resumed stretch only a note (exit 0)."""
+    """lr 0: the loss moves with the batches only (up, for these two of seed 2: 3.822 -> 3.835).  From step 0 that is
+    an error (exit 1, naming both losses); in a resumed stretch only a note (exit 0)."""
     args = ["train", "--nproc", "1", "--size", "tiny", "--batch", "4", "--lr", "0", "--hook", "none", "--no-progress",
-            "--eval-every", "100", "--checkpoint-dir", str(tmp_path)]
+            "--eval-every", "100", "--seed", "2", "--checkpoint-dir", str(tmp_path)]
     out = pytrain(*args, "--steps", "2")
     assert out.returncode == 1, out.stdout + out.stderr
     assert re.search(r"pytrain train: error: the loss did not fall over 2 steps from step 0 \(first loss [\d.]+ "
