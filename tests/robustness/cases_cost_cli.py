@@ -213,11 +213,21 @@ def cli_cases() -> List[Case]:
         Case(fam, "train_optimizer_unknown", cli(["train", "--optimizer", "sgd"]), usage("--optimizer")),
         Case(fam, "train_resume_without_dir", cli(["train", "--resume"]), usage("--resume")),
         Case(fam, "train_unknown_flag", cli(["train", "--bogus"]), usage("--bogus")),
+        Case(fam, "train_shard_unknown", cli(["train", "--shard", "zero3"]), usage("--shard")),
+        Case(fam, "train_shard_fsdp_with_hook", cli(["train", "--shard", "fsdp", "--hook", "topk"]), usage("--hook")),
+        Case(fam, "train_shard_fsdp_fp16", cli(["train", "--shard", "fsdp", "--precision", "fp16"]),
+             usage("--precision")),
+        Case(fam, "train_no_reshard_without_fsdp", cli(["train", "--no-reshard-after-forward"]),
+             usage("--no-reshard-after-forward")),
+        Case(fam, "train_tp_without_fsdp", cli(["train", "--tp", "2"]), usage("--tp")),
+        Case(fam, "train_tp_not_dividing_heads", cli(["train", "--shard", "fsdp", "--tp", "4", "--nproc", "4",
+                                                      "--heads", "6"]), usage("--tp")),
+        Case(fam, "train_dropout_one", cli(["train", "--dropout", "1"]), usage("--dropout")),
     ]
     for flag, value in (("--checkpoint-every", "-1"), ("--checkpoint-every", "0"), ("--keep-last", "0"),
                         ("--eval-every", "0"), ("--lr", "-1"), ("--lr", "nan"), ("--weight-decay", "-1"),
                         ("--max-grad-norm", "0"), ("--warmup", "-1"), ("--patience", "0"), ("--layers", "0"),
-                        ("--seq", "0"), ("--batch", "0")):
+                        ("--seq", "0"), ("--batch", "0"), ("--tp", "0"), ("--dropout", "-0.5")):
         out.append(Case(fam, f"train{flag.replace('-', '_')}_{value.replace('-', 'neg')}",
                         cli(["train", flag, value], parse_only=True), usage(flag)))
     for cmd in ("cost", "plan"):
