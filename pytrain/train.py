@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .comm.hooks import HOOK_NAMES
+from .cost.collectives import format_rate, parse_rate
 from .data import default_corpus
 from .ops import flash_attention
 from .optim import FusedAdamW, FusedLAMB, FusedLARS
@@ -98,6 +99,10 @@ class TrainConfig:
                                 default_text="from --size")
     seq: Optional[int] = _opt(None, "sequence length in characters", kind=int, low=1, default_text="from --size")
     nproc: int = _opt(2, "processes spawned on this machine (ignored under torchrun)", low=1)
+    emulate_link: Optional[str] = _opt(None, "run the --nproc ranks in network namespaces joined by a link of this "
+                                             "rate, e.g. 1gbit or 500mbit (root and iproute2's tc; "
+                                             "pytrain.trainers.emulated_link)", kind=str,
+                                       default_text="off: loopback")
     steps: int = _opt(200, "optimizer steps in all, counted from step 0 (a resumed run does the rest)", low=1)
     batch: int = _opt(32, "global batch: sequences per optimizer step over all ranks (a multiple of processes x "
                           "--grad-accum)", low=1)
@@ -217,6 +222,14 @@ class TrainConfig:
             what = f"{world} processes" if cfg.tp == 1 else f"{data} data-parallel groups (--tp {cfg.tp})"
             parser.error(f"--batch {cfg.batch} is not divisible by {what} x --grad-accum "
                          f"{cfg.grad_accum} = {data * cfg.grad_accum}")
+        if cfg.emulate_link is not None:
+            try:
+                parse_rate(cfg.emulate_link)
+            except ValueError as exc:
+                parser.error(f"--emulate-link: {exc}")
+            if "WORLD_SIZE" in os.environ or cfg.nproc < 2:
+                parser.error(f"--emulate-link joins the processes pytrain train spawns: it needs --nproc >= 2 "
+                             f"(got {cfg.nproc}) and no torchrun")
         if cfg.resume and cfg.checkpoint_dir is None:
             parser.error("--resume needs --checkpoint-dir")
         if cfg.resume and "WORLD_SIZE" not in os.environ and not os.path.isdir(cfg.checkpoint_dir):
@@ -380,14 +393,17 @@ def _steady_compression(history: List[dict]) -> float:
 def _predicted_step(trainer, summary: dict) -> dict:
     """The cost model's DDP step time for this run, from a calibration on the run's own process group."""
     from .cost import calibrate, ddp_step
+    from .cost.calibrate import DEFAULT_SIZES
 
     if trainer.world_size < 2:
         return {"cost_model": "needs >= 2 processes (nothing is communicated on one)"}
-    calibration = calibrate()
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    # message sizes up to the step's gradient bytes, not beyond (8 MiB would take minutes on a slow link)
+    grad_bytes = max(64 * 2**10, 4 * n_params)
+    calibration = calibrate(sizes=sorted({min(n, grad_bytes) for n in DEFAULT_SIZES}))
     compute = torch.tensor(trainer.measure_compute(repeats=10))
     dist.all_reduce(compute, op=dist.ReduceOp.MAX)  # the step waits for the slowest rank
     ratio = _steady_compression(trainer.history)
-    n_params = sum(p.numel() for p in trainer.model.parameters())
     estimate = ddp_step(n_params, compute_s=float(compute), optimizer_s=summary["median_opt_s"],
                         world_size=trainer.world_size, link=calibration.link, compression_ratio=ratio)
     return {"predicted_step_s": estimate.step_s, "predicted_compute_s": estimate.compute_s,
@@ -483,10 +499,11 @@ def format_summary(s: dict) -> str:
                      f"hook {s['config']['hook']}; all ranks)")
     if "predicted_step_s" in s:
         err = s["predicted_step_s"] / s["median_step_s"] - 1
+        rate = format_rate(float(f"{8 / max(s['link_beta_s_per_byte'], 1e-15):.3g}"))
         lines.append(f"  step time       measured {s['median_step_s'] * 1e3:.1f} ms, predicted "
                      f"{s['predicted_step_s'] * 1e3:.1f} ms ({err:+.0%}; compute {s['predicted_compute_s'] * 1e3:.1f} ms"
                      f" + exposed comm {s['predicted_exposed_comm_s'] * 1e3:.2f} ms of {s['predicted_comm_s'] * 1e3:.2f};"
-                     f" link alpha {s['link_alpha_s'] * 1e6:.0f} us, {1e-9 / max(s['link_beta_s_per_byte'], 1e-15):.2f} GB/s;"
+                     f" link alpha {s['link_alpha_s'] * 1e6:.0f} us, {rate};"
                      f" {s['steady_compression']:.3f} of the bytes sent per step)")
     elif "cost_model" in s:
         lines.append(f"  step time       measured {s['median_step_s'] * 1e3:.1f} ms; cost model {s['cost_model']}")
@@ -513,9 +530,18 @@ def verdict(s: dict) -> Tuple[int, Optional[str]]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .trainers import CheckpointError, RankFailure, SpawnError, spawn
+    from .trainers import CheckpointError, RankFailure, SpawnError, spawn_on_link
+    from .trainers.emulated_link import unavailable
 
     cfg = TrainConfig.from_args(argv)
+    if cfg.emulate_link is not None:
+        why = unavailable()
+        if why is not None:
+            print(f"pytrain train: error: --emulate-link {cfg.emulate_link}: {why}", file=sys.stderr)
+            return 2
+        rate = format_rate(parse_rate(cfg.emulate_link))
+        print(f"pytrain train: {cfg.nproc} ranks in network namespaces joined at {rate} "
+              "(pytrain.trainers.emulated_link)", flush=True)
     try:
         if "WORLD_SIZE" in os.environ or cfg.nproc == 1:  # torchrun (or one process): this process is a rank
             try:
@@ -527,7 +553,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if rank != 0:
                 return 0
         else:
-            summary = spawn(run, cfg.nproc, cfg)[0]
+            summary = spawn_on_link(run, cfg.nproc, cfg.emulate_link, cfg)[0]
     except (SpawnError, CheckpointError, RankFailure) as exc:
         print(f"pytrain train: error: {exc}", file=sys.stderr)
         return 1

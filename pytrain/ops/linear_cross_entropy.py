@@ -64,6 +64,17 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 MIN_CHUNK = 1024  # rows: GEMMs of fewer rows re-pack the (V, H) weight too often for their work (CPU: 2-4x slower)
 
 
+def autocast_like_linear(*tensors: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+    """Under ``torch.autocast``, the inputs of the linear layer as autocast hands them to ``F.linear``: floating
+    tensors on the autocast device, float64 excepted, in the autocast dtype (the loss stays float32)."""
+    def cast(t: Optional[Tensor]) -> Optional[Tensor]:
+        if t is None or not t.is_floating_point() or t.dtype == torch.float64 \
+                or not torch.is_autocast_enabled(t.device.type):
+            return t
+        return t.to(torch.get_autocast_dtype(t.device.type))
+    return tuple(cast(t) for t in tensors)
+
+
 def default_chunk(n: int, vocab: int, hidden_size: int) -> int:
     """Rows per chunk: N / ceil(V / H), so the chunk's logits (chunk x V) are no larger than hidden (N x H)
     (Liger-Kernel's rule), but at least ``MIN_CHUNK`` rows (or N), so each chunk's GEMMs stay efficient."""
@@ -264,6 +275,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: O
     for name, t in (("hidden", hidden), ("weight", weight), ("target", target)):
         if not isinstance(t, Tensor):
             raise TypeError(f"linear_cross_entropy: {name} must be a Tensor, got {type(t).__name__}")
+    hidden, weight, bias = autocast_like_linear(hidden, weight, bias)
     problems = unsupported(hidden, weight, target, bias)
     if problems:
         raise ValueError("linear_cross_entropy: " + "; ".join(problems))

@@ -190,3 +190,16 @@ def test_kernel_rejects_or_poisons_out_of_range_target(impl):
     else:
         losses, gh, _, _ = op(h, w, t, b, torch.ones(9), IGNORE, 0.0, 0.0, 0.0, 4)
         assert losses[2].isnan() and not losses[[0, 1, 3, 4, 5]].isnan().any() and gh[2].isnan().all()
+
+
+def test_autocast_casts_like_f_linear():
+    """Under bf16 autocast, float32 inputs reach the op in bfloat16 as they reach F.linear: the same loss and
+    gradients as the op on bfloat16 copies, the gradients back in float32 (the inputs' dtype)."""
+    h, w, t, b = _inputs(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, *grads = _loss_and_grads(linear_cross_entropy, h, w, t, b, chunk_size=8)
+    want, *want_grads = _loss_and_grads(linear_cross_entropy, *(x.bfloat16() for x in (h, w)), t, b.bfloat16(),
+                                        chunk_size=8)
+    assert loss.dtype == torch.float32 and torch.equal(loss, want)
+    for g, e in zip(grads, want_grads):
+        assert g.dtype == torch.float32 and torch.equal(g, e.float())

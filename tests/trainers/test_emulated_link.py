@@ -1,9 +1,10 @@
 """Ranks in network namespaces joined at a chosen rate (pytrain.trainers.emulated_link), on real processes.
 
 Needs root, iproute2's ip and tc, and namespaces with the tbf qdisc (CI runs as root); elsewhere every test that
-builds a link skips with ``unavailable()``'s reason.  Cost: two spawns of tiny jobs (2 and 4 ranks, most of it
-process start-up) and a few ip/tc calls.
+builds a link skips with ``unavailable()``'s reason.  Cost: three spawns of tiny jobs (2 and 4 ranks, and a
+4-step `pytrain train`; most of it process start-up) and a few ip/tc calls.
 """
+import json
 import os
 import signal
 import subprocess
@@ -11,10 +12,12 @@ import sys
 
 import pytest
 
+from pytrain.data import default_corpus
 from pytrain.testing.emulated_link import allreduce_then_die, transfer_seconds
+from pytrain.train import GPT, TrainConfig
 from pytrain.trainers import EmulatedLink, SpawnError, spawn, spawn_on_link
-from pytrain.trainers.emulated_link import (PREFIX, cleanup_stale, format_rate, owned_namespaces, parse_rate,
-                                           unavailable)
+from pytrain.trainers.emulated_link import (BURST_MIN, BURST_S, PREFIX, cleanup_stale, format_rate,
+                                           owned_namespaces, parse_rate, unavailable)
 
 needs_link = pytest.mark.skipif(unavailable() is not None, reason=str(unavailable()))
 
@@ -94,3 +97,36 @@ def test_spawn_rejects_a_link_of_another_size():
 
     with pytest.raises(ValueError, match="joins 2 ranks, but nproc is 3"):
         spawn(transfer_seconds, 3, 8, link=Two())
+
+
+@needs_link
+def test_pytrain_train_runs_its_ranks_on_an_emulated_link(tmp_path):
+    """``pytrain train --emulate-link``: each step all-reduces the gradients over the link (DDP's ring: each rank
+    sends 2 (n-1)/n of the gradient bytes), so the steps cannot take less than those bytes, less what the token
+    bucket holds at the start, at the link's rate (a tenth of slack); on loopback these steps take a few ms each.
+    The namespaces are gone afterwards."""
+    rate, steps = parse_rate("50mbit"), 4
+    flags = ["--layers", "1", "--hidden", "128", "--heads", "2", "--seq", "16", "--steps", str(steps),
+             "--eval-every", str(steps), "--nproc", "2", "--batch", "8", "--hook", "none", "--emulate-link", "50mbit"]
+    proc = subprocess.run([sys.executable, "-m", "pytrain", "train", *flags, "--log-file", str(tmp_path / "log")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == 0, proc.stderr
+    assert "2 ranks in network namespaces joined at 50mbit" in proc.stdout
+    cfg = TrainConfig.from_args(flags)
+    grad_bytes = 4 * sum(p.numel() for p in GPT(len(set(default_corpus())), cfg.layers, cfg.hidden, cfg.heads,
+                                                 cfg.seq).parameters())
+    bucket = max(BURST_MIN, rate / 8 * BURST_S)
+    seconds = sum(r["step_s"] for r in map(json.loads, (tmp_path / "log").read_text().splitlines()) if "step_s" in r)
+    assert seconds >= 0.9 * (steps * grad_bytes - bucket) * 8 / rate, (seconds, grad_bytes)
+    assert cleanup_stale() == []  # the launcher removed its namespaces itself: none of a dead creator is left
+
+
+@pytest.mark.parametrize("flags, message", [(["--nproc", "1"], "needs --nproc >= 2"),
+                                            (["--nproc", "2", "--emulate-link", "fast"], "--emulate-link: link rate")])
+def test_pytrain_train_rejects_a_link_it_cannot_emulate(flags, message, capsys):
+    if "--emulate-link" not in flags:
+        flags = [*flags, "--emulate-link", "1gbit"]
+    with pytest.raises(SystemExit):
+        TrainConfig.from_args(flags)
+    assert message in capsys.readouterr().err
