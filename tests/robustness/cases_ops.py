@@ -107,8 +107,9 @@ def reference_step(op: str, lists: Dict[str, List], ref_dtype=F64, **hyper) -> D
     ref = {k: [t.detach().to(ref_dtype or t.dtype).contiguous().clone() for t in v] for k, v in lists.items()}
     kw = {**HYPER[op], **hyper}
     if op == "adamw_step":
+        steps = kw["step"] if isinstance(kw["step"], list) else [torch.tensor(float(kw["step"]))] * len(ref["params"])
         adamw.adamw_step_reference(ref["params"], ref["grads"], ref["exp_avgs"], ref["exp_avg_sqs"], [], [], [], [],
-                                   kw["lr"], kw["beta1"], kw["beta2"], kw["eps"], kw["weight_decay"], kw["step"],
+                                   kw["lr"], kw["beta1"], kw["beta2"], kw["eps"], kw["weight_decay"], steps,
                                    False, False, 1.0)
     elif op == "lars_step":
         lars.lars_step_reference(ref["params"], ref["grads"], ref["momentum_buffers"], *kw.values())
@@ -216,6 +217,20 @@ def step_cases() -> List[Case]:
                     Raises(ValueError, "step")))
     out.append(Case("ops.adamw_step", "step_float", step_call("adamw_step", lambda ls: None, step=1.5),
                     Raises((TypeError, RuntimeError), "step")))
+    # one step count per param, as tensors (the optimizer's state["step"]): each param's own bias corrections
+    def steps(*counts):
+        return [torch.tensor(float(c)) for c in counts] + [torch.tensor(1.0)] * (len(SHAPES) - len(counts))
+
+    out.append(Case("ops.adamw_step", "step_tensors_differ",
+                    lambda: step_result("adamw_step", step=steps(3, 7)), F64_EXACT))
+    out.append(Case("ops.adamw_step", "step_tensor_zero", step_call("adamw_step", lambda ls: None, step=steps(1, 0)),
+                    Raises((ValueError, RuntimeError), "step must be >= 1")))
+    out.append(Case("ops.adamw_step", "step_tensors_count",
+                    step_call("adamw_step", lambda ls: None, step=steps()[:1]),
+                    Raises((ValueError, RuntimeError), "steps has 1 tensors")))
+    out.append(Case("ops.adamw_step", "step_tensor_shape",
+                    step_call("adamw_step", lambda ls: None, step=[torch.ones(2)] + steps()[1:]),
+                    Raises((ValueError, RuntimeError), "one-element")))
     out.append(Case("ops.lars_step", "momentum_without_buffers",
                     step_call("lars_step", lambda ls: ls.update(momentum_buffers=[])),
                     Raises(ValueError, "momentum")))
