@@ -132,6 +132,10 @@ def _loss(model):
     return fn
 
 
+def _fused_loss(model):  # labels given to the model: the swap's fused linear cross-entropy computes the loss
+    return lambda tokens, labels: model(tokens, labels=labels).loss
+
+
 MODELS = {  # one layer: the break count of a layer does not change with depth
     "llama": lambda: tiny_llama(layers=1),
     "gpt2": lambda: tiny_gpt2(layers=1),
@@ -141,22 +145,23 @@ MODELS = {  # one layer: the break count of a layer does not change with depth
 }
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-def test_swapped_hf_training_step_compiles_with_zero_breaks(name):
+@pytest.mark.parametrize("name,loss_of", [(name, _loss) for name in MODELS] + [("llama", _fused_loss)],
+                         ids=[*MODELS, "llama-fused-loss"])
+def test_swapped_hf_training_step_compiles_with_zero_breaks(name, loss_of):
     eager = MODELS[name]()
     report = pytrain.swap(eager)
     assert report.swapped
     compiled_model = copy.deepcopy(eager)
     tokens, labels = llama_batch(128, 2, 16)
-    explained = _explain(_loss(eager), tokens, labels)
+    explained = _explain(loss_of(eager), tokens, labels)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
-    _loss(eager)(tokens, labels).backward()
+    loss_of(eager)(tokens, labels).backward()
     # aot_eager: dynamo, fakes and AOT autograd (the backward) as inductor sees them, without inductor's
     # code generation, which costs tens of seconds per model on a 2-core machine
-    loss = torch.compile(_loss(compiled_model), fullgraph=True, backend="aot_eager")(tokens, labels)
+    loss = torch.compile(loss_of(compiled_model), fullgraph=True, backend="aot_eager")(tokens, labels)
     loss.backward()
     assert sum(n for (_, outcome), n in report.calls.items() if outcome == "pytrain") > 0, str(report)
-    torch.testing.assert_close(loss, _loss(eager)(tokens, labels), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, loss_of(eager)(tokens, labels), atol=1e-5, rtol=1e-5)
     for (n, a), (_, b) in zip(compiled_model.named_parameters(), eager.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=n)
 

@@ -22,6 +22,7 @@ report.  Sliding window: key j is seen by query i when i - sliding_window < j <=
 """
 from __future__ import annotations
 
+import types
 import weakref
 from typing import Callable, Optional, Tuple
 
@@ -130,8 +131,8 @@ FUSED_LOSS = "loss from labels by pytrain.ops.linear_cross_entropy (no logits in
 def fused_loss_decline_reason(model: PreTrainedModel) -> Optional[str]:
     """Why ``pytrain.swap`` keeps a model's own loss (None: training losses can go through the fused op)."""
     head = getattr(model, "lm_head", None)
-    if not isinstance(head, nn.Linear):
-        return "no nn.Linear lm_head (not a causal LM head)"
+    if type(head) is not nn.Linear:
+        return "lm_head is not a plain nn.Linear (not a causal LM head, or one with its own forward)"
     if getattr(model.config, "is_encoder_decoder", False):
         return "encoder-decoder model"
     if type(model).__name__.endswith("ForCausalLM") or type(model).__name__ == "GPT2LMHeadModel":
@@ -153,44 +154,59 @@ def _call_decline_reason(model: nn.Module, kwargs: dict) -> Optional[str]:
 def use_fused_loss(model: PreTrainedModel, record: Callable[[Optional[str]], None]) -> Callable[[], None]:
     """Training calls with ``labels`` compute ``loss`` by the fused op from the last hidden states, and return
     ``logits=None`` (they are never built); any other call (no labels, eval, ``logits_to_keep``) runs the model's
-    own forward, and ``record`` counts each call with labels (None: fused, else the reason).  Returns the undo."""
-    from ..nn.linear_cross_entropy import LinearCrossEntropyLoss
+    own forward, and ``record`` counts each call with labels (None: fused, else the reason).  Returns the undo.
 
-    original = model.forward
-    head = model.lm_head
-
-    def forward(*args, **kwargs):
-        if kwargs.get("labels") is None:  # inference: not a loss call, nothing to count
-            return original(*args, **kwargs)
-        reason = _call_decline_reason(model, kwargs)
-        record(reason)
-        if reason is not None:
-            return original(*args, **kwargs)
-        labels = kwargs.pop("labels")
-        shift_labels = kwargs.pop("shift_labels", None)
-        num_items = kwargs.pop("num_items_in_batch", None)
-        captured = []
-
-        def capture(hidden):  # the head's input; a placeholder stands in for the logits
-            captured.append(hidden)
-            return hidden.new_zeros(0)
-
-        head.forward = capture
-        try:
-            out = original(*args, **kwargs)
-        finally:
-            del head.forward
-        hidden = captured[0]
-        if shift_labels is None:  # transformers' ForCausalLMLoss: token i predicts labels[i + 1]
-            shift_labels = nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
-        cap = getattr(model.config, "final_logit_softcapping", None)
-        out.loss = LinearCrossEntropyLoss(softcap=cap)(hidden, head.weight, shift_labels.to(hidden.device),
-                                                       head.bias, num_items_in_batch=num_items)
-        out.logits = None
-        return out
-
-    model.forward = forward
+    The new forward is a method bound to ``model`` and finds the model's forward, head and ``record`` on the
+    instance, so a copy of the swapped model (``copy.deepcopy``: EMA weights, a compiled twin) computes with
+    its own parameters."""
+    model._pytrain_forward = model.forward
+    model._pytrain_record = record
+    model.forward = types.MethodType(_fused_loss_forward, model)
+    model.lm_head.__class__ = _CapturingHead
 
     def undo():
-        del model.forward
+        for name in ("forward", "_pytrain_forward", "_pytrain_record"):
+            delattr(model, name)
+        model.lm_head.__class__ = nn.Linear
     return undo
+
+
+class _CapturingHead(nn.Linear):
+    """The swapped model's ``lm_head`` (same parameters, same state dict): while ``captured`` is a list, it
+    appends its input (the last hidden states) there and returns an empty placeholder instead of the logits."""
+
+    captured: Optional[list] = None
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        if self.captured is None:
+            return super().forward(hidden)
+        self.captured.append(hidden)
+        return hidden.new_zeros(0)
+
+
+def _fused_loss_forward(model: PreTrainedModel, *args, **kwargs):
+    from ..nn.linear_cross_entropy import LinearCrossEntropyLoss
+
+    original, head = model._pytrain_forward, model.lm_head
+    if kwargs.get("labels") is None:  # inference: not a loss call, nothing to count
+        return original(*args, **kwargs)
+    reason = _call_decline_reason(model, kwargs)
+    model._pytrain_record(reason)
+    if reason is not None:
+        return original(*args, **kwargs)
+    labels = kwargs.pop("labels")
+    shift_labels = kwargs.pop("shift_labels", None)
+    num_items = kwargs.pop("num_items_in_batch", None)
+    head.captured = []
+    try:
+        out = original(*args, **kwargs)
+        hidden = head.captured[0]
+    finally:
+        head.captured = None
+    if shift_labels is None:  # transformers' ForCausalLMLoss: token i predicts labels[i + 1]
+        shift_labels = nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    out.loss = LinearCrossEntropyLoss(softcap=cap)(hidden, head.weight, shift_labels.to(hidden.device),
+                                                   head.bias, num_items_in_batch=num_items)
+    out.logits = None
+    return out

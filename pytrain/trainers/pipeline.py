@@ -40,7 +40,9 @@ from pytrain.cost.pipeline import SCHEDULES, bubble_fraction, load_balance, pipe
 from pytrain.cost.report import BubbleReport
 from pytrain.trainers import state as st
 from pytrain.trainers.checkpoint import CheckpointError, load_checkpoint
+from pytrain.trainers.metrics import JsonLogger
 from pytrain.trainers.pipeline_balance import layer_times, partition
+from pytrain.trainers.tracking import RunLog, TensorBoardLog, peak_memory_bytes
 
 CHECKPOINT_FORMAT = "pytrain.pipeline/1"
 Layers = List[Tuple[str, nn.Module]]
@@ -145,6 +147,10 @@ class PipelineTrainer:
         dp_size: pipeline replicas (data parallel degree); the world size must be ``dp_size * pp``.
         device: where the local stages run (default: ``cuda:<current>`` on NCCL, else the CPU).
         example_input: one micro-batch of inputs, used to time the layers for balancing.
+        log_file: a JSON-lines file of one record per step (global rank 0): ``step``, ``loss``, ``lr``
+            (param group 0), ``step_s``, ``samples_per_s`` (over the pipeline replicas), ``peak_mem_bytes``.
+        tensorboard: a directory for TensorBoard event files of the same records (global rank 0;
+            ``pytrain.trainers.tracking``).  ``close()`` flushes and closes both.
 
     ``step(inputs, target)`` runs one batch (every rank of a pipeline passes the same batch; shape
     ``(batch, ...)``) and returns the mean loss on every rank.
@@ -155,7 +161,8 @@ class PipelineTrainer:
                  loss_fn: Callable[[Tensor, Tensor], Tensor],
                  optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
                  virtual_stages: Optional[int] = None, dp_size: int = 1, device: Optional[torch.device] = None,
-                 example_input: Optional[Tensor] = None):
+                 example_input: Optional[Tensor] = None, log_file: Optional[str] = None,
+                 tensorboard: Optional[str] = None):
         if not dist.is_initialized():
             raise RuntimeError("PipelineTrainer needs an initialised process group: call "
                                "pytrain.trainers.launch.init_distributed() or torch.distributed.init_process_group()")
@@ -176,6 +183,7 @@ class PipelineTrainer:
         self._busy_total = self._wall_total = 0.0
         self.steps, self._timed_steps = 0, -1  # optimizer steps; steps timed (this process's first is not)
         self._micro_shapes = None
+        self.log = RunLog(JsonLogger(log_file), TensorBoardLog(tensorboard))
         if split_points is not None or example_input is not None:
             self._build(split_points, example_input)
 
@@ -276,12 +284,22 @@ class PipelineTrainer:
         self._check_batch(inputs, target)
         if self.optimizer is None:
             self._build(None, inputs[: inputs.shape[0] // self.n_microbatches])
+        start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._run_schedule(inputs, target)
         self._average_over_replicas()
+        lr = float(self.optimizer.param_groups[0]["lr"])  # the rate this step used
         self.optimizer.step()
         self.steps += 1
+        seconds = time.perf_counter() - start
+        self.log.log(step=self.steps, loss=loss, lr=lr, step_s=seconds,
+                     samples_per_s=inputs.shape[0] * self.grid.dp / seconds,
+                     peak_mem_bytes=peak_memory_bytes(self.device))
         return loss
+
+    def close(self) -> None:
+        """Flushes and closes the JSON-lines log and the TensorBoard event files."""
+        self.log.close()
 
     def _run_schedule(self, inputs: Tensor, target: Tensor) -> float:
         args = (inputs.to(self.device),) if self.holds_first_stage else ()

@@ -68,3 +68,18 @@ def test_inference_and_evaluation_keep_the_logits():
     torch.testing.assert_close(swapped.loss, stock.loss)
     assert report.declined_calls[(LOSS_PATH, "evaluation (logits kept for metrics)")] == 1
     assert (LOSS_PATH, ROUTED) not in report.calls
+
+
+def test_a_copy_of_the_swapped_model_trains_its_own_parameters():
+    """copy.deepcopy of a swapped model (EMA weights, a compiled twin) computes with the copy's parameters."""
+    model = tiny_llama().train()
+    ours = copy.deepcopy(model)
+    pytrain.swap(ours)
+    twin, halved = copy.deepcopy(ours), copy.deepcopy(model)
+    with torch.no_grad():
+        for p in [*twin.parameters(), *halved.parameters()]:
+            p.mul_(0.5)
+    _loss()(twin).backward()
+    assert all(p.grad is None for p in ours.parameters())
+    assert all(p.grad is not None for p in twin.parameters())
+    assert_swap_matches(halved, twin, _loss())

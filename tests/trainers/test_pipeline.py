@@ -4,6 +4,7 @@ One spawn runs every schedule and the bad-input cases (processes are slow to sta
 each test then checks its part of the ranks' results against a single-process reference.
 """
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from pytrain.testing.tolerances import assert_close
 from pytrain.trainers.launch import spawn
 from pytrain.trainers.pipeline import PipelineTrainer
 from pytrain.trainers.pipeline_balance import layer_times, partition
+from pytrain.trainers.tracking import TAGS, read_run
 
 BATCH, N_MICRO, STEPS, LR = 8, 4, 3, 1e-2
 #: case -> split points of the 8-layer model (None: balanced by measured layer time; "stages": cut by hand)
@@ -104,9 +106,18 @@ def _checkpoints(directory):
             "missing": _error(lambda: resumed.load(f"{directory}/nothing-here"))}
 
 
+def _tracked(directory):
+    """Steps logged to JSON lines and TensorBoard (global rank 0 writes both)."""
+    trainer = _trainer(_model(), "gpipe", split_points=[4], log_file=f"{directory}/log.jsonl",
+                       tensorboard=f"{directory}/tb")
+    losses = [trainer.step(x, y) for x, y in _batches()]
+    trainer.close()
+    return {"losses": losses, "directory": directory}
+
+
 def _pipeline_worker(directory):
     return {"cases": {case: _train(case) for case in CASES}, "bad": _bad_inputs(), "rank": dist.get_rank(),
-            "checkpoint": _checkpoints(directory)}
+            "checkpoint": _checkpoints(directory), "tracked": _tracked(directory)}
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +225,18 @@ def test_checkpoint_errors(ranks):
         assert kind == "CheckpointError" and "stage layout" in text and "'split_points': [3]" in text
         kind, text = r["checkpoint"]["missing"]
         assert kind == "CheckpointError" and "does not exist" in text
+
+
+def test_steps_are_logged_to_json_lines_and_tensorboard(ranks):
+    directory = Path(ranks[0]["tracked"]["directory"])
+    losses = ranks[0]["tracked"]["losses"]
+    steps = list(range(1, STEPS + 1))
+    for path in (directory / "tb", directory / "log.jsonl"):
+        run = read_run(path)
+        assert run[TAGS["loss"]] == (steps, pytest.approx(losses, rel=1e-5)), path
+        assert run[TAGS["lr"]] == (steps, pytest.approx([LR] * STEPS)), path
+        assert run[TAGS["step_s"]][0] == steps and all(t > 0 for t in run[TAGS["step_s"]][1]), path
+        assert all(b > 0 for b in run[TAGS["peak_mem_bytes"]][1]), path
 
 
 def test_needs_a_process_group():
