@@ -5,6 +5,7 @@ import torch
 from pytrain.ops import registry
 from pytrain.testing.backends import CPU_IMPLS, impl_or_skip
 from pytrain.ops.adamw import INT8_BLOCK
+from pytrain.ops.attention import seed_tensor
 
 SHAPES = [(3, 5), (300,)]
 
@@ -58,7 +59,7 @@ def test_opcheck_attention_forward_and_backward(impl, causal):
     q = torch.randn(1, 4, 6, 16, generator=gen, requires_grad=True)
     k, v = (torch.randn(1, 2, 5, 16, generator=gen, requires_grad=True) for _ in range(2))
     op = getattr(torch.ops.pytrain, OP_NAMES[impl].format("attention_fwd")).default
-    torch.library.opcheck(op, (q, k, v, 0.25, causal, -1, -1, 0.0, 0))
+    torch.library.opcheck(op, (q, k, v, 0.25, causal, -1, -1, 0.0, seed_tensor(0)))
 
 
 def test_every_op_has_a_reference():

@@ -299,9 +299,10 @@ def qkv(b=1, h=2, lq=5, lk=6, d=16, hk=None, dtype=F32):
 
 
 def attn_ref(q, k, v, causal=False, scale=None, window=(-1, -1)):
-    from pytrain.ops.attention import attention_fwd_reference
+    from pytrain.ops.attention import attention_fwd_reference, seed_tensor
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return attention_fwd_reference(q.to(F64), k.to(F64), v.to(F64), scale, causal, window[0], window[1], 0.0, 0)[0]
+    return attention_fwd_reference(q.to(F64), k.to(F64), v.to(F64), scale, causal, window[0], window[1], 0.0,
+                                   seed_tensor(0))[0]
 
 
 def attn_result(make=qkv, impl=None, causal=False, scale=None, **kw):
@@ -339,6 +340,13 @@ def _with(fn, which: int, change):
         t[which] = change(t[which])
         return tuple(t)
     return make
+
+
+def _raw_fwd(impl: str, seed):
+    def run():
+        op = torch.ops.pytrain.attention_fwd if impl == "cpu" else torch.ops.pytrain.attention_fwd_reference
+        return list(op(*qkv(), 0.25, False, -1, -1, 0.1, seed))
+    return run
 
 
 def attention_cases() -> List[Case]:
@@ -406,6 +414,12 @@ def attention_cases() -> List[Case]:
     for name, value in (("one", 1.0), ("negative", -0.1), ("nan", math.nan), ("inf", math.inf)):
         out.append(Case(fam, f"dropout_{name}", attn_call(dropout_p=value), Raises(ValueError, "dropout_p")))
     out.append(Case(fam, "dropout_str", attn_call(dropout_p="0.1"), Raises(TypeError, "dropout_p")))
+    for name, value in (("float", 1.5), ("bool", True), ("tensor", torch.tensor(3))):
+        out.append(Case(fam, f"seed_{name}", attn_call(dropout_p=0.1, seed=value), Raises(TypeError, "seed")))
+    for impl in ("cpu", "reference"):  # the ops' seed: a one-element integer CPU tensor, checked by each backend
+        for name, value in (("float_tensor", torch.tensor(3.0)), ("two_elements", torch.tensor([1, 2]))):
+            out.append(Case(fam, f"op_seed_{name}_{impl}", _raw_fwd(impl, value),
+                            Raises((ValueError, RuntimeError), "seed must be a one-element integer CPU tensor")))
     for name, window in (("negative", (-2, 0)), ("one_side", (1,)), ("float", (1.5, 0)), ("str", ("a", 0)),
                          ("bool", (True, 0))):
         out.append(Case(fam, f"window_{name}", attn_call(window=window), Raises((ValueError, TypeError), "window")))
