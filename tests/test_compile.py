@@ -236,6 +236,19 @@ def test_fused_optimizer_step_compiles_with_zero_breaks_and_matches_eager(name):
             torch.testing.assert_close(compiled.state[a][key], value, atol=0, rtol=0, msg=key)
 
 
+def test_fused_adamw_later_steps_reuse_the_graph():
+    """The step count is a tensor the kernel reads: after the first step (state creation) and the second (state
+    present) the graph is reused; a Python int step would be a constant that recompiles every step."""
+    params = [torch.nn.Parameter(t) for t in _params()]
+    step = torch.compile(FusedAdamW(params, lr=1e-2).step, fullgraph=True, backend="eager")
+    gen = torch.Generator().manual_seed(3)
+    for i in range(5):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        with dynamo.config.patch(error_on_recompile=i >= 2):
+            step()
+
+
 # ------------------------------------------------------------------------------------------ autocast
 AUTOCAST_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                           reason="needs CUDA"))]
