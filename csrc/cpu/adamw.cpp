@@ -6,7 +6,8 @@
 //   w = w - lr / (1 - b1^t) * m / (sqrt(v or vmax) / sqrt(1 - b2^t) + eps)
 // Variants: params float32/bfloat16/float16; states float32 or bfloat16, or int8 m / uint8 sqrt(v)
 // codes with one float32 scale per 256-element block (dequantized, stepped in fp32, requantized block
-// by block); optional float32 master weights (params then get the rounded master).
+// by block); optional float32 master weights (params then get the rounded master).  t is each tensor's own
+// step count (`steps`: one-element CPU tensors, torch.optim's state["step"], read on the host).
 // References: Loshchilov & Hutter 2019 (AdamW); Li et al. 2023 (zero-free grid of the int8 second moment).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

@@ -6,6 +6,8 @@
 // square root even under --use_fast_math, whose flush-to-zero of denormals remains), so results differ from
 // the reference only by its own rounding (torch's CPU sqrt and CUDA division by a scalar are not IEEE).
 //
+// t is each tensor's own step count (`steps`: one-element CPU tensors read on the host): one set of launches per
+// distinct t, one in training.
 // Variants: params f32/bf16/f16 (grads alike), optional f32 masters (read w from the master, write the master
 // and the rounded param), states f32/bf16 or int8 (blockwise: Dettmers et al. 2022, "8-bit Optimizers via
 // Block-wise Quantization"; zero-free sqrt(v) grid of Li et al. 2023).  In int8 mode each warp owns one
