@@ -143,8 +143,8 @@ def adamw(param: str, state: str, master: bool = False, amsgrad: bool = False, m
         v = _tensors(torch.uint8) if quant else _tensors(sd)
         scales = [torch.empty(triton.cdiv(n, INT8_BLOCK)) for n in SIZES] if quant else []
         adamw_step(p, _tensors(FLOATS[param], aligned), m, v, _tensors(sd) if amsgrad else [],
-                   _tensors(torch.float32) if master else [], scales, list(scales), 1e-3, 0.9, 0.999, 1e-8, 0.01, 7,
-                   amsgrad, maximize, 1.0, int8_block=INT8_BLOCK)
+                   _tensors(torch.float32) if master else [], scales, list(scales), 1e-3, 0.9, 0.999, 1e-8, 0.01,
+                   [7.0] * len(SIZES), amsgrad, maximize, 1.0, int8_block=INT8_BLOCK)
 
     flags = "".join(f" {n}" for n, on in (("master", master), ("amsgrad", amsgrad), ("maximize", maximize),
                                           ("unaligned", not aligned)) if on)

@@ -54,4 +54,13 @@ inline void check_attention_args(const char* op, double scale, int64_t window_le
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
 }
 
+// The dropout seed: a one-element integer CPU tensor (torch.compile draws it in the graph), read on the host.
+inline int64_t read_attention_seed(const char* op, const at::Tensor& seed) {
+  TORCH_CHECK(seed.numel() == 1 && seed.device().is_cpu() && !at::isFloatingType(seed.scalar_type()) &&
+                  !at::isComplexType(seed.scalar_type()) && seed.scalar_type() != at::kBool,
+              op, ": seed must be a one-element integer CPU tensor, got shape ", seed.sizes(), ", dtype ",
+              seed.scalar_type(), " on ", seed.device());
+  return seed.item<int64_t>();
+}
+
 }  // namespace pytrain

@@ -130,15 +130,26 @@ def _adamw_kernel(addrs, blocks, numels, n_tensors, decay, step_size, beta1, one
 def adamw_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
                max_exp_avg_sqs: List[Tensor], master_params: List[Tensor], exp_avg_scales: List[Tensor],
                exp_avg_sq_scales: List[Tensor], lr: float, beta1: float, beta2: float, eps: float,
-               weight_decay: float, step: int, amsgrad: bool, maximize: bool, grad_scale: float, *,
+               weight_decay: float, steps: List[float], amsgrad: bool, maximize: bool, grad_scale: float, *,
                int8_block: int) -> None:
-    """One AdamW step in place over all params (arguments as ``pytrain.ops.adamw.adamw_step_reference``;
-    ``int8_block``: elements per int8 state scale, ``pytrain.ops.adamw.INT8_BLOCK``)."""
-    if not params:
-        return
+    """One AdamW step in place over all params (arguments as ``pytrain.ops.adamw.adamw_step_reference``, but
+    ``steps``: the step numbers, read and checked by the caller; ``int8_block``: elements per int8 state
+    scale, ``pytrain.ops.adamw.INT8_BLOCK``).  One launch per distinct step number (one in training, unless
+    some params missed steps)."""
+    lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, exp_avg_scales,
+             exp_avg_sq_scales]
+    for step in sorted(set(steps)):
+        at_step = [i for i, s in enumerate(steps) if s == step]
+        _launch([[ts[i] for i in at_step] if ts else [] for ts in lists], lr, beta1, beta2, eps, weight_decay,
+                step, amsgrad, maximize, grad_scale, int8_block)
+
+
+def _launch(lists: List[List[Tensor]], lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+            step: float, amsgrad: bool, maximize: bool, grad_scale: float, int8_block: int) -> None:
+    """One launch over the params of ``lists`` (the op's lists in argument order), all at step ``step``."""
+    params, exp_avgs, master_params, exp_avg_scales = lists[0], lists[2], lists[5], lists[6]
     rows, num_warps = ADAMW_CONFIG["ROWS"], ADAMW_CONFIG["num_warps"]
-    tab = table([params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, exp_avg_scales,
-                 exp_avg_sq_scales], rows * int8_block)
+    tab = table(lists, rows * int8_block)
     if tab.n_blocks == 0:
         return
     # Scalars are formed in double as in the reference, then passed (rounded) as float32.

@@ -15,9 +15,10 @@ import torch.nn.functional as F
 import pytrain
 from pytrain import ops
 from pytrain.comm import orthogonalize_, powersgd_p, powersgd_q
+from pytrain.ops.attention import seed_tensor
 from pytrain.ops.quantize import dequantize_groups, quantize_groups
 from pytrain.ops.topk import topk_filter
-from pytrain.optim import FusedLARS
+from pytrain.optim import FusedAdamW, FusedLARS
 from pytrain.testing.swap_models import llama_batch, tiny_gpt2, tiny_llama, tiny_mistral
 
 transformers = pytest.importorskip("transformers", reason="the swapped-model tests need transformers")
@@ -53,6 +54,28 @@ def test_flash_attention_fullgraph_forward_and_backward_match_eager():
     torch.compile(fn, fullgraph=True)(*compiled_in).backward(g)
     for a, b in zip(compiled_in, eager_in):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_flash_attention_dropout_draws_its_seed_in_the_graph():
+    """Without a seed, dropout draws one from torch's generator as a tensor: no break, the eager draw (so the
+    eager mask) under the same generator state, and a new mask each call (the seed is not baked in)."""
+    def fn(q, k, v):
+        return ops.flash_attention(q, k, v, causal=True, dropout_p=0.3)
+
+    eager_in, compiled_in = _qkv(requires_grad=True), _qkv(requires_grad=True)
+    explained = _explain(fn, *eager_in)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")  # inductor draws with its own generator
+    torch.manual_seed(5)
+    want = fn(*eager_in)
+    torch.manual_seed(5)
+    got = compiled(*compiled_in)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    got.sum().backward()
+    want.sum().backward()
+    for a, b in zip(compiled_in, eager_in):
+        torch.testing.assert_close(a.grad, b.grad, atol=0, rtol=0)
+    assert not torch.equal(compiled(*compiled_in), got)
 
 
 def _params(n=2):
@@ -139,9 +162,9 @@ def _fused_loss(model):  # labels given to the model: the swap's fused linear cr
 MODELS = {  # one layer: the break count of a layer does not change with depth
     "llama": lambda: tiny_llama(layers=1),
     "gpt2": lambda: tiny_gpt2(layers=1),
-    # sequence shorter than the window: transformers then passes no mask (a mask tensor is checked with
-    # torch.equal in pytrain.integrations.transformers, a data-dependent break under torch.compile)
+    # sequence (16) within and beyond the window: pytrain's mask builder passes no mask either way
     "mistral": lambda: tiny_mistral(layers=1, sliding_window=32),
+    "mistral_windowed": lambda: tiny_mistral(layers=1, sliding_window=6),
 }
 
 
@@ -167,24 +190,63 @@ def test_swapped_hf_training_step_compiles_with_zero_breaks(name, loss_of):
 
 
 # ------------------------------------------------------------------------------------------ optimizers
-def test_fused_lars_step_compiles_with_zero_breaks_and_matches_eager():
+def _explain_step(opt, op: str) -> None:
+    """1 graph, 0 breaks for ``opt.step`` in its current state, with ``pytrain::op`` in the graph.  explain runs
+    the step, so on a deep copy, given the grads too (deepcopy leaves them out: the step would be empty)."""
+    twin = copy.deepcopy(opt)
+    for group, twin_group in zip(opt.param_groups, twin.param_groups):
+        for p, q in zip(group["params"], twin_group["params"]):
+            q.grad = None if p.grad is None else p.grad.clone()
+    explained = _explain(twin.step)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    assert f"pytrain.{op}" in explained.graphs[0].code, explained.graphs[0].code
+
+
+OPTIMIZERS = {  # name: (optimizer of params, its op, backend); "aot_eager" where inductor adds only compile time
+    "lars": (lambda ps: FusedLARS(ps, lr=0.1, weight_decay=1e-4), "lars_step", "inductor"),
+    "adamw": (lambda ps: FusedAdamW(ps, lr=1e-2), "adamw_step", "inductor"),
+    "adamw_amsgrad_bf16_states": (lambda ps: FusedAdamW(ps, lr=1e-2, amsgrad=True, state_dtype=torch.bfloat16),
+                                  "adamw_step", "aot_eager"),
+    "adamw_int8_states": (lambda ps: FusedAdamW(ps, lr=1e-2, state_dtype="int8"), "adamw_step", "aot_eager"),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_fused_optimizer_step_compiles_with_zero_breaks_and_matches_eager(name):
+    """Four steps, param 1 without a gradient in the second (so the params' step counts differ after it);
+    explained in the fourth.  The compiled step gives the eager step's bits."""
+    make, op, backend = OPTIMIZERS[name]
     eager_params = [torch.nn.Parameter(t) for t in _params()]
     compiled_params = [torch.nn.Parameter(t.detach().clone()) for t in eager_params]
-    eager, compiled = FusedLARS(eager_params, lr=0.1, weight_decay=1e-4), FusedLARS(compiled_params, lr=0.1,
-                                                                                    weight_decay=1e-4)
-    step = torch.compile(compiled.step, fullgraph=True)
+    eager, compiled = make(eager_params), make(compiled_params)
+    step = torch.compile(compiled.step, fullgraph=True, backend=backend)
     gen = torch.Generator().manual_seed(2)
-    for i in range(3):
+    for i in range(4):
         for a, b in zip(eager_params, compiled_params):
-            a.grad = torch.randn(a.shape, generator=gen)
-            b.grad = a.grad.clone()
-        if i == 1:  # explain runs the step: on a copy, in mid-run state
-            explained = _explain(copy.deepcopy(compiled).step)
-            assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+            a.grad = None if (i, a is eager_params[1]) == (1, True) else torch.randn(a.shape, generator=gen)
+            b.grad = None if a.grad is None else a.grad.clone()
+        if i == 3:
+            _explain_step(compiled, op)
         eager.step()
         step()
     for a, b in zip(compiled_params, eager_params):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    for a, b in zip(compiled_params, eager_params):
+        for key, value in eager.state[b].items():
+            torch.testing.assert_close(compiled.state[a][key], value, atol=0, rtol=0, msg=key)
+
+
+def test_fused_adamw_later_steps_reuse_the_graph():
+    """The step count is a tensor the kernel reads: after the first step (state creation) and the second (state
+    present) the graph is reused; a Python int step would be a constant that recompiles every step."""
+    params = [torch.nn.Parameter(t) for t in _params()]
+    step = torch.compile(FusedAdamW(params, lr=1e-2).step, fullgraph=True, backend="eager")
+    gen = torch.Generator().manual_seed(3)
+    for i in range(5):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        with dynamo.config.patch(error_on_recompile=i >= 2):
+            step()
 
 
 # ------------------------------------------------------------------------------------------ autocast
@@ -205,7 +267,7 @@ def test_autocast_casts_like_sdpa(device, inputs):
     dtype = torch.bfloat16 if device == "cpu" else torch.float16
     with torch.autocast(device, dtype=dtype):
         ours = ops.flash_attention(q, k, v)
-        raw, _ = torch.ops.pytrain.attention_fwd_reference(q, k, v, 0.25, False, -1, -1, 0.0, 0)
+        raw, _ = torch.ops.pytrain.attention_fwd_reference(q, k, v, 0.25, False, -1, -1, 0.0, seed_tensor(0))
         module = pytrain.nn.FlashAttention()(q, k, v)
         theirs = F.scaled_dot_product_attention(q, k, v)
     assert ours.dtype == raw.dtype == module.dtype == theirs.dtype

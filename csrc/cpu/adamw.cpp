@@ -6,13 +6,16 @@
 //   w = w - lr / (1 - b1^t) * m / (sqrt(v or vmax) / sqrt(1 - b2^t) + eps)
 // Variants: params float32/bfloat16/float16; states float32 or bfloat16, or int8 m / uint8 sqrt(v)
 // codes with one float32 scale per 256-element block (dequantized, stepped in fp32, requantized block
-// by block); optional float32 master weights (params then get the rounded master).
+// by block); optional float32 master weights (params then get the rounded master).  t is each tensor's own
+// step count (`steps`: one-element CPU tensors, torch.optim's state["step"], read on the host).
 // References: Loshchilov & Hutter 2019 (AdamW); Li et al. 2023 (zero-free grid of the int8 second moment).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <optional>
+#include <utility>
+#include <vector>
 
 #include "adamw_checks.h"
 #include "cpu/multi_tensor.h"
@@ -30,9 +33,8 @@ struct AdamWCoeffs {
 };
 
 // Constants are computed in double and rounded once to float, as the reference's Python scalars are.
-AdamWCoeffs make_coeffs(double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step,
+AdamWCoeffs make_coeffs(double lr, double beta1, double beta2, double eps, double weight_decay, double t,
                         bool maximize, double grad_scale) {
-  const double t = static_cast<double>(step);
   return {static_cast<float>(maximize ? -grad_scale : grad_scale),
           static_cast<float>(1.0 - lr * weight_decay),
           static_cast<float>(beta1),
@@ -119,7 +121,7 @@ PYTRAIN_SIMD void adamw_int8_block(float* __restrict w, const float* __restrict 
 struct AdamWArgs {
   at::TensorList params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, exp_avg_scales,
       exp_avg_sq_scales;
-  AdamWCoeffs coeffs;
+  std::vector<AdamWCoeffs> coeffs;  // per tensor: the bias corrections of its step
   bool amsgrad;
 };
 
@@ -178,7 +180,7 @@ void adamw_chunk(const AdamWArgs& a, const Chunk& c) {
   for (int64_t off = 0; off < c.size; off += tile) {
     const int64_t begin = c.begin + off, n = std::min(tile, c.size - off);
     float* w = weight.load(begin, n, w_buf);
-    states.step(begin, n, w, grad.load(begin, n, g_buf), a.coeffs);
+    states.step(begin, n, w, grad.load(begin, n, g_buf), a.coeffs[t]);
     weight.store(begin, n, w);
     if (masters) param.store(begin, n, w);
   }
@@ -187,15 +189,15 @@ void adamw_chunk(const AdamWArgs& a, const Chunk& c) {
 void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                 at::TensorList max_exp_avg_sqs, at::TensorList master_params, at::TensorList exp_avg_scales,
                 at::TensorList exp_avg_sq_scales, double lr, double beta1, double beta2, double eps,
-                double weight_decay, int64_t step, bool amsgrad, bool maximize, double grad_scale) {
-  const AdamWArgs args{params,        grads,
-                       exp_avgs,      exp_avg_sqs,
-                       max_exp_avg_sqs, master_params,
-                       exp_avg_scales, exp_avg_sq_scales,
-                       make_coeffs(lr, beta1, beta2, eps, weight_decay, step, maximize, grad_scale),
-                       amsgrad};
+                double weight_decay, at::TensorList steps, bool amsgrad, bool maximize, double grad_scale) {
   check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, exp_avg_scales,
-                   exp_avg_sq_scales, step, amsgrad, c10::DeviceType::CPU);
+                   exp_avg_sq_scales, steps, amsgrad, c10::DeviceType::CPU);
+  std::vector<AdamWCoeffs> coeffs;
+  for (const double t : read_adamw_steps(steps)) {
+    coeffs.push_back(make_coeffs(lr, beta1, beta2, eps, weight_decay, t, maximize, grad_scale));
+  }
+  const AdamWArgs args{params,          grads,         exp_avgs,       exp_avg_sqs,       max_exp_avg_sqs,
+                       master_params,   exp_avg_scales, exp_avg_sq_scales, std::move(coeffs), amsgrad};
   const ChunkPlan plan(params);
   if (exp_avg_scales.empty()) {
     plan.run_all([&](int64_t, const Chunk& c) { adamw_chunk<FloatStates>(args, c); });

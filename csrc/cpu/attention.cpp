@@ -474,8 +474,10 @@ inline int64_t align16(int64_t n) { return (n + 15) / 16 * 16; }
 
 // ------------------------------------------------------------------------------------ inputs
 Problem make_problem(const char* op, const at::Tensor& q, const at::Tensor& k, double scale, bool causal,
-                     int64_t window_left, int64_t window_right, double dropout_p, int64_t seed) {
+                     int64_t window_left, int64_t window_right, double dropout_p,
+                     const at::Tensor& seed_tensor) {
   check_attention_args(op, scale, window_left, window_right, dropout_p);
+  const int64_t seed = read_attention_seed(op, seed_tensor);
   Problem p;
   p.B = q.size(0);
   p.H = q.size(1);
@@ -587,7 +589,7 @@ void fwd_block(const FwdArgs& a, int64_t bh, int64_t qb, float* ws) {
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  double scale, bool causal, int64_t window_left,
-                                                 int64_t window_right, double dropout_p, int64_t seed) {
+                                                 int64_t window_right, double dropout_p, const at::Tensor& seed) {
   check_attention_qkv(kFwd, q, k, v);
   FwdArgs a;
   a.p = make_problem(kFwd, q, k, scale, causal, window_left, window_right, dropout_p, seed);
@@ -789,7 +791,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& g
                                                              const at::Tensor& k, const at::Tensor& v,
                                                              const at::Tensor& out, const at::Tensor& lse,
                                                              double scale, bool causal, int64_t window_left,
-                                                             int64_t window_right, double dropout_p, int64_t seed) {
+                                                             int64_t window_right, double dropout_p,
+                                                             const at::Tensor& seed) {
   check_attention_qkv(kBwd, q, k, v);
   check_attention_like(kBwd, "grad_out", grad_out, q, q.scalar_type(), q.sizes());
   check_attention_like(kBwd, "out", out, q, q.scalar_type(), q.sizes());

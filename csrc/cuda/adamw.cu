@@ -6,6 +6,8 @@
 // square root even under --use_fast_math, whose flush-to-zero of denormals remains), so results differ from
 // the reference only by its own rounding (torch's CPU sqrt and CUDA division by a scalar are not IEEE).
 //
+// t is each tensor's own step count (`steps`: one-element CPU tensors read on the host): one set of launches per
+// distinct t, one in training.
 // Variants: params f32/bf16/f16 (grads alike), optional f32 masters (read w from the master, write the master
 // and the rounded param), states f32/bf16 or int8 (blockwise: Dettmers et al. 2022, "8-bit Optimizers via
 // Block-wise Quantization"; zero-free sqrt(v) grid of Li et al. 2023).  In int8 mode each warp owns one
@@ -19,7 +21,10 @@
 
 #include <c10/cuda/CUDAGuard.h>
 
+#include <array>
 #include <cmath>
+#include <set>
+#include <vector>
 
 #include "adamw_checks.h"
 #include "cuda/multi_tensor.cuh"
@@ -173,34 +178,26 @@ struct AdamWInt8Op {
   }
 };
 
-void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                     at::TensorList max_exp_avg_sqs, at::TensorList master_params, at::TensorList exp_avg_scales,
-                     at::TensorList exp_avg_sq_scales, double lr, double beta1, double beta2, double eps,
-                     double weight_decay, int64_t step, bool amsgrad, bool maximize, double grad_scale) {
-  check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, exp_avg_scales,
-                   exp_avg_sq_scales, step, amsgrad, c10::DeviceType::CUDA);
-  if (params.empty()) return;
-  const c10::Device device = params[0].device();
+// Steps the tensors of `lists`, all at step number `step`.
+void adamw_launch(const Lists<kLists>& lists, double lr, double beta1, double beta2, double eps, double weight_decay,
+                  double step, bool amsgrad, bool maximize, double grad_scale) {
+  const at::TensorList params = lists[kParams];
   const at::ScalarType param_dtype = params[0].scalar_type();
-  const bool quantized = !exp_avg_scales.empty();
-  const at::ScalarType state_dtype = quantized ? at::kChar : exp_avgs[0].scalar_type();
-
+  const bool quantized = !lists[kExpAvgScales].empty();
+  const at::ScalarType state_dtype = quantized ? at::kChar : lists[kExpAvgs][0].scalar_type();
   const AdamWHyper h{static_cast<float>(1.0 - lr * weight_decay),
                      static_cast<float>(beta1),
                      static_cast<float>(1.0 - beta1),
                      static_cast<float>(beta2),
                      static_cast<float>(1.0 - beta2),
-                     static_cast<float>(lr / (1.0 - std::pow(beta1, static_cast<double>(step)))),
-                     static_cast<float>(std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step)))),
+                     static_cast<float>(lr / (1.0 - std::pow(beta1, step))),
+                     static_cast<float>(std::sqrt(1.0 - std::pow(beta2, step))),
                      static_cast<float>(eps),
                      static_cast<float>(grad_scale),
                      maximize};
-  const Lists<kLists> lists{params,          grads,         exp_avgs,       exp_avg_sqs,
-                            max_exp_avg_sqs, master_params, exp_avg_scales, exp_avg_sq_scales};
-  const c10::cuda::CUDAGuard guard(device);
   dispatch_float_dtype(param_dtype, kOp, "params", [&](auto param_tag) {
     using P = decltype(param_tag);
-    dispatch_bool(!master_params.empty(), [&](auto has_master) {
+    dispatch_bool(!lists[kMasters].empty(), [&](auto has_master) {
       if (quantized) {
         multi_tensor_apply<kLists>(lists, AdamWInt8Op<P, decltype(has_master)::value>{h});
         return;
@@ -213,6 +210,37 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
       });
     });
   });
+}
+
+void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                     at::TensorList max_exp_avg_sqs, at::TensorList master_params, at::TensorList exp_avg_scales,
+                     at::TensorList exp_avg_sq_scales, double lr, double beta1, double beta2, double eps,
+                     double weight_decay, at::TensorList steps, bool amsgrad, bool maximize, double grad_scale) {
+  check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, exp_avg_scales,
+                   exp_avg_sq_scales, steps, amsgrad, c10::DeviceType::CUDA);
+  if (params.empty()) return;
+  const std::vector<double> counts = read_adamw_steps(steps);
+  const Lists<kLists> lists{params,          grads,         exp_avgs,       exp_avg_sqs,
+                            max_exp_avg_sqs, master_params, exp_avg_scales, exp_avg_sq_scales};
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  // One set of launches per distinct step number: one in training, unless some params missed steps.
+  const std::set<double> distinct(counts.begin(), counts.end());
+  if (distinct.size() == 1) {
+    adamw_launch(lists, lr, beta1, beta2, eps, weight_decay, counts[0], amsgrad, maximize, grad_scale);
+    return;
+  }
+  for (const double step : distinct) {
+    std::array<std::vector<at::Tensor>, kLists> picked;
+    for (size_t t = 0; t < counts.size(); ++t) {
+      if (counts[t] != step) continue;
+      for (int l = 0; l < kLists; ++l) {
+        if (!lists[l].empty()) picked[l].push_back(lists[l][t]);
+      }
+    }
+    Lists<kLists> sub;
+    for (int l = 0; l < kLists; ++l) sub[l] = picked[l];
+    adamw_launch(sub, lr, beta1, beta2, eps, weight_decay, step, amsgrad, maximize, grad_scale);
+  }
 }
 
 }  // namespace

@@ -11,13 +11,16 @@ works like ``attn_implementation="sdpa"``, and ``pytrain.swap(hf_model)`` switch
 Contract (transformers' ``sdpa_attention_forward``): ``fn(module, query, key, value, attention_mask,
 dropout=0.0, scaling=None, is_causal=None, sliding_window=None, **kwargs) -> (out, None)`` with
 q (batch, heads, seqlen_q, headdim), k/v (batch, kv_heads, seqlen_k, headdim) and out
-(batch, seqlen_q, heads, headdim).  The mask builder returns None for a plain causal (or, within
-the window, sliding-window) pattern without padding; otherwise a boolean (batch, 1, seqlen_q,
-seqlen_k) mask, True = attend.  A mask that is exactly the causal / sliding-window pattern runs
-flash attention (one check per mask tensor, shared by all layers); any other mask (padding,
-packed sequences, custom mask functions), ``output_attentions``, softcapping, position biases and
-paged caches go to transformers' SDPA path, and the call is counted with its reason in the swap
-report.  Sliding window: key j is seen by query i when i - sliding_window < j <= i
+(batch, seqlen_q, heads, headdim).  The mask builder (SDPA's, ``pytrain_mask``) returns None for a
+plain causal pattern without padding, and for a sliding-window one over a whole sequence (no cache:
+seqlen_q == seqlen_k) too, as the window comes from the layer's ``sliding_window``; otherwise a boolean
+(batch, 1, seqlen_q, seqlen_k) mask, True = attend.  So a training step needs no mask, and
+``torch.compile`` no data-dependent check.  A mask that is exactly the causal / sliding-window pattern
+runs flash attention (one check per mask tensor, shared by all layers; under ``torch.compile``, where
+that check would read data, masks go to SDPA); any other mask (padding, packed sequences, custom mask
+functions), ``output_attentions``, softcapping, position biases and paged caches go to transformers'
+SDPA path (given the window's pattern when the builder skipped it), and the call is counted with its
+reason in the swap report.  Sliding window: key j is seen by query i when i - sliding_window < j <= i
 (transformers' ``sliding_window_overlay``), i.e. flash window (sliding_window - 1, 0).
 """
 from __future__ import annotations
@@ -54,8 +57,11 @@ def _pattern(lq: int, lk: int, causal: bool, sliding_window: Optional[int], devi
 
 
 def _mask_is_pattern(mask: Tensor, causal: bool, sliding_window: Optional[int]) -> bool:
-    """True if a boolean mask (batch|1, 1|heads, lq, lk) is the plain causal / sliding / full pattern."""
+    """True if a boolean mask (batch|1, 1|heads, lq, lk) is the plain causal / sliding / full pattern.
+    Under ``torch.compile`` False (SDPA applies the mask, exactly): the comparison reads the mask's data."""
     global _mask_verdict
+    if torch.compiler.is_compiling():
+        return False
     key = (causal, sliding_window, tuple(mask.shape))
     ref, last_key, verdict = _mask_verdict
     if ref is not None and ref() is mask and last_key == key:
@@ -89,6 +95,9 @@ def pytrain_attention_forward(module: nn.Module, query: Tensor, key: Tensor, val
     reason = decline_reason(module, query, key, value, attention_mask, causal, sliding_window, kwargs)
     record_call(module, reason)
     if reason is not None:
+        if attention_mask is None and _window(causal, sliding_window) and key.shape[2] > sliding_window:
+            # pytrain_mask skipped the window's mask, which SDPA needs (it has no window argument)
+            attention_mask = _pattern(query.shape[2], key.shape[2], True, sliding_window, query.device)[None, None]
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, sliding_window=sliding_window, **kwargs)
     q, k, v = attention_inputs(query, key, value)
@@ -97,10 +106,25 @@ def pytrain_attention_forward(module: nn.Module, query: Tensor, key: Tensor, val
     return out.transpose(1, 2).contiguous(), None
 
 
+def pytrain_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0, *,
+                 local_size: Optional[int] = None, allow_is_causal_skip: bool = True,
+                 allow_is_bidirectional_skip: bool = False, **kwargs) -> Optional[Tensor]:
+    """transformers' ``sdpa_mask``, but a causal sliding-window mask over a whole sequence (q_length == kv_length,
+    no offsets) is skipped (None) wherever a plain causal one would be (no padding, no custom mask function):
+    ``pytrain_attention_forward`` applies the window from the layer's ``sliding_window``.  ``local_size`` only
+    enters ``sdpa_mask``'s skip decisions; a built mask keeps the window (its ``mask_function`` has it)."""
+    whole = q_length == kv_length and isinstance(q_offset, int) and q_offset == 0 and kv_offset == 0
+    if local_size is not None and allow_is_causal_skip and not allow_is_bidirectional_skip and whole:
+        local_size = None
+    return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, local_size=local_size,
+                     allow_is_causal_skip=allow_is_causal_skip,
+                     allow_is_bidirectional_skip=allow_is_bidirectional_skip, **kwargs)
+
+
 def register() -> None:
     """Register ``"pytrain"`` with transformers (done on import; idempotent)."""
     AttentionInterface.register(NAME, pytrain_attention_forward)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionMaskInterface.register(NAME, pytrain_mask)
 
 
 def decline_reason_for_model(model: PreTrainedModel) -> Optional[str]:

@@ -29,7 +29,7 @@ element in the kernels' order, so backends agree to rounding).
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -43,7 +43,7 @@ ADAMW_SCHEMA = (
     "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
     "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] master_params, Tensor(f!)[] exp_avg_scales, "
     "Tensor(g!)[] exp_avg_sq_scales, float lr, float beta1, float beta2, float eps, float weight_decay, "
-    "int step, bool amsgrad, bool maximize, float grad_scale) -> ()"
+    "Tensor[] steps, bool amsgrad, bool maximize, float grad_scale) -> ()"
 )
 
 
@@ -100,7 +100,7 @@ def adamw_step_reference(
     beta2: float,
     eps: float,
     weight_decay: float,
-    step: int,
+    steps: List[Tensor],
     amsgrad: bool,
     maximize: bool,
     grad_scale: float,
@@ -113,13 +113,12 @@ def adamw_step_reference(
     exp_avgs / exp_avg_sqs: like params in the state dtype (float32 or bfloat16),
     or int8 / uint8 codes with exp_avg_scales / exp_avg_sq_scales of shape
     (ceil(numel / 256),) float32.  max_exp_avg_sqs: [] or like exp_avg_sqs (amsgrad).
-    step: the step number t >= 1 after increment.
+    steps: N one-element CPU tensors, the step number t >= 1 of each param after increment.
     """
-    bc1 = 1.0 - beta1**step
-    bc2_sqrt = math.sqrt(1.0 - beta2**step)
-    step_size = lr / bc1
     quantized = len(exp_avg_scales) > 0
-    for i, p in enumerate(params):
+    for i, (p, step) in enumerate(zip(params, step_counts(steps, len(params)))):
+        bc2_sqrt = math.sqrt(1.0 - beta2**step)
+        step_size = lr / (1.0 - beta1**step)
         dt = compute_dtype(p)
         w = (master_params[i] if master_params else p).to(dt)
         g = grads[i].to(dt) * grad_scale
@@ -151,19 +150,40 @@ def adamw_step_reference(
         p.copy_(w)
 
 
-def unsupported(*, quantized: bool, amsgrad: bool, step: int = 1) -> List[str]:
+def step_counts(steps: List[Tensor], n: int) -> List[float]:
+    """The step number of each of ``n`` params, read on the host from ``steps`` (one-element CPU tensors,
+    as ``torch.optim``'s ``state["step"]``) and checked; what the reference and Triton backends step with
+    (the C++ kernels read and check them alike, ``csrc/adamw_checks.h``)."""
+    if len(steps) != n:
+        raise ValueError(f"adamw_step: steps has {len(steps)} tensors, expected {n} (one per param)")
+    counts = []
+    for t in steps:
+        if t.numel() != 1 or t.device.type != "cpu" or t.is_complex():
+            raise ValueError(f"adamw_step: each step must be a one-element real CPU tensor, got shape "
+                             f"{tuple(t.shape)}, dtype {t.dtype} on {t.device}")
+        counts.append(float(t))
+    reasons = [r for c in counts for r in unsupported(quantized=False, amsgrad=False, step=c)]
+    if reasons:
+        raise ValueError("adamw_step: " + reasons[0])
+    return counts
+
+
+def unsupported(*, quantized: bool, amsgrad: bool, step: float = 1) -> List[str]:
     """Why a step with these settings cannot run (empty when it can): the rules every backend shares."""
     reasons = []
     if quantized and amsgrad:
         reasons.append("amsgrad is not supported with int8 states")
     if step < 1:
-        reasons.append(f"step must be >= 1 (the count after increment), got {step}")
+        reasons.append(f"step must be >= 1 (the count after increment), got {step:g}")
     return reasons
 
 
-def _triton(*args) -> None:
+def _triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, exp_avg_scales,
+            exp_avg_sq_scales, lr, beta1, beta2, eps, weight_decay, steps, amsgrad, maximize, grad_scale) -> None:
     from ..kernels.adamw import adamw_step as launch
-    launch(*args, int8_block=INT8_BLOCK)
+    launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, exp_avg_scales, exp_avg_sq_scales,
+           lr, beta1, beta2, eps, weight_decay, step_counts(steps, len(params)), amsgrad, maximize, grad_scale,
+           int8_block=INT8_BLOCK)
 
 
 def _fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, *rest) -> None:
@@ -176,12 +196,16 @@ define_op("adamw_step", ADAMW_SCHEMA, reference=adamw_step_reference, fake=_fake
 
 def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, exp_avg_scales,
                exp_avg_sq_scales, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-               step: int, amsgrad: bool = False, maximize: bool = False, grad_scale: float = 1.0,
+               step: Union[int, Sequence[Tensor]], amsgrad: bool = False, maximize: bool = False, grad_scale: float = 1.0,
                impl: Optional[str] = None) -> None:
     """One fused AdamW step, in place, over N params (shapes and maths: ``adamw_step_reference``).
 
     Any strided layouts: each param is stepped in its storage order (``multi_tensor.StorageOrder``), so the
-    int8 blocks of a channels_last param are runs of 256 elements in memory."""
+    int8 blocks of a channels_last param are runs of 256 elements in memory.
+
+    ``step``: the step number t >= 1 after increment, an int for all params or one one-element CPU tensor
+    per param (the optimizer's ``state["step"]``, as torch's fused AdamW takes them): the kernels read the
+    tensors, so ``torch.compile`` captures the step without reading its value (no graph break, no recompile)."""
     check_params("adamw_step", params, grads)
     if not params:
         return
@@ -195,14 +219,17 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_par
     check_states("adamw_step", params, "exp_avg_sq_scales", exp_avg_sq_scales, torch.float32, not quantized)
     if amsgrad != bool(max_exp_avg_sqs):
         raise ValueError("adamw_step: amsgrad=True needs max_exp_avg_sqs (and amsgrad=False an empty list)")
-    reasons = unsupported(quantized=quantized, amsgrad=amsgrad, step=step)
+    if isinstance(step, bool) or not isinstance(step, (int, list, tuple)):
+        raise TypeError(f"adamw_step: step must be an int or a list of one-element tensors, got {type(step).__name__}")
+    reasons = unsupported(quantized=quantized, amsgrad=amsgrad, step=step if isinstance(step, int) else 1)
     if reasons:
         raise ValueError("adamw_step: " + "; ".join(reasons))
     fn = select("adamw_step", params, impl).fn
     order = StorageOrder("adamw_step", params, dict(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
                                       max_exp_avg_sqs=max_exp_avg_sqs, master_params=master_params),
                          written=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "master_params"))
-    fn(*order.lists.values(), exp_avg_scales, exp_avg_sq_scales, lr, beta1, beta2, eps, weight_decay, step, amsgrad,
+    steps = [torch.tensor(step, dtype=torch.float64)] * len(params) if isinstance(step, int) else list(step)
+    fn(*order.lists.values(), exp_avg_scales, exp_avg_sq_scales, lr, beta1, beta2, eps, weight_decay, steps, amsgrad,
        maximize, grad_scale)
     order.write_back()
 

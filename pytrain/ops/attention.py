@@ -3,6 +3,8 @@
 Ops (namespace ``pytrain``):
 
 * ``attention_fwd(q, k, v, scale, causal, window_left, window_right, dropout_p, seed) -> (out, lse)``
+  (``seed``: the dropout seed, a one-element int64 CPU tensor: ``flash_attention`` draws it with
+  ``torch.randint``, which ``torch.compile`` captures in the graph where an int would need ``.item()``)
 * ``attention_bwd(grad_out, q, k, v, out, lse, scale, causal, window_left, window_right, dropout_p, seed)
   -> (dq, dk, dv)``
 
@@ -50,9 +52,9 @@ from .library import define_op, register_autocast_lower_precision, register_auto
 from .registry import FLOAT_DTYPES, registry
 
 FWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, float scale, bool causal, int window_left, int window_right, "
-              "float dropout_p, int seed) -> (Tensor, Tensor)")
+              "float dropout_p, Tensor seed) -> (Tensor, Tensor)")
 BWD_SCHEMA = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, bool causal, "
-              "int window_left, int window_right, float dropout_p, int seed) -> (Tensor, Tensor, Tensor)")
+              "int window_left, int window_right, float dropout_p, Tensor seed) -> (Tensor, Tensor, Tensor)")
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 UNBOUNDED = -1  # window side with no limit
 
@@ -94,8 +96,24 @@ def _dropout_mask(b: int, h: int, lq: int, lk: int, p: float, seed: int, device)
     return dropout_keep(seed, bh, i, j, p)
 
 
+def seed_value(seed: Tensor) -> int:
+    """The ops' dropout seed (a one-element integer CPU tensor) as an int, read on the host; the C++ kernel
+    reads and checks it alike (``csrc/attention_checks.h``)."""
+    if not isinstance(seed, Tensor) or seed.numel() != 1 or seed.device.type != "cpu" or \
+            seed.is_floating_point() or seed.is_complex() or seed.dtype == torch.bool:
+        got = (f"shape {tuple(seed.shape)}, dtype {seed.dtype} on {seed.device}" if isinstance(seed, Tensor)
+               else type(seed).__name__)
+        raise ValueError(f"attention: seed must be a one-element integer CPU tensor, got {got}")
+    return int(seed)
+
+
+def seed_tensor(seed: int) -> Tensor:
+    """``seed`` as the ops take it (``seed_value``'s inverse)."""
+    return torch.tensor(seed, dtype=torch.int64)
+
+
 def attention_fwd_reference(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, window_left: int,
-                      window_right: int, dropout_p: float, seed: int) -> Tuple[Tensor, Tensor]:
+                      window_right: int, dropout_p: float, seed: Tensor) -> Tuple[Tensor, Tensor]:
     """Materialised attention: returns (out, lse).  Differentiable (autograd gives the reference backward)."""
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
@@ -111,13 +129,13 @@ def attention_fwd_reference(q: Tensor, k: Tensor, v: Tensor, scale: float, causa
     p = torch.exp(s - lse_finite.unsqueeze(-1))
     lse = lse_finite.masked_fill(~has_key, -math.inf)
     if dropout_p > 0:
-        p = p * _dropout_mask(b, h, lq, lk, dropout_p, seed, q.device) / (1.0 - dropout_p)
+        p = p * _dropout_mask(b, h, lq, lk, dropout_p, seed_value(seed), q.device) / (1.0 - dropout_p)
     return (p @ vf).to(q.dtype), lse
 
 
 def attention_bwd_reference(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
                        causal: bool, window_left: int, window_right: int, dropout_p: float,
-                       seed: int) -> Tuple[Tensor, Tensor, Tensor]:
+                       seed: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of the reference forward by autograd, in the inputs' dtypes."""
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
@@ -206,12 +224,12 @@ def _bwd_fake(grad_out, q, k, v, out, lse, scale, causal, window_left, window_ri
 
 def _triton_fwd(*args):
     from ..kernels.attention import attention_forward
-    return attention_forward(*args)
+    return attention_forward(*args[:-1], seed_value(args[-1]))
 
 
 def _triton_bwd(*args):
     from ..kernels.attention import attention_backward
-    return attention_backward(*args)
+    return attention_backward(*args[:-1], seed_value(args[-1]))
 
 
 # The CPU kernels are C++; on GPUs the Triton kernels serve (there is no CUDA C++ attention).
@@ -253,9 +271,9 @@ def _check_real(name: str, value: object) -> float:
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, *args = inputs
+    q, k, v, *args, seed = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, out, lse, seed)
     ctx.args = args
     ctx.mark_non_differentiable(lse)
 
@@ -265,10 +283,10 @@ def _backward_of(suffix: str):
     bwd = getattr(torch.ops.pytrain, "attention_bwd" + suffix)
 
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, seed = ctx.saved_tensors
         grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
-        dq, dk, dv = bwd(grad_out, q, k, v, out, lse, *ctx.args)
-        return (dq, dk, dv) + (None,) * len(ctx.args)
+        dq, dk, dv = bwd(grad_out, q, k, v, out, lse, *ctx.args, seed)
+        return (dq, dk, dv) + (None,) * (len(ctx.args) + 1)
 
     return backward
 
@@ -304,7 +322,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
         window: (left, right) sliding window: query i sees keys j with
             -left <= j - i - (seqlen_k - seqlen_q) <= right; None or -1 for an unbounded side.
         dropout_p: probability of dropping an attention weight (training); reproducible from ``seed``
-            (default: drawn from torch's global generator).
+            (default: drawn from torch's global CPU generator, as a tensor, so ``torch.compile`` draws it in
+            the graph, a new one each call, instead of breaking on ``.item()``).
         return_lse: also return the log-sum-exp (batch, heads, seqlen_q), float32.
             Under ``torch.autocast`` q, k, v are cast as for ``F.scaled_dot_product_attention``: float32 /
             bfloat16 / float16 inputs on the autocast device to its autocast dtype (float64 stays).
@@ -321,7 +340,11 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
     if not math.isfinite(scale):
         raise ValueError(f"flash_attention: scale must be finite, got {scale}")
     if seed is None:
-        seed = int(torch.randint(0, 2**62, ())) if dropout_p > 0 else 0
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0 else seed_tensor(0)
+    elif isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"flash_attention: seed must be an int or None, got {type(seed).__name__}")
+    else:
+        seed = seed_tensor(seed)
     dtype = _autocast_dtype(q, k, v) or q.dtype
     if q.numel() == 0 or k.shape[2] == 0:
         out = (q * 0.0).to(dtype)  # nothing to attend: zeros that still carry (zero) gradients

@@ -157,14 +157,15 @@ class FusedAdamW(FusedOptimizer):
             params = self._params_with_grads(group)
             for p in params:
                 self._init_state(p, group["amsgrad"])
-            buckets = self.bucket(params, lambda p: (int(self.state[p]["step"]), "master_param" in self.state[p]))
-            for (_, _, (step, _)), bucket in buckets.items():
-                self._update(group, bucket, step + 1, grad_scale)
+            for bucket in self.bucket(params, lambda p: "master_param" in self.state[p]).values():
+                self._update(group, bucket, grad_scale)
 
-    def _update(self, group: dict, params: list, step: int, grad_scale: float) -> None:
+    def _update(self, group: dict, params: list, grad_scale: float) -> None:
         states = [self.state[p] for p in params]
-        for s in states:
-            s["step"] += 1
+        # Each param's own count, as tensors the kernels read (torch's fused AdamW takes state_steps alike):
+        # params that missed steps need no bucket of their own, and torch.compile reads no step value.
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1)
 
         def collect(key):
             return [s[key] for s in states if key in s]
@@ -174,4 +175,4 @@ class FusedAdamW(FusedOptimizer):
             params, [p.grad for p in params], collect("exp_avg"), collect("exp_avg_sq"), collect("max_exp_avg_sq"),
             collect("master_param"), collect("exp_avg_scale"), collect("exp_avg_sq_scale"),
             lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-            step=step, amsgrad=group["amsgrad"], maximize=group["maximize"], grad_scale=grad_scale, impl=self.impl)
+            step=steps, amsgrad=group["amsgrad"], maximize=group["maximize"], grad_scale=grad_scale, impl=self.impl)

@@ -44,12 +44,13 @@ def test_cpu_deterministic():
 
 
 def adamw_direct(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=(), masters=(), scales=(), sq_scales=(),
-                 step=1, amsgrad=False):
-    """Calls the C++ CPU kernel directly, bypassing the Python checks."""
+                 step=1, amsgrad=False, steps=None):
+    """Calls the C++ CPU kernel directly, bypassing the Python checks (``steps``: instead of ``step`` for all)."""
     cpu_op("adamw_step").redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), list(params), list(grads),
                                     list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(masters),
-                                    list(scales), list(sq_scales), 1e-3, 0.9, 0.999, 1e-8, 0.0, step, amsgrad, False,
-                                    1.0)
+                                    list(scales), list(sq_scales), 1e-3, 0.9, 0.999, 1e-8, 0.0,
+                                    [torch.tensor(float(step))] * len(params) if steps is None else steps, amsgrad,
+                                    False, 1.0)
 
 
 ADAMW_BAD_INPUTS = {
@@ -74,6 +75,12 @@ ADAMW_BAD_INPUTS = {
     "amsgrad_without_max": (lambda: adamw_direct([f32(3)], [f32(3)], [f32(3)], [f32(3)], amsgrad=True),
                             "amsgrad=1 but max_exp_avg_sqs has 0 tensors"),
     "step": (lambda: adamw_direct([f32(3)], [f32(3)], [f32(3)], [f32(3)], step=0), "step must be >= 1"),
+    "steps_count": (lambda: adamw_direct([f32(3)], [f32(3)], [f32(3)], [f32(3)], steps=[]),
+                    "steps has 0 tensors, expected 1"),
+    "step_on_meta": (lambda: adamw_direct([f32(3)], [f32(3)], [f32(3)], [f32(3)], steps=[f32(device="meta")]),
+                     "one-element real CPU tensor"),
+    "step_shape": (lambda: adamw_direct([f32(3)], [f32(3)], [f32(3)], [f32(3)], steps=[f32(2)]),
+                   "one-element real CPU tensor"),
     "master_dtype": (lambda: adamw_direct([f32(3, dtype=torch.bfloat16)], [f32(3, dtype=torch.bfloat16)], [f32(3)],
                                           [f32(3)], masters=[f32(3, dtype=torch.bfloat16)]),
                      r"master_params\[0\] has dtype BFloat16, expected Float"),

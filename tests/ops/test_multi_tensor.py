@@ -26,7 +26,7 @@ def test_cpu_kernels_bit_identical_across_omp_team_sizes():
 # one call of each step op: (public op's keyword arguments, the registered op's positional scalars after the lists)
 STEPS = {
     "adamw_step": (dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=1),
-                   (1e-3, 0.9, 0.999, 1e-8, 0.01, 1, False, False, 1.0)),
+                   (1e-3, 0.9, 0.999, 1e-8, 0.01, "steps", False, False, 1.0)),
     "lars_step": (dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=1e-4, trust_coefficient=1e-3, eps=1e-8,
                        nesterov=False, trust_clip=False, adapt=True, init_buffers=False),
                   (0.1, 0.9, 0.0, 1e-4, 1e-3, 1e-8, False, False, True, False)),
@@ -45,9 +45,10 @@ def _lists(op, reshape_state: bool):
     return [params, [torch.randn_like(p) for p in params], *states]
 
 
-def _registered_args(op, lists):
+def _registered_args(op, lists, mode):
     extra = [[], [], [], []] if op == "adamw_step" else []  # amsgrad, master, int8 scale lists
-    return (*lists, *extra, *STEPS[op][1])
+    steps = [mode.from_tensor(torch.tensor(1.0)) for _ in lists[0]]  # adamw_step's per-param step counts
+    return (*lists, *extra, *[steps if s == "steps" else s for s in STEPS[op][1]])
 
 
 @pytest.mark.parametrize("op", list(STEPS))
@@ -63,7 +64,7 @@ def test_eager_and_fake_refuse_a_state_of_another_shape_alike(op):
     with FakeTensorMode() as mode:
         fake = [[mode.from_tensor(t) for t in ts] for ts in lists]
         with pytest.raises(ValueError) as traced:
-            getattr(torch.ops.pytrain, op)(*_registered_args(op, fake))
+            getattr(torch.ops.pytrain, op)(*_registered_args(op, fake, mode))
     assert str(traced.value) == str(eager.value)
     assert "[1] has shape (12,), params[1] (3, 4)" in str(eager.value)
 
@@ -72,7 +73,7 @@ def test_eager_and_fake_refuse_a_state_of_another_shape_alike(op):
 def test_fake_accepts_states_shaped_like_params(op):
     with FakeTensorMode() as mode:
         fake = [[mode.from_tensor(t) for t in ts] for ts in _lists(op, reshape_state=False)]
-        assert getattr(torch.ops.pytrain, op)(*_registered_args(op, fake)) is None
+        assert getattr(torch.ops.pytrain, op)(*_registered_args(op, fake, mode)) is None
 
 
 def test_may_overlap():

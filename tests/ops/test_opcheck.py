@@ -5,6 +5,7 @@ import torch
 from pytrain.ops import registry
 from pytrain.testing.backends import CPU_IMPLS, impl_or_skip
 from pytrain.ops.adamw import INT8_BLOCK
+from pytrain.ops.attention import seed_tensor
 
 SHAPES = [(3, 5), (300,)]
 
@@ -13,16 +14,21 @@ def _like(dtype=None):
     return [torch.zeros(s, dtype=dtype) for s in SHAPES]
 
 
+def _steps(*counts):
+    """adamw_step's per-param step counts (as the optimizer's state["step"])."""
+    return [torch.tensor(float(c)) for c in counts]
+
+
 def _adamw_int8_args():
     blocks = [torch.zeros((torch.Size(s).numel() + INT8_BLOCK - 1) // INT8_BLOCK) for s in SHAPES]
     return ([torch.randn(s) for s in SHAPES], [torch.randn(s) for s in SHAPES], _like(torch.int8), _like(torch.uint8),
-            [], [], blocks, [b.clone() for b in blocks], 1e-3, 0.9, 0.999, 1e-8, 0.01, 1, False, False, 1.0)
+            [], [], blocks, [b.clone() for b in blocks], 1e-3, 0.9, 0.999, 1e-8, 0.01, _steps(1, 2), False, False, 1.0)
 
 
 def _cases():
     return {
         "adamw_step": ([torch.randn(s) for s in SHAPES], [torch.randn(s) for s in SHAPES], _like(), _like(), _like(),
-                       [], [], [], 1e-3, 0.9, 0.999, 1e-8, 0.01, 3, True, False, 0.5),
+                       [], [], [], 1e-3, 0.9, 0.999, 1e-8, 0.01, _steps(3, 3), True, False, 0.5),
         "adamw_step_int8": _adamw_int8_args(),
         "lars_step": ([torch.randn(s) for s in SHAPES], [torch.randn(s) for s in SHAPES], _like(), 0.1, 0.9, 0.0,
                       1e-4, 1e-3, 1e-8, True, False, True, False),
@@ -53,7 +59,7 @@ def test_opcheck_attention_forward_and_backward(impl, causal):
     q = torch.randn(1, 4, 6, 16, generator=gen, requires_grad=True)
     k, v = (torch.randn(1, 2, 5, 16, generator=gen, requires_grad=True) for _ in range(2))
     op = getattr(torch.ops.pytrain, OP_NAMES[impl].format("attention_fwd")).default
-    torch.library.opcheck(op, (q, k, v, 0.25, causal, -1, -1, 0.0, 0))
+    torch.library.opcheck(op, (q, k, v, 0.25, causal, -1, -1, 0.0, seed_tensor(0)))
 
 
 def test_every_op_has_a_reference():

@@ -628,12 +628,12 @@ def _sdpa_nan_row():
     """A NaN in one query row: that row's output is NaN, the others exact (the float64 reference; PyTorch's fused
     CPU kernel returns 0 for an all-NaN query, which is not what the maths gives)."""
     import pytrain
-    from pytrain.ops.attention import attention_fwd_reference
+    from pytrain.ops.attention import attention_fwd_reference, seed_tensor
     q, k, v = (rand(1, 2, 5, 16, seed=s) for s in range(3))
     q[0, 1, 2, 3] = NAN
     with pytrain.patch_sdpa():
         got = F.scaled_dot_product_attention(q, k, v)
-    want = attention_fwd_reference(q.double(), k.double(), v.double(), 0.25, False, -1, -1, 0.0, 0)[0]
+    want = attention_fwd_reference(q.double(), k.double(), v.double(), 0.25, False, -1, -1, 0.0, seed_tensor(0))[0]
     return got, want
 
 

@@ -107,8 +107,9 @@ def reference_step(op: str, lists: Dict[str, List], ref_dtype=F64, **hyper) -> D
     ref = {k: [t.detach().to(ref_dtype or t.dtype).contiguous().clone() for t in v] for k, v in lists.items()}
     kw = {**HYPER[op], **hyper}
     if op == "adamw_step":
+        steps = kw["step"] if isinstance(kw["step"], list) else [torch.tensor(float(kw["step"]))] * len(ref["params"])
         adamw.adamw_step_reference(ref["params"], ref["grads"], ref["exp_avgs"], ref["exp_avg_sqs"], [], [], [], [],
-                                   kw["lr"], kw["beta1"], kw["beta2"], kw["eps"], kw["weight_decay"], kw["step"],
+                                   kw["lr"], kw["beta1"], kw["beta2"], kw["eps"], kw["weight_decay"], steps,
                                    False, False, 1.0)
     elif op == "lars_step":
         lars.lars_step_reference(ref["params"], ref["grads"], ref["momentum_buffers"], *kw.values())
@@ -216,6 +217,20 @@ def step_cases() -> List[Case]:
                     Raises(ValueError, "step")))
     out.append(Case("ops.adamw_step", "step_float", step_call("adamw_step", lambda ls: None, step=1.5),
                     Raises((TypeError, RuntimeError), "step")))
+    # one step count per param, as tensors (the optimizer's state["step"]): each param's own bias corrections
+    def steps(*counts):
+        return [torch.tensor(float(c)) for c in counts] + [torch.tensor(1.0)] * (len(SHAPES) - len(counts))
+
+    out.append(Case("ops.adamw_step", "step_tensors_differ",
+                    lambda: step_result("adamw_step", step=steps(3, 7)), F64_EXACT))
+    out.append(Case("ops.adamw_step", "step_tensor_zero", step_call("adamw_step", lambda ls: None, step=steps(1, 0)),
+                    Raises((ValueError, RuntimeError), "step must be >= 1")))
+    out.append(Case("ops.adamw_step", "step_tensors_count",
+                    step_call("adamw_step", lambda ls: None, step=steps()[:1]),
+                    Raises((ValueError, RuntimeError), "steps has 1 tensors")))
+    out.append(Case("ops.adamw_step", "step_tensor_shape",
+                    step_call("adamw_step", lambda ls: None, step=[torch.ones(2)] + steps()[1:]),
+                    Raises((ValueError, RuntimeError), "one-element")))
     out.append(Case("ops.lars_step", "momentum_without_buffers",
                     step_call("lars_step", lambda ls: ls.update(momentum_buffers=[])),
                     Raises(ValueError, "momentum")))
@@ -284,9 +299,10 @@ def qkv(b=1, h=2, lq=5, lk=6, d=16, hk=None, dtype=F32):
 
 
 def attn_ref(q, k, v, causal=False, scale=None, window=(-1, -1)):
-    from pytrain.ops.attention import attention_fwd_reference
+    from pytrain.ops.attention import attention_fwd_reference, seed_tensor
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return attention_fwd_reference(q.to(F64), k.to(F64), v.to(F64), scale, causal, window[0], window[1], 0.0, 0)[0]
+    return attention_fwd_reference(q.to(F64), k.to(F64), v.to(F64), scale, causal, window[0], window[1], 0.0,
+                                   seed_tensor(0))[0]
 
 
 def attn_result(make=qkv, impl=None, causal=False, scale=None, **kw):
@@ -324,6 +340,13 @@ def _with(fn, which: int, change):
         t[which] = change(t[which])
         return tuple(t)
     return make
+
+
+def _raw_fwd(impl: str, seed):
+    def run():
+        op = torch.ops.pytrain.attention_fwd if impl == "cpu" else torch.ops.pytrain.attention_fwd_reference
+        return list(op(*qkv(), 0.25, False, -1, -1, 0.1, seed))
+    return run
 
 
 def attention_cases() -> List[Case]:
@@ -391,6 +414,12 @@ def attention_cases() -> List[Case]:
     for name, value in (("one", 1.0), ("negative", -0.1), ("nan", math.nan), ("inf", math.inf)):
         out.append(Case(fam, f"dropout_{name}", attn_call(dropout_p=value), Raises(ValueError, "dropout_p")))
     out.append(Case(fam, "dropout_str", attn_call(dropout_p="0.1"), Raises(TypeError, "dropout_p")))
+    for name, value in (("float", 1.5), ("bool", True), ("tensor", torch.tensor(3))):
+        out.append(Case(fam, f"seed_{name}", attn_call(dropout_p=0.1, seed=value), Raises(TypeError, "seed")))
+    for impl in ("cpu", "reference"):  # the ops' seed: a one-element integer CPU tensor, checked by each backend
+        for name, value in (("float_tensor", torch.tensor(3.0)), ("two_elements", torch.tensor([1, 2]))):
+            out.append(Case(fam, f"op_seed_{name}_{impl}", _raw_fwd(impl, value),
+                            Raises((ValueError, RuntimeError), "seed must be a one-element integer CPU tensor")))
     for name, window in (("negative", (-2, 0)), ("one_side", (1,)), ("float", (1.5, 0)), ("str", ("a", 0)),
                          ("bool", (True, 0))):
         out.append(Case(fam, f"window_{name}", attn_call(window=window), Raises((ValueError, TypeError), "window")))

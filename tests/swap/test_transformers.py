@@ -14,7 +14,7 @@ from pytrain.testing.swap_models import (assert_identical, assert_swap_matches, 
                                          tiny_gpt2, tiny_llama, tiny_mistral)
 
 BUILDERS = {"gpt2": tiny_gpt2, "llama": tiny_llama, "mistral": tiny_mistral}
-LENGTH = 20  # longer than Mistral's window of 8: its mask is materialised and must be recognised
+LENGTH = 20  # longer than Mistral's window of 8: flash attention applies the window
 
 
 def _forward(attention_mask=None):
@@ -85,17 +85,25 @@ def test_mask_pattern_recognition():
     assert not integration._mask_is_pattern(causal.float(), True, None)
 
 
-def test_sliding_window_mask_is_recognised(monkeypatch):
+def test_sliding_window_needs_no_mask(monkeypatch):
+    """A whole sequence longer than the window: ``pytrain_mask`` builds no mask (the layers apply their window),
+    so nothing is checked, torch.compile has no data-dependent branch, and every call runs flash attention."""
     seen = []
-    recognise = integration._mask_is_pattern
-
-    def spy(mask, causal, sliding_window):
-        seen.append((tuple(mask.shape), causal, sliding_window, recognise(mask, causal, sliding_window)))
-        return seen[-1][-1]
-
-    monkeypatch.setattr(integration, "_mask_is_pattern", spy)
+    monkeypatch.setattr(integration, "_mask_is_pattern", lambda *args: seen.append(args))
     model = tiny_mistral(sliding_window=8)
     report = pytrain.swap(model)
     _forward()(model)
-    assert seen == [((2, 1, LENGTH, LENGTH), True, 8, True)] * 2  # materialised (LENGTH > window), recognised
-    assert not report.declined_calls
+    assert seen == [] and not report.declined_calls
+    assert sum(n for (_, outcome), n in report.calls.items() if outcome == "pytrain") > 0, str(report)
+
+
+def test_declined_call_without_mask_keeps_the_window():
+    """The skipped window mask comes back for SDPA when a call is declined (here: head dim 8, out of range)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 10, 8, generator=gen) for _ in range(3))
+    module = torch.nn.Module()
+    module.is_causal = True
+    out, _ = integration.pytrain_attention_forward(module, q, k, v, None, sliding_window=4)
+    allowed = torch.ones(10, 10, dtype=torch.bool).tril() & ~torch.ones(10, 10, dtype=torch.bool).tril(-4)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    torch.testing.assert_close(out, want.transpose(1, 2))
