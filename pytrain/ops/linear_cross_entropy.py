@@ -69,7 +69,7 @@ def autocast_like_linear(*tensors: Optional[Tensor]) -> Tuple[Optional[Tensor], 
     tensors on the autocast device, float64 excepted, in the autocast dtype (the loss stays float32)."""
     def cast(t: Optional[Tensor]) -> Optional[Tensor]:
         if t is None or not t.is_floating_point() or t.dtype == torch.float64 \
-                or not torch.is_autocast_enabled(t.device.type):
+                or not torch.amp.is_autocast_available(t.device.type) or not torch.is_autocast_enabled(t.device.type):
             return t
         return t.to(torch.get_autocast_dtype(t.device.type))
     return tuple(cast(t) for t in tensors)
