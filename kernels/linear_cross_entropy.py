@@ -10,12 +10,14 @@ over its row in blocks of ``BLOCK`` columns:
 2. with gradients, overwrite the row with dx = g (p (1 + 2 z_loss lse) - eps / V - (1 - eps)[j == t]) tanh'.
 
 A target outside [0, V) that is not ignore_index gives a NaN loss and gradient row (the public function checks
-targets on the host first, except under torch.compile).  Then grad_hidden[chunk] = dx @ weight and grad_weight += dx^T @ hidden[chunk] (torch, dx rounded to the inputs'
-dtype, grad_weight accumulated in float32), grad_bias += column sums of dx.  Memory O(chunk x V + V x H).
+targets on the host first, except under torch.compile).  Then grad_hidden[chunk] = dx @ weight and
+grad_weight += dx^T @ hidden[chunk] (``walk_linear_chunks``, shared with ``linear_distillation_loss``: torch, dx
+rounded to the inputs' dtype, grad_weight accumulated in float32), grad_bias += column sums of dx.
+Memory O(chunk x V + V x H).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 import triton
@@ -101,30 +103,47 @@ def row_pass(x: Tensor, bias: Optional[Tensor], target: Tensor, scale: Optional[
                       num_warps=ROW_CONFIG["num_warps"])
 
 
+def walk_linear_chunks(hidden: Tensor, weight: Tensor, chunk: int, grad: bool,
+                       rows: Callable[[int, Tensor], None]) -> Tuple[Tensor, Optional[Tensor]]:
+    """The chunk walk of the fused linear losses (``linear_distillation_loss`` too): per chunk of ``chunk`` rows of
+    hidden (N, H), the float32 logits x = hidden[chunk] @ weight^T (torch.mm), ``rows(r0, x)``, which computes the
+    chunk's losses and, with ``grad``, overwrites x with dloss/dx, then grad_hidden[chunk] = dx @ weight and
+    grad_weight += dx^T @ hidden[chunk] (dx rounded to the inputs' dtype, grad_weight accumulated in float32).
+    Returns (grad_hidden (N, H) or empty, grad_weight's float32 accumulator (V, H) or None)."""
+    n = hidden.shape[0]
+    f32 = hidden.dtype == torch.float32
+    grad_hidden = torch.empty_like(hidden) if grad else hidden.new_empty(0)
+    gw_acc = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad else None
+    for r0 in range(0, n, chunk):
+        h = hidden[r0:r0 + chunk]
+        x = torch.mm(h, weight.t()).float()
+        rows(r0, x)
+        if not grad:
+            continue
+        d = x if f32 else x.to(hidden.dtype)
+        torch.mm(d, weight, out=grad_hidden[r0:r0 + chunk])
+        gw_acc.addmm_(d.t(), h) if f32 else gw_acc.add_(torch.mm(d.t(), h))
+    return grad_hidden, gw_acc
+
+
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
                          grad_scale: Optional[Tensor], ignore_index: int, label_smoothing: float, z_loss: float,
                          softcap: float, chunk: int):
     """The op ``pytrain::linear_cross_entropy_triton``: (losses, grad_hidden, grad_weight, grad_bias)."""
     n, vocab = hidden.shape[0], weight.shape[0]
     grad = grad_scale is not None
-    f32 = hidden.dtype == torch.float32
     losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    grad_hidden = torch.empty_like(hidden) if grad else hidden.new_empty(0)
-    gw_acc = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad else None
     gb_acc = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if grad and bias is not None else None
     target = target.contiguous()
-    for r0 in range(0, n, chunk):
-        h = hidden[r0:r0 + chunk]
-        x = torch.mm(h, weight.t()).float()
-        row_pass(x, bias, target[r0:r0 + chunk], None if not grad else grad_scale[r0:r0 + chunk],
-                 losses[r0:r0 + chunk], ignore_index, label_smoothing, z_loss, softcap)
-        if not grad:
-            continue
-        d = x if f32 else x.to(hidden.dtype)
-        torch.mm(d, weight, out=grad_hidden[r0:r0 + chunk])
-        gw_acc.addmm_(d.t(), h) if f32 else gw_acc.add_(torch.mm(d.t(), h))
+
+    def rows(r0: int, x: Tensor) -> None:
+        c = x.shape[0]
+        row_pass(x, bias, target[r0:r0 + c], None if not grad else grad_scale[r0:r0 + c], losses[r0:r0 + c],
+                 ignore_index, label_smoothing, z_loss, softcap)
         if gb_acc is not None:
             gb_acc.add_(x.sum(0))
+
+    grad_hidden, gw_acc = walk_linear_chunks(hidden, weight, chunk, grad, rows)
     if not grad:
         return losses, grad_hidden, weight.new_empty(0), hidden.new_empty(0)
     grad_bias = gb_acc.to(bias.dtype) if bias is not None else hidden.new_empty(0)
