@@ -76,7 +76,9 @@ def _row_kernel(s_ptr, t_ptr, V, target_ptr, scale_ptr, loss_ptr, ignore_index, 
                 ms, ss = _online(ms, ss, x)
         lse_u = mu + tl.log(su)
         lse_v = mv + tl.log(sv)
-        lse_s = ms + tl.log(ss)
+        lse_s = 0.0
+        if HARD:
+            lse_s = ms + tl.log(ss)
         lb = tl.log(beta)
         l1b = tl.log(1.0 - beta)
         div = 0.0

@@ -196,3 +196,19 @@ def test_kernel_rejects_or_poisons_out_of_range_target(impl):
     else:
         losses, gh, _ = op(hs, ws, ht, wt, t, torch.ones(9), "kl", 1.0, 0.5, 0.0, IGNORE, 4)
         assert losses[2].isnan() and not losses[[0, 1, 4, 5]].isnan().any() and gh[2].isnan().all()
+
+
+def test_module_flattens_leading_dims_like_the_function():
+    from pytrain.nn import LinearDistillationLoss
+
+    hs, ws, ht, wt, t = _inputs(torch.float32, n=12, vocab=29)
+    options = {"kind": "jsd", "beta": 0.3, "temperature": 2.0, "hard_label_weight": 0.25}
+    module = LinearDistillationLoss(**options)
+    torch.testing.assert_close(module(hs.view(3, 4, HS), ws, ht.view(3, 4, HT), wt, t.view(3, 4)),
+                               linear_distillation_loss(hs, ws, ht, wt, t, **options))
+    per_token = LinearDistillationLoss(reduction="none")(hs.view(3, 4, HS), ws, ht.view(3, 4, HT), wt)
+    assert per_token.shape == (3, 4)
+    with pytest.raises(ValueError, match="leading dims"):
+        module(hs.view(3, 4, HS), ws, ht.view(4, 3, HT), wt, t.view(3, 4))
+    with pytest.raises(ValueError, match="kind"):
+        LinearDistillationLoss(kind="forward")
