@@ -11,18 +11,20 @@ over its row in blocks of ``BLOCK`` columns:
 
 A target outside [0, V) that is not ignore_index gives a NaN loss and gradient row (the public function checks
 targets on the host first, except under torch.compile).  Then grad_hidden[chunk] = dx @ weight and
-grad_weight += dx^T @ hidden[chunk] (``walk_linear_chunks``, shared with ``linear_distillation_loss``: torch, dx
+grad_weight += dx^T @ hidden[chunk] (``linear_chunks.walk_linear_chunks``, shared with ``linear_distillation_loss``: torch, dx
 rounded to the inputs' dtype, grad_weight accumulated in float32), grad_bias += column sums of dx.
 Memory O(chunk x V + V x H).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .linear_chunks import walk_linear_chunks
 
 ROW_CONFIG = {"BLOCK": 4096, "num_warps": 8}
 
@@ -101,29 +103,6 @@ def row_pass(x: Tensor, bias: Optional[Tensor], target: Tensor, scale: Optional[
                       losses, ignore_index, eps, z_loss, softcap if softcap > 0 else 1.0,
                       HAS_BIAS=bias is not None, SOFTCAP=softcap > 0, GRAD=scale is not None, BLOCK=block,
                       num_warps=ROW_CONFIG["num_warps"])
-
-
-def walk_linear_chunks(hidden: Tensor, weight: Tensor, chunk: int, grad: bool,
-                       rows: Callable[[int, Tensor], None]) -> Tuple[Tensor, Optional[Tensor]]:
-    """The chunk walk of the fused linear losses (``linear_distillation_loss`` too): per chunk of ``chunk`` rows of
-    hidden (N, H), the float32 logits x = hidden[chunk] @ weight^T (torch.mm), ``rows(r0, x)``, which computes the
-    chunk's losses and, with ``grad``, overwrites x with dloss/dx, then grad_hidden[chunk] = dx @ weight and
-    grad_weight += dx^T @ hidden[chunk] (dx rounded to the inputs' dtype, grad_weight accumulated in float32).
-    Returns (grad_hidden (N, H) or empty, grad_weight's float32 accumulator (V, H) or None)."""
-    n = hidden.shape[0]
-    f32 = hidden.dtype == torch.float32
-    grad_hidden = torch.empty_like(hidden) if grad else hidden.new_empty(0)
-    gw_acc = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad else None
-    for r0 in range(0, n, chunk):
-        h = hidden[r0:r0 + chunk]
-        x = torch.mm(h, weight.t()).float()
-        rows(r0, x)
-        if not grad:
-            continue
-        d = x if f32 else x.to(hidden.dtype)
-        torch.mm(d, weight, out=grad_hidden[r0:r0 + chunk])
-        gw_acc.addmm_(d.t(), h) if f32 else gw_acc.add_(torch.mm(d.t(), h))
-    return grad_hidden, gw_acc
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],

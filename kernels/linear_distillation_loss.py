@@ -1,8 +1,8 @@
 """Triton fused linear distillation loss: torch matmuls per chunk of tokens around one fused row kernel.
 
 Contract and maths (with references): ``pytrain/ops/linear_distillation_loss.py``.  The chunk walk is
-``linear_cross_entropy``'s (``walk_linear_chunks``: the student's logits chunk and, after the row kernel, the
-gradient GEMMs, all torch.mm); inside it each chunk also gets the teacher's logits (torch.mm, float32), and
+``kernels/linear_chunks.py``'s (shared with ``linear_cross_entropy``: the student's logits chunk and, after the row
+kernel, the gradient GEMMs, all torch.mm); inside it each chunk also gets the teacher's logits (torch.mm, float32), and
 ``_row_kernel`` (one program per token) makes three passes over its two rows in blocks of ``BLOCK`` columns:
 
 1. online log-sum-exps of s / T and t / T (and of s for the hard labels): running max m and sum of exp(z - m),
@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .linear_cross_entropy import walk_linear_chunks
+from .linear_chunks import walk_linear_chunks
 
 ROW_CONFIG = {"BLOCK": 2048, "num_warps": 8}
 KIND_CODES = {"kl": 0, "reverse_kl": 1, "jsd": 2}

@@ -1,6 +1,6 @@
 // The chunk walk shared by the fused linear losses on the CPU (csrc/cpu/linear_cross_entropy.cpp,
-// csrc/cpu/linear_distillation_loss.cpp): a loss of the logits x = hidden @ weight^T and its gradients for hidden
-// and weight, never holding the (N, V) logits.
+// csrc/cpu/linear_distillation_loss.cpp; the Triton path's twin is kernels/linear_chunks.py): a loss of the
+// logits x = hidden @ weight^T and its gradients for hidden and weight, never holding the (N, V) logits.
 //
 // Per chunk of `chunk` token rows:
 //   1. x = hidden[chunk] @ weight^T through torch's GEMM (at::mm: MKL / oneDNN, AMX for bfloat16), widened to

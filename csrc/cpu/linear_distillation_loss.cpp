@@ -13,7 +13,7 @@
 //   C. the divergence D, and into the teacher's row: p ("kl") or r = log q - log p ("reverse_kl") or
 //      r = log q - log m ("jsd", log m = logaddexp(log b + log p, log(1 - b) + log q));
 //   D. with gradients, the student's row becomes dloss/ds = g ((1 - a) T dD/du + a (softmax(s) - onehot)).
-// Extra memory: the two (chunk, V) float32 buffers plus linear_chunks.h's: O(chunk x V + V x Hs).
+// Input checks: csrc/linear_distillation_loss_checks.h.  Extra memory: the two (chunk, V) float32 buffers plus linear_chunks.h's: O(chunk x V + V x Hs).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -26,17 +26,13 @@
 
 #include "cpu/linear_chunks.h"
 #include "cpu/multi_tensor.h"  // PYTRAIN_SIMD
-#include "tensor_checks.h"
+#include "linear_distillation_loss_checks.h"
 
 namespace pytrain::cpu {
 namespace {
 
-constexpr const char* kOp = "linear_distillation_loss";
-
-enum class Kind { kKL, kReverseKL, kJSD };
-
 struct Options {
-  Kind kind;
+  DistillKind kind;
   float temperature;
   float beta;
   float hard;  // hard_label_weight
@@ -102,10 +98,10 @@ PYTRAIN_SIMD float row_pass(float* __restrict s, float* __restrict t, int64_t V,
     const vf lq = load_part(s + j, n, 0.0f) * inv_t - lse_u, lp = load_part(t + j, n, 0.0f) * inv_t - lse_v;
     const vf q = exp_v(lq), p = exp_v(lp);
     vf d, keep;
-    if (o.kind == Kind::kKL) {
+    if (o.kind == DistillKind::kKL) {
       d = p * (lp - lq);
       keep = p;
-    } else if (o.kind == Kind::kReverseKL) {
+    } else if (o.kind == DistillKind::kReverseKL) {
       keep = lq - lp;
       d = q * keep;
     } else {
@@ -125,14 +121,14 @@ PYTRAIN_SIMD float row_pass(float* __restrict s, float* __restrict t, int64_t V,
   const float loss = (1.0f - o.hard) * o.temperature * o.temperature * div + o.hard * ce;
   if (!grad) return loss;
   // D: dloss/ds
-  const float soft = g * (1.0f - o.hard) * o.temperature * (o.kind == Kind::kJSD ? 1.0f - o.beta : 1.0f);
-  const float center = o.kind == Kind::kJSD ? hsum(vc) : div;  // sum_j q_j r_j ("reverse_kl": D itself)
+  const float soft = g * (1.0f - o.hard) * o.temperature * (o.kind == DistillKind::kJSD ? 1.0f - o.beta : 1.0f);
+  const float center = o.kind == DistillKind::kJSD ? hsum(vc) : div;  // sum_j q_j r_j ("reverse_kl": D itself)
   const float gh = g * o.hard;
   for (int64_t j = 0; j < V; j += kLanes) {
     const int64_t n = V - j;
     const vf x = load_part(s + j, n, 0.0f);
     const vf q = exp_v(x * inv_t - lse_u), kept = load_part(t + j, n, 0.0f);
-    vf d = o.kind == Kind::kKL ? soft * (q - kept) : soft * q * (kept - center);
+    vf d = o.kind == DistillKind::kKL ? soft * (q - kept) : soft * q * (kept - center);
     if (hard) d += gh * exp_v(x - lse_s);
     store_part(s + j, n, d);
   }
@@ -140,68 +136,13 @@ PYTRAIN_SIMD float row_pass(float* __restrict s, float* __restrict t, int64_t V,
   return loss;
 }
 
-Kind parse_kind(std::string_view kind) {
-  if (kind == "kl") return Kind::kKL;
-  if (kind == "reverse_kl") return Kind::kReverseKL;
-  TORCH_CHECK(kind == "jsd", kOp, ": kind must be 'kl', 'reverse_kl' or 'jsd', got '", std::string(kind), "'");
-  return Kind::kJSD;
-}
-
-void check_args(const at::Tensor& sh, const at::Tensor& sw, const at::Tensor& th, const at::Tensor& tw,
-                const c10::optional<at::Tensor>& target, const c10::optional<at::Tensor>& grad_scale, Kind kind,
-                double temperature, double beta, double hard, int64_t ignore_index, int64_t chunk) {
-  const auto cpu = c10::DeviceType::CPU;
-  const std::pair<const char*, const at::Tensor*> floats[] = {
-      {"student_hidden", &sh}, {"student_weight", &sw}, {"teacher_hidden", &th}, {"teacher_weight", &tw}};
-  for (const auto& [name, x] : floats) {
-    check_kernel_device(kOp, name, *x, cpu);
-    check_dense_contiguous(kOp, name, *x);
-    TORCH_CHECK(x->scalar_type() == sh.scalar_type(), kOp, ": ", name, " has dtype ", x->scalar_type(),
-                ", student_hidden ", sh.scalar_type(), "; they must match");
-    TORCH_CHECK(x->dim() == 2, kOp, ": ", name, " must be 2-D, got ", x->sizes());
-  }
-  check_float_dtype(kOp, "student_hidden", sh.scalar_type(), cpu);
-  TORCH_CHECK(sh.size(1) == sw.size(1) && th.size(1) == tw.size(1), kOp,
-              ": student_hidden (N, Hs) / student_weight (V, Hs) and teacher_hidden (N, Ht) / teacher_weight "
-              "(V, Ht) must agree in H, got ", sh.sizes(), ", ", sw.sizes(), ", ", th.sizes(), ", ", tw.sizes());
-  TORCH_CHECK(sh.size(0) == th.size(0) && sw.size(0) == tw.size(0) && sw.size(0) > 0, kOp,
-              ": student and teacher must share N and V > 0, got ", sh.sizes(), ", ", sw.sizes(), ", ", th.sizes(),
-              ", ", tw.sizes());
-  const int64_t N = sh.size(0), V = sw.size(0);
-  if (target.has_value()) {
-    check_kernel_device(kOp, "target", *target, cpu);
-    check_dense_contiguous(kOp, "target", *target);
-    TORCH_CHECK(target->scalar_type() == at::kLong && target->dim() == 1 && target->size(0) == N, kOp,
-                ": target must be (N,) = (", N, ",) int64, got ", target->sizes(), " ", target->scalar_type());
-    const int64_t* t = target->data_ptr<int64_t>();
-    for (int64_t i = 0; i < N; ++i) {
-      TORCH_CHECK(t[i] == ignore_index || (t[i] >= 0 && t[i] < V), kOp, ": target[", i, "] = ", t[i],
-                  " is outside [0, ", V, ") and is not ignore_index (", ignore_index, ")");
-    }
-  }
-  if (grad_scale.has_value()) {
-    check_kernel_device(kOp, "grad_scale", *grad_scale, cpu);
-    check_dense_contiguous(kOp, "grad_scale", *grad_scale);
-    TORCH_CHECK(grad_scale->scalar_type() == at::kFloat && grad_scale->dim() == 1 && grad_scale->size(0) == N, kOp,
-                ": grad_scale must be (N,) = (", N, ",) float32, got ", grad_scale->sizes(), " ",
-                grad_scale->scalar_type());
-  }
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0, kOp, ": temperature must be finite and > 0, got ",
-              temperature);
-  TORCH_CHECK(kind != Kind::kJSD || (beta > 0.0 && beta < 1.0), kOp, ": beta must be in (0, 1) for 'jsd', got ",
-              beta);
-  TORCH_CHECK(hard >= 0.0 && hard <= 1.0, kOp, ": hard_label_weight must be in [0, 1], got ", hard);
-  TORCH_CHECK(hard == 0.0 || target.has_value(), kOp, ": hard_label_weight > 0 needs a target");
-  TORCH_CHECK(chunk >= 1, kOp, ": chunk must be >= 1, got ", chunk);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_distillation_loss(
     const at::Tensor& student_hidden, const at::Tensor& student_weight, const at::Tensor& teacher_hidden,
     const at::Tensor& teacher_weight, const c10::optional<at::Tensor>& target,
     const c10::optional<at::Tensor>& grad_scale, c10::string_view kind, double temperature, double beta,
     double hard_label_weight, int64_t ignore_index, int64_t chunk) {
-  const Kind k = parse_kind(std::string_view(kind.data(), kind.size()));
-  check_args(student_hidden, student_weight, teacher_hidden, teacher_weight, target, grad_scale, k, temperature, beta,
+  const DistillKind k = parse_distill_kind(std::string_view(kind.data(), kind.size()));
+  check_linear_distillation_loss_args(student_hidden, student_weight, teacher_hidden, teacher_weight, target, grad_scale, k, temperature, beta,
              hard_label_weight, ignore_index, chunk);
   const int64_t N = student_hidden.size(0), V = student_weight.size(0);
   const bool grad = grad_scale.has_value();

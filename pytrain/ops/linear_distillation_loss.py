@@ -40,7 +40,7 @@ constant: no gradient flows to its hidden states or weight.  g = grad_scale: whe
 and empty tensors otherwise.  losses: (N,) float32 (float64 for float64 inputs).
 
 Every backend walks the tokens in chunks of ``chunk`` rows, the chunk walk of ``linear_cross_entropy`` (CPU:
-``csrc/cpu/linear_chunks.h``; Triton: ``kernels/linear_cross_entropy.walk_linear_chunks``): the student's and
+``csrc/cpu/linear_chunks.h``; Triton: ``kernels/linear_chunks.py``): the student's and
 the teacher's logits of one chunk come from torch's GEMM, one fused pass per row turns the student's into
 dloss/ds and the losses, and two more GEMMs give that chunk's grad_hidden rows and its share of grad_weight.
 Peak extra memory O(chunk x V) for the two logit chunks plus O(N x Hs + V x Hs) for the gradients, never
