@@ -28,9 +28,11 @@ inline DistillKind parse_distill_kind(std::string_view kind) {
 // The four float tensors: one float dtype, dense, contiguous, 2-D, on the CPU, agreeing in N, V and each side's H
 // (V > 0); target (N,) int64 with every entry in [0, V) or ignore_index; grad_scale (N,) float32; options in
 // range.
-inline void check_linear_distillation_loss_args(const at::Tensor& sh, const at::Tensor& sw, const at::Tensor& th, const at::Tensor& tw,
-                const c10::optional<at::Tensor>& target, const c10::optional<at::Tensor>& grad_scale, DistillKind kind,
-                double temperature, double beta, double hard, int64_t ignore_index, int64_t chunk) {
+inline void check_linear_distillation_loss_args(const at::Tensor& sh, const at::Tensor& sw, const at::Tensor& th,
+                                                const at::Tensor& tw, const c10::optional<at::Tensor>& target,
+                                                const c10::optional<at::Tensor>& grad_scale, DistillKind kind,
+                                                double temperature, double beta, double hard, int64_t ignore_index,
+                                                int64_t chunk) {
   constexpr const char* op = "linear_distillation_loss";
   const auto cpu = c10::DeviceType::CPU;
   const std::pair<const char*, const at::Tensor*> floats[] = {

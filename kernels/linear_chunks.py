@@ -1,13 +1,16 @@
 """The chunk walk shared by the fused linear losses on the GPU path (``kernels/linear_cross_entropy.py``,
 ``kernels/linear_distillation_loss.py``; the CPU twin is ``csrc/cpu/linear_chunks.h``): a loss of the logits
 x = hidden @ weight^T and its gradients for hidden and weight, never holding the (N, V) logits.  Memory
-O(chunk x V + V x H).
+O(chunk x V + V x H).  Also ``skip_row``, the row kernels' handling of a token whose target is ignored (loss 0, gradient row 0) or
+outside [0, V) (NaN loss and gradient row).
 """
 from __future__ import annotations
 
 from typing import Callable, Optional, Tuple
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
 
@@ -32,3 +35,19 @@ def walk_linear_chunks(hidden: Tensor, weight: Tensor, chunk: int, grad: bool,
         torch.mm(d, weight, out=grad_hidden[r0:r0 + chunk])
         gw_acc.addmm_(d.t(), h) if f32 else gw_acc.add_(torch.mm(d.t(), h))
     return grad_hidden, gw_acc
+
+
+@triton.jit
+def skip_row(row_ptr, loss_ptr, t, V, ignore_index, GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    """A row whose target t is ignore_index (loss 0, with GRAD its V float32 entries at row_ptr 0) or outside
+    [0, V) (NaN loss and row: a wrong target gives NaN rather than a wrong number): writes that and returns True;
+    any other row: writes nothing and returns False."""
+    skip = (t == ignore_index) | (t < 0) | (t >= V)
+    if skip:
+        value = tl.where(t == ignore_index, 0.0, float("nan"))
+        tl.store(loss_ptr, value)
+        if GRAD:
+            for j in range(0, V, BLOCK):
+                offs = j + tl.arange(0, BLOCK)
+                tl.store(row_ptr + offs, tl.zeros([BLOCK], tl.float32) + value, mask=offs < V)
+    return skip

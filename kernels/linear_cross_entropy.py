@@ -11,8 +11,8 @@ over its row in blocks of ``BLOCK`` columns:
 
 A target outside [0, V) that is not ignore_index gives a NaN loss and gradient row (the public function checks
 targets on the host first, except under torch.compile).  Then grad_hidden[chunk] = dx @ weight and
-grad_weight += dx^T @ hidden[chunk] (``linear_chunks.walk_linear_chunks``, shared with ``linear_distillation_loss``: torch, dx
-rounded to the inputs' dtype, grad_weight accumulated in float32), grad_bias += column sums of dx.
+grad_weight += dx^T @ hidden[chunk] (``kernels/linear_chunks.py``, shared with ``linear_distillation_loss``:
+torch, dx rounded to the inputs' dtype, grad_weight accumulated in float32), grad_bias += column sums of dx.
 Memory O(chunk x V + V x H).
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .linear_chunks import walk_linear_chunks
+from .linear_chunks import skip_row, walk_linear_chunks
 
 ROW_CONFIG = {"BLOCK": 4096, "num_warps": 8}
 
@@ -41,19 +41,7 @@ def _row_kernel(x_ptr, V, bias_ptr, target_ptr, scale_ptr, loss_ptr, ignore_inde
     row = tl.program_id(0)
     t = tl.load(target_ptr + row)
     x_row = x_ptr + row.to(tl.int64) * V
-    if t == ignore_index:
-        tl.store(loss_ptr + row, 0.0)
-        if GRAD:
-            for j in range(0, V, BLOCK):
-                offs = j + tl.arange(0, BLOCK)
-                tl.store(x_row + offs, tl.zeros([BLOCK], tl.float32), mask=offs < V)
-    elif (t < 0) | (t >= V):  # a target outside [0, V): NaN loss and gradient rather than a wrong number
-        tl.store(loss_ptr + row, float("nan"))
-        if GRAD:
-            for j in range(0, V, BLOCK):
-                offs = j + tl.arange(0, BLOCK)
-                tl.store(x_row + offs, tl.full([BLOCK], float("nan"), tl.float32), mask=offs < V)
-    else:
+    if skip_row(x_row, loss_ptr + row, t, V, ignore_index, GRAD, BLOCK) == 0:  # else ignored or a bad target
         m = -float("inf")
         s = 0.0
         sum_z = 0.0

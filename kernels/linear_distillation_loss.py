@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .linear_chunks import walk_linear_chunks
+from .linear_chunks import skip_row, walk_linear_chunks
 
 ROW_CONFIG = {"BLOCK": 2048, "num_warps": 8}
 KIND_CODES = {"kl": 0, "reverse_kl": 1, "jsd": 2}
@@ -44,21 +44,11 @@ def _row_kernel(s_ptr, t_ptr, V, target_ptr, scale_ptr, loss_ptr, ignore_index, 
     s_row = s_ptr + row.to(tl.int64) * V
     t_row = t_ptr + row.to(tl.int64) * V
     tgt = 0
+    skipped = 0
     if HAS_TARGET:
         tgt = tl.load(target_ptr + row)
-    if HAS_TARGET and tgt == ignore_index:
-        tl.store(loss_ptr + row, 0.0)
-        if GRAD:
-            for j in range(0, V, BLOCK):
-                offs = j + tl.arange(0, BLOCK)
-                tl.store(s_row + offs, tl.zeros([BLOCK], tl.float32), mask=offs < V)
-    elif HAS_TARGET and ((tgt < 0) | (tgt >= V)):  # outside [0, V): NaN rather than a wrong number
-        tl.store(loss_ptr + row, float("nan"))
-        if GRAD:
-            for j in range(0, V, BLOCK):
-                offs = j + tl.arange(0, BLOCK)
-                tl.store(s_row + offs, tl.full([BLOCK], float("nan"), tl.float32), mask=offs < V)
-    else:
+        skipped = skip_row(s_row, loss_ptr + row, tgt, V, ignore_index, GRAD, BLOCK)  # ignored or a bad target
+    if skipped == 0:
         mu = -float("inf")
         su = 0.0
         mv = -float("inf")

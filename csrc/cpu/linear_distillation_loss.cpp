@@ -13,7 +13,8 @@
 //   C. the divergence D, and into the teacher's row: p ("kl") or r = log q - log p ("reverse_kl") or
 //      r = log q - log m ("jsd", log m = logaddexp(log b + log p, log(1 - b) + log q));
 //   D. with gradients, the student's row becomes dloss/ds = g ((1 - a) T dD/du + a (softmax(s) - onehot)).
-// Input checks: csrc/linear_distillation_loss_checks.h.  Extra memory: the two (chunk, V) float32 buffers plus linear_chunks.h's: O(chunk x V + V x Hs).
+// Input checks: csrc/linear_distillation_loss_checks.h.  Extra memory: the two (chunk, V) float32 buffers plus
+// linear_chunks.h's: O(chunk x V + V x Hs).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -142,8 +143,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_distillation_loss(
     const c10::optional<at::Tensor>& grad_scale, c10::string_view kind, double temperature, double beta,
     double hard_label_weight, int64_t ignore_index, int64_t chunk) {
   const DistillKind k = parse_distill_kind(std::string_view(kind.data(), kind.size()));
-  check_linear_distillation_loss_args(student_hidden, student_weight, teacher_hidden, teacher_weight, target, grad_scale, k, temperature, beta,
-             hard_label_weight, ignore_index, chunk);
+  check_linear_distillation_loss_args(student_hidden, student_weight, teacher_hidden, teacher_weight, target,
+                                      grad_scale, k, temperature, beta, hard_label_weight, ignore_index, chunk);
   const int64_t N = student_hidden.size(0), V = student_weight.size(0);
   const bool grad = grad_scale.has_value();
   const Options o{k, static_cast<float>(temperature), static_cast<float>(beta), static_cast<float>(hard_label_weight),

@@ -2,7 +2,8 @@
 
 Each backend's normwise error against the float64 reference must be at most twice PyTorch's own error in the
 same dtype (both F.linear in that dtype, the divergence in float32) plus ``LINEAR_DISTILLATION_LOSS_RTOL[dtype]``.
-Triton runs through its interpreter in float32 / float16 (numpy has no bfloat16) on a few cases (it is slow).
+Triton runs through its interpreter in float32 / float16 (numpy has no bfloat16) on the options that cover its
+kernel's branches (the interpreter is slow).
 """
 import math
 
@@ -31,7 +32,7 @@ OPTIONS = {
     "sum": {"kind": "jsd", "reduction": "sum", "hard_label_weight": 0.2},
     "none": {"kind": "kl", "reduction": "none", "hard_label_weight": 0.2, "temperature": 2.0},
 }
-TRITON_OPTIONS = ("kl_t2", "reverse_kl", "jsd_beta", "hard", "no_target", "none")
+TRITON_OPTIONS = ("kl_t2", "reverse_kl", "jsd_beta", "hard", "no_target", "none")  # every kernel branch
 
 
 def _inputs(dtype, n=N, vocab=V, seed=0):
@@ -89,21 +90,24 @@ def _check_against_float64(impl, dtype, chunk_size=8, options=None, n=N, vocab=V
         assert _err(o, e) <= allowed, f"{name}: error {_err(o, e):.3g} > {allowed:.3g} (torch's {_err(s, e):.3g})"
 
 
-@pytest.mark.parametrize("option", list(OPTIONS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("impl", CPU_IMPLS)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The Triton interpreter runs float32 / float16 (numpy has no bfloat16) on the options covering its kernel's branches.
+CASES = [(impl, dtype, option) for impl in CPU_IMPLS for dtype in DTYPES for option in OPTIONS
+         if impl != "triton" or (dtype != "bf16" and option in TRITON_OPTIONS)]
+
+
+@pytest.mark.parametrize("impl, dtype, option", CASES, ids=["-".join(case) for case in CASES])
 def test_matches_float64(impl, dtype, option):
     impl_or_skip(OP, impl)
-    if impl == "triton" and (dtype == torch.bfloat16 or option not in TRITON_OPTIONS):
-        pytest.skip("the Triton interpreter runs float32 / float16 on the cases covering every kernel branch "
-                    "(bfloat16 has no numpy type; the interpreter is slow)")
-    _check_against_float64(impl, dtype, options=OPTIONS[option])
+    _check_against_float64(impl, DTYPES[dtype], options=OPTIONS[option])
 
 
-@pytest.mark.parametrize("chunk_size", [1, 5, 36, 37, 100])
-def test_chunk_boundaries(chunk_size):
+@pytest.mark.parametrize("option, chunk_size", [("hard", 1), ("jsd_beta", 5), ("reverse_kl", 36), ("hard", 37),
+                                                ("none", 100)])
+def test_chunk_boundaries(option, chunk_size):
+    """Chunks of 1 row, uneven chunks, a last chunk of one row, one chunk of all N and one larger than N."""
     impl_or_skip(OP, "cpu")
-    _check_against_float64("cpu", torch.float32, chunk_size=chunk_size, options=OPTIONS["hard"])
+    _check_against_float64("cpu", torch.float32, chunk_size=chunk_size, options=OPTIONS[option])
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)

@@ -1,7 +1,7 @@
 """Bad and edge inputs for pytrain.ops and pytrain.comm's tensor ops: the multi-tensor optimizer steps
 (adamw_step, lars_step, lamb_step), global_norm, flash_attention, the group quantizer, topk, the PowerSGD
-pieces, linear_cross_entropy and linear_distillation_loss.  Every case runs in a worker process (``pytrain.testing.robustness``): these
-calls reach C++ code.
+pieces, linear_cross_entropy and linear_distillation_loss.  Every case runs in a worker process
+(``pytrain.testing.robustness``): these calls reach C++ code.
 
 Expected outcomes: a clear error naming the argument (``Raises``), or the float64 reference's result
 (``Correct``: NaN / Inf inputs must give what the reference gives), or, for layouts an op may either serve or
@@ -728,6 +728,17 @@ def lce_with(**changes):
     return fn
 
 
+def target_cases(fam: str, call: Callable, replace: Callable, vocab: int) -> List[Case]:
+    """Bad class targets of a fused linear loss: call(replace(target=fn)) runs the op with its target fn(target)."""
+    return [
+        Case(fam, "target_2d", call(replace(target=lambda t: t[None])), Raises(ValueError, "target")),
+        Case(fam, "target_float", call(replace(target=lambda t: t.float())), Raises(ValueError, "int64")),
+        Case(fam, "target_is_vocab", call(replace(target=lambda t: t.clone().fill_(vocab))),
+             Raises(ValueError, "outside")),
+        Case(fam, "target_minus_one", call(replace(target=lambda t: t - 1)), Raises(ValueError, "outside")),
+    ]
+
+
 def linear_cross_entropy_cases() -> List[Case]:
     fam = "ops.linear_cross_entropy"
     out = [
@@ -736,11 +747,6 @@ def linear_cross_entropy_cases() -> List[Case]:
         Case(fam, "hidden_size_mismatch", lce(lce_with(weight=lambda w: w[:, :3])), Raises(ValueError, "differ in H")),
         Case(fam, "weight_no_rows", lce(lce_with(weight=lambda w: w[:0], bias=lambda b: b[:0])),
              Raises(ValueError, "V = 0")),
-        Case(fam, "target_2d", lce(lce_with(target=lambda t: t[None])), Raises(ValueError, "target")),
-        Case(fam, "target_float", lce(lce_with(target=lambda t: t.float())), Raises(ValueError, "int64")),
-        Case(fam, "target_is_vocab", lce(lce_with(target=lambda t: t.clone().fill_(11))),
-             Raises(ValueError, "outside")),
-        Case(fam, "target_minus_one", lce(lce_with(target=lambda t: t - 1)), Raises(ValueError, "outside")),
         Case(fam, "weight_dtype_mismatch", lce(lce_with(weight=lambda w: w.double())), Raises(ValueError, "dtype")),
         Case(fam, "bias_shape", lce(lce_with(bias=lambda b: b[:5])), Raises(ValueError, "bias")),
         Case(fam, "reduction_unknown", lce(reduction="avg"), Raises(ValueError, "reduction")),
@@ -753,7 +759,7 @@ def linear_cross_entropy_cases() -> List[Case]:
         Case(fam, "hidden_meta", lce(lce_with(**{k: (lambda x: x.to("meta")) for k in ("hidden", "weight", "bias")},
                                                target=lambda t: t.to("meta"))),
              Raises((RuntimeError, ValueError, NotImplementedError), "meta|Meta")),
-    ]
+    ] + target_cases(fam, lce, lce_with, 11)
     for dname, dt in BAD_DTYPES.items():
         out.append(Case(fam, f"hidden_{dname}", lce(lce_with(**{k: (lambda x, dt=dt: retype(x, dt))
                                                                  for k in ("hidden", "weight", "bias")})),
@@ -843,9 +849,6 @@ def linear_distillation_loss_cases() -> List[Case]:
         Case(fam, "tokens_mismatch", ldl(ldl_with(teacher_hidden=lambda h: h[:4])), Raises(ValueError, "must match")),
         Case(fam, "no_vocab", ldl(ldl_with(student_weight=lambda w: w[:0], teacher_weight=lambda w: w[:0])),
              Raises(ValueError, "V = 0")),
-        Case(fam, "target_2d", ldl(ldl_with(target=lambda t: t[None])), Raises(ValueError, "target")),
-        Case(fam, "target_float", ldl(ldl_with(target=lambda t: t.float())), Raises(ValueError, "int64")),
-        Case(fam, "target_is_vocab", ldl(ldl_with(target=lambda t: t.clone().fill_(11))), Raises(ValueError, "outside")),
         Case(fam, "teacher_dtype_mismatch", ldl(ldl_with(teacher_hidden=lambda h: h.double(),
                                                          teacher_weight=lambda w: w.double())),
              Raises(ValueError, "share a dtype")),
@@ -867,7 +870,7 @@ def linear_distillation_loss_cases() -> List[Case]:
         Case(fam, "reduction_unknown", ldl(reduction="avg"), Raises(ValueError, "reduction")),
         Case(fam, "chunk_zero", ldl(chunk_size=0), Raises(ValueError, "chunk_size")),
         Case(fam, "ignore_index_float", ldl(ignore_index=1.5), Raises(TypeError, "ignore_index")),
-    ]
+    ] + target_cases(fam, ldl, ldl_with, 11)
     for dname, dt in BAD_DTYPES.items():
         out.append(Case(fam, f"student_hidden_{dname}",
                         ldl(ldl_with(**{k: (lambda x, dt=dt: retype(x, dt)) for k in LDL_ARGS[:4]})),
