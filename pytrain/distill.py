@@ -37,27 +37,35 @@ BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pytrain distill", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--teacher", required=True, metavar="PATH",
-                   help="a pytrain train checkpoint directory (its latest step-*.pt) or checkpoint file")
-    p.add_argument("--teacher-heads", type=int, default=None,
-                   help="the teacher's attention heads (default: those of the --size preset of its width and depth)")
-    p.add_argument("--size", choices=list(SIZES), default="tiny", help="the student's size preset")
-    p.add_argument("--layers", type=int, default=None, help="student blocks (default: from --size)")
-    p.add_argument("--hidden", type=int, default=None, help="student width (default: from --size)")
-    p.add_argument("--heads", type=int, default=None, help="student attention heads (default: from --size)")
-    p.add_argument("--steps", type=int, default=100, help="optimizer steps of each student")
-    p.add_argument("--batch", type=int, default=16, help="sequences per step")
-    p.add_argument("--lr", type=float, default=3e-3, help="FusedAdamW's learning rate (constant)")
-    p.add_argument("--kind", choices=KINDS, default="kl", help="the divergence (pytrain.ops.linear_distillation_loss)")
-    p.add_argument("--temperature", type=float, default=2.0, help="softmax temperature T (loss scaled by T^2)")
-    p.add_argument("--beta", type=float, default=0.5, help="the JSD's mixing weight (--kind jsd)")
-    p.add_argument("--hard-label-weight", type=float, default=0.5,
-                   help="weight a of the next-token cross-entropy: loss = (1 - a) T^2 D + a CE")
-    p.add_argument("--eval-batches", type=int, default=8, help="held-out batches of --batch windows for the "
-                                                                  "validation loss")
-    p.add_argument("--seed", type=int, default=0, help="seed of the students' initialisation and the batch order")
+    """``pytrain distill``'s flags; --help shows each default and the module docstring as the epilog."""
+    head, _, rest = __doc__.partition("\n")
+    p = argparse.ArgumentParser(prog="pytrain distill", description=head.removeprefix("``pytrain distill``: "),
+                                epilog=rest.strip().replace("``", ""),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def flag(name, help, **kw):
+        default = kw.get("default")
+        shown = kw.pop("default_text", default)
+        p.add_argument(name, help=f"{help} (default: {shown})" if "required" not in kw else help, **kw)
+
+    flag("--teacher", "a pytrain train checkpoint directory (its latest step-*.pt) or checkpoint file",
+         required=True, metavar="PATH")
+    flag("--teacher-heads", "the teacher's attention heads", type=int, default=None,
+         default_text="those of the --size preset of its width and depth")
+    flag("--size", "the student's size preset", choices=list(SIZES), default="tiny")
+    flag("--layers", "student blocks", type=int, default=None, default_text="from --size")
+    flag("--hidden", "student width", type=int, default=None, default_text="from --size")
+    flag("--heads", "student attention heads", type=int, default=None, default_text="from --size")
+    flag("--steps", "optimizer steps of each student", type=int, default=100)
+    flag("--batch", "sequences per step", type=int, default=16)
+    flag("--lr", "FusedAdamW's learning rate (constant)", type=float, default=3e-3)
+    flag("--kind", "the divergence (pytrain.ops.linear_distillation_loss)", choices=KINDS, default="kl")
+    flag("--temperature", "softmax temperature T (the divergence is scaled by T^2)", type=float, default=2.0)
+    flag("--beta", "the JSD's mixing weight (--kind jsd)", type=float, default=0.5)
+    flag("--hard-label-weight", "weight a of the next-token cross-entropy: loss = (1 - a) T^2 D + a CE",
+         type=float, default=0.5)
+    flag("--eval-batches", "held-out batches of --batch windows for the validation loss", type=int, default=8)
+    flag("--seed", "seed of the students' initialisation and the batch order", type=int, default=0)
     return p
 
 

@@ -3,6 +3,7 @@ the same student trained without a teacher (tiny sizes, a few steps); with hard_
 student is that student (same seed, batches and steps); clear errors for bad flags and teachers."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -74,3 +75,17 @@ def test_teacher_without_checkpoint_or_heads(capsys, tmp_path, teacher):
     assert "holds no checkpoint" in capsys.readouterr().err
     assert main(["distill", "--teacher", str(teacher), "--teacher-heads", "3", *STUDENT]) == 2
     assert "--teacher-heads 3 does not divide the teacher's width 128" in capsys.readouterr().err
+
+
+def test_help_documents_every_flag_with_its_default(capsys):
+    from pytrain.distill import parser
+
+    with pytest.raises(SystemExit) as exc:
+        main(["distill", "--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Exit status: 0 when every loss is finite" in text
+    for action in parser()._actions:
+        if action.dest not in ("help", "teacher"):  # --teacher is required: no default
+            assert re.search(r"\w.*\(default: [^)]+\)$", action.help), action.dest
+            assert action.option_strings[0] in text
