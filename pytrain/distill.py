@@ -201,7 +201,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         check_options(args.kind, args.temperature, args.beta, args.hard_label_weight, -100, "mean", True)
     except (TypeError, ValueError) as exc:
-        p.error(str(exc).replace("linear_distillation_loss: ", "--").replace("_", "-"))
+        message = str(exc).removeprefix("linear_distillation_loss: ")  # "<option> must be ...": name the flag
+        p.error(re.sub(r"^\w+", lambda m: "--" + m.group(0).replace("_", "-"), message))
     for key, value in SIZES[args.size].items():
         if key != "seq" and getattr(args, key) is None:
             setattr(args, key, value)

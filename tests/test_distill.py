@@ -59,7 +59,9 @@ def test_hard_labels_only_is_the_student_without_teacher(teacher, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--temperature", "0"], "--temperature must be > 0"),
-    (["--kind", "jsd", "--beta", "1"], "--beta must be in (0, 1)"),
+    (["--kind", "jsd", "--beta", "1"], "--beta must be in (0, 1) for kind 'jsd' (its ends are kinds 'kl' and "
+                                        "'reverse_kl')"),
+    (["--hard-label-weight", "1.5"], "--hard-label-weight must be in [0, 1], got 1.5"),
     (["--steps", "0"], "--steps must be >= 1"),
     (["--hidden", "30", "--heads", "4"], "--hidden 30 is not divisible by --heads 4"),
 ])
