@@ -66,6 +66,8 @@ def parser() -> argparse.ArgumentParser:
          type=float, default=0.5)
     flag("--eval-batches", "held-out batches of --batch windows for the validation loss", type=int, default=8)
     flag("--seed", "seed of the students' initialisation and the batch order", type=int, default=0)
+    flag("--device", "where the models run", choices=["cpu", "cuda"], default=None,
+         default_text="cuda when available, else cpu")
     return p
 
 
@@ -100,13 +102,13 @@ def teacher_shape(model_state: Dict[str, torch.Tensor], heads: Optional[int]) ->
     return dict(vocab=vocab, layers=layers, hidden=hidden, heads=heads, seq=model_state["pos"].shape[0])
 
 
-def _batches(data, steps: int, batch: int, seed: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+def _batches(data, steps: int, batch: int, seed: int, device: str) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(steps):
         idx = torch.randint(0, len(data), (batch,), generator=g).tolist()
         xs, ys = zip(*(data[i] for i in idx))
-        out.append((torch.stack(xs), torch.stack(ys)))
+        out.append((torch.stack(xs).to(device), torch.stack(ys).to(device)))
     return out
 
 
@@ -123,7 +125,7 @@ def validation_loss(model: GPT, batches) -> float:
 def train_student(args, shape: Dict[str, int], batches, teacher: Optional[GPT]) -> Tuple[GPT, List[float]]:
     """A student trained on ``batches``: distilled from ``teacher``, or on the next tokens alone without one."""
     torch.manual_seed(args.seed)
-    student = GPT(shape["vocab"], args.layers, args.hidden, args.heads, shape["seq"])
+    student = GPT(shape["vocab"], args.layers, args.hidden, args.heads, shape["seq"]).to(args.device)
     optimizer = FusedAdamW(student.parameters(), lr=args.lr, weight_decay=0.01)
     losses = []
     for x, y in batches:
@@ -155,11 +157,13 @@ def run(args) -> dict:
         raise ValueError(f"the teacher's vocabulary has {shape['vocab']} characters, the corpus {vocab}")
     teacher = GPT(shape["vocab"], shape["layers"], shape["hidden"], shape["heads"], shape["seq"])
     teacher.load_state_dict(state["model"])
+    teacher.to(args.device)
     teacher.eval().requires_grad_(False)
-    batches = _batches(train_data, args.steps, args.batch, args.seed)
+    batches = _batches(train_data, args.steps, args.batch, args.seed, args.device)
     stride = max(1, len(val_data) // (args.eval_batches * args.batch))
     val_idx = list(range(0, len(val_data), stride))[: args.eval_batches * args.batch]
-    val = [(torch.stack([val_data[i][0] for i in chunk]), torch.stack([val_data[i][1] for i in chunk]))
+    val = [(torch.stack([val_data[i][0] for i in chunk]).to(args.device),
+            torch.stack([val_data[i][1] for i in chunk]).to(args.device))
            for chunk in (val_idx[k:k + args.batch] for k in range(0, len(val_idx), args.batch))]
     out = {"teacher": str(path), "teacher_shape": shape, "teacher_val_loss": validation_loss(teacher, val),
            "uniform_loss": math.log(vocab)}
@@ -206,6 +210,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     for key, value in SIZES[args.size].items():
         if key != "seq" and getattr(args, key) is None:
             setattr(args, key, value)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch.cuda.is_available() is False on this machine")
     if args.hidden % args.heads:
         p.error(f"--hidden {args.hidden} is not divisible by --heads {args.heads}")
     try:
