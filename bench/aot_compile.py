@@ -240,6 +240,21 @@ def linear_cross_entropy(dtype: str, bias: bool, softcap: bool, grad: bool, voca
     return f"linear_cross_entropy {dtype} V={vocab}{flags}", run
 
 
+def linear_distillation_loss(dtype: str, kind: str, target: bool, hard: bool, grad: bool,
+                             vocab: int = 5003) -> Driver:
+    def run():
+        from pytrain.kernels.linear_distillation_loss import linear_distillation_loss as launch
+
+        n, hs, ht = 8, 64, 96
+        f = FLOATS[dtype]
+        launch(torch.empty(n, hs, dtype=f), torch.empty(vocab, hs, dtype=f), torch.empty(n, ht, dtype=f),
+               torch.empty(vocab, ht, dtype=f), torch.zeros(n, dtype=torch.int64) if target else None,
+               torch.ones(n) if grad else None, kind, 2.0, 0.5, 0.5 if hard else 0.0, -100, 4)
+
+    flags = "".join(f" {name}" for name, on in (("target", target), ("hard", hard), ("grad", grad)) if on)
+    return f"linear_distillation_loss {dtype} {kind} V={vocab}{flags}", run
+
+
 ATTN_MASKS = {  # name: (causal, window_left, window_right)
     "full": (False, -1, -1), "causal": (True, -1, -1), "window": (False, 256, 256), "left-window": (False, 256, -1),
 }
@@ -296,6 +311,11 @@ def full() -> Iterator[Driver]:
     for dtype, bias, softcap, grad in itertools.product(FLOATS, (False, True), (False, True), (False, True)):
         yield linear_cross_entropy(dtype, bias, softcap, grad)
     yield linear_cross_entropy("bf16", False, False, True, vocab=1003)  # BLOCK below 4096
+    for dtype, kind, (target, hard), grad in itertools.product(FLOATS, ("kl", "reverse_kl", "jsd"),
+                                                                ((False, False), (True, False), (True, True)),
+                                                                (False, True)):
+        yield linear_distillation_loss(dtype, kind, target, hard, grad)
+    yield linear_distillation_loss("bf16", "kl", True, True, True, vocab=1031)  # BLOCK below 2048
 
 
 def quick() -> Iterator[Driver]:
@@ -325,6 +345,8 @@ def quick() -> Iterator[Driver]:
     yield attention("fp32", 64, "left-window", False)
     yield linear_cross_entropy("bf16", True, True, True)
     yield linear_cross_entropy("fp16", False, False, False, vocab=1003)
+    yield linear_distillation_loss("bf16", "jsd", True, True, True)
+    yield linear_distillation_loss("fp16", "reverse_kl", False, False, True, vocab=1031)
 
 
 def smoke() -> Iterator[Driver]:
@@ -339,6 +361,7 @@ def smoke() -> Iterator[Driver]:
     yield topk("bf16")
     yield powersgd(4)
     yield linear_cross_entropy("bf16", False, True, True)
+    yield linear_distillation_loss("bf16", "jsd", True, True, True)
     yield attention("fp16", 64, "causal", True, seed=1)
 
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from harness import peak_rss_above_start
 from pytrain.ops import flash_attention
 from pytrain.ops.attention import attention_fwd_reference, seed_tensor
 
@@ -66,20 +67,6 @@ def test_attention(provider, impl, dtype, mode, bench_device, measure):
             ceiling=CEILING[dtype])
 
 
-def _peak_rss_above_start(fn) -> int:
-    """Bytes of resident memory at the peak of ``fn()`` above the level before it (Linux only)."""
-    def status(key):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-        raise KeyError(key)
-
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    start = status("VmRSS:")
-    fn()
-    return status("VmHWM:") - start
-
-
 def _fwd_bwd(attend, q, k, v):
     def run():
         out = attend(q, k, v)
@@ -99,8 +86,8 @@ def test_attention_memory(bench_device, results):
     lines = []
     for length in (2048, 4096, 8192):
         q, k, v = _inputs("cpu", torch.float32, b=1, length=length)
-        ours = _peak_rss_above_start(_fwd_bwd(lambda *t: flash_attention(*t, causal=True), q, k, v))
-        naive = _peak_rss_above_start(_fwd_bwd(_materialised, q, k, v))
+        ours = peak_rss_above_start(_fwd_bwd(lambda *t: flash_attention(*t, causal=True), q, k, v))
+        naive = peak_rss_above_start(_fwd_bwd(_materialised, q, k, v))
         lines.append(f"attention fwd+bwd fp32 causal B1 H8 D64 L={length}: pytrain {ours / 2**20:.0f} MiB, "
                      f"materialised {naive / 2**20:.0f} MiB ({ours / naive:.3f}x; target at 8k <= 0.125x)")
     results.memory += lines

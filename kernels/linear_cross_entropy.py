@@ -10,8 +10,10 @@ over its row in blocks of ``BLOCK`` columns:
 2. with gradients, overwrite the row with dx = g (p (1 + 2 z_loss lse) - eps / V - (1 - eps)[j == t]) tanh'.
 
 A target outside [0, V) that is not ignore_index gives a NaN loss and gradient row (the public function checks
-targets on the host first, except under torch.compile).  Then grad_hidden[chunk] = dx @ weight and grad_weight += dx^T @ hidden[chunk] (torch, dx rounded to the inputs'
-dtype, grad_weight accumulated in float32), grad_bias += column sums of dx.  Memory O(chunk x V + V x H).
+targets on the host first, except under torch.compile).  Then grad_hidden[chunk] = dx @ weight and
+grad_weight += dx^T @ hidden[chunk] (``kernels/linear_chunks.py``, shared with ``linear_distillation_loss``:
+torch, dx rounded to the inputs' dtype, grad_weight accumulated in float32), grad_bias += column sums of dx.
+Memory O(chunk x V + V x H).
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .linear_chunks import skip_row, walk_linear_chunks
 
 ROW_CONFIG = {"BLOCK": 4096, "num_warps": 8}
 
@@ -37,19 +41,7 @@ def _row_kernel(x_ptr, V, bias_ptr, target_ptr, scale_ptr, loss_ptr, ignore_inde
     row = tl.program_id(0)
     t = tl.load(target_ptr + row)
     x_row = x_ptr + row.to(tl.int64) * V
-    if t == ignore_index:
-        tl.store(loss_ptr + row, 0.0)
-        if GRAD:
-            for j in range(0, V, BLOCK):
-                offs = j + tl.arange(0, BLOCK)
-                tl.store(x_row + offs, tl.zeros([BLOCK], tl.float32), mask=offs < V)
-    elif (t < 0) | (t >= V):  # a target outside [0, V): NaN loss and gradient rather than a wrong number
-        tl.store(loss_ptr + row, float("nan"))
-        if GRAD:
-            for j in range(0, V, BLOCK):
-                offs = j + tl.arange(0, BLOCK)
-                tl.store(x_row + offs, tl.full([BLOCK], float("nan"), tl.float32), mask=offs < V)
-    else:
+    if skip_row(x_row, loss_ptr + row, t, V, ignore_index, GRAD, BLOCK) == 0:  # else ignored or a bad target
         m = -float("inf")
         s = 0.0
         sum_z = 0.0
@@ -107,24 +99,18 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: O
     """The op ``pytrain::linear_cross_entropy_triton``: (losses, grad_hidden, grad_weight, grad_bias)."""
     n, vocab = hidden.shape[0], weight.shape[0]
     grad = grad_scale is not None
-    f32 = hidden.dtype == torch.float32
     losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    grad_hidden = torch.empty_like(hidden) if grad else hidden.new_empty(0)
-    gw_acc = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad else None
     gb_acc = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if grad and bias is not None else None
     target = target.contiguous()
-    for r0 in range(0, n, chunk):
-        h = hidden[r0:r0 + chunk]
-        x = torch.mm(h, weight.t()).float()
-        row_pass(x, bias, target[r0:r0 + chunk], None if not grad else grad_scale[r0:r0 + chunk],
-                 losses[r0:r0 + chunk], ignore_index, label_smoothing, z_loss, softcap)
-        if not grad:
-            continue
-        d = x if f32 else x.to(hidden.dtype)
-        torch.mm(d, weight, out=grad_hidden[r0:r0 + chunk])
-        gw_acc.addmm_(d.t(), h) if f32 else gw_acc.add_(torch.mm(d.t(), h))
+
+    def rows(r0: int, x: Tensor) -> None:
+        c = x.shape[0]
+        row_pass(x, bias, target[r0:r0 + c], None if not grad else grad_scale[r0:r0 + c], losses[r0:r0 + c],
+                 ignore_index, label_smoothing, z_loss, softcap)
         if gb_acc is not None:
             gb_acc.add_(x.sum(0))
+
+    grad_hidden, gw_acc = walk_linear_chunks(hidden, weight, chunk, grad, rows)
     if not grad:
         return losses, grad_hidden, weight.new_empty(0), hidden.new_empty(0)
     grad_bias = gb_acc.to(bias.dtype) if bias is not None else hidden.new_empty(0)

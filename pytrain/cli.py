@@ -1,4 +1,4 @@
-"""The ``pytrain`` command: ``pytrain info | train [options] | bench [names] | cost | plan | tune | plot``."""
+"""The ``pytrain`` command: ``pytrain info | train [options] | distill [options] | bench [names] | cost | plan | tune | plot``."""
 from __future__ import annotations
 
 import sys
@@ -9,6 +9,8 @@ USAGE = """usage: pytrain <command> [options]
 commands:
   info            versions, CPU/GPU features, and which backend serves each op (and why not)
   train [opts]    the main job: train a small transformer on the embedded corpus (pytrain train --help)
+  distill [opts]  distil a train checkpoint into a smaller GPT, against the same student without a teacher
+                  (pytrain distill --help)
   bench [names]   run the benchmark suites (bench/bench_<name>.py; all when no names) and print one table
   cost [opts]     the cost model of a described model and cluster (pytrain cost --help)
   plan [opts]     DP/PP/TP configurations ranked by predicted step time (pytrain plan --help)
@@ -33,6 +35,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .train import main as train_main
 
         return train_main(rest)
+    if command == "distill":
+        from .distill import main as distill_main
+
+        return distill_main(rest)
     if command in ("cost", "plan"):
         from .cost.cli import main as cost_main
 

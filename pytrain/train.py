@@ -317,11 +317,16 @@ class GPT(nn.Module):
         self.norm = nn.LayerNorm(hidden)
         nn.init.normal_(self.embed.weight, std=0.02)  # tied output: small logits, loss starts near log(vocab)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(batch, seq, hidden): the final normed states, which the tied head ``embed.weight`` maps to logits (a
+        fused loss such as ``pytrain.ops.linear_cross_entropy`` takes them and the head without the logits)."""
         x = self.embed(tokens) + self.pos[: tokens.shape[1]]
         for block in self.blocks:
             x = block(x)
-        return self.norm(x) @ self.embed.weight.t()
+        return self.norm(x)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.hidden_states(tokens) @ self.embed.weight.t()
 
 
 class CharWindows(torch.utils.data.Dataset):

@@ -141,6 +141,25 @@ def test_powersgd_fullgraph_matches_eager():
     _fullgraph_matches(fn, torch.randn(2, 9, 6, generator=gen), torch.randn(2, 6, 3, generator=gen))
 
 
+def test_linear_distillation_loss_fullgraph_forward_and_backward_match_eager():
+    """The public function (registry choice, autograd.Function, host-side option checks) in one graph; the student's
+    gradients too."""
+    gen = torch.Generator().manual_seed(0)
+    student = [torch.randn(40, 16, generator=gen, requires_grad=True), torch.randn(101, 16, generator=gen,
+                                                                                  requires_grad=True)]
+    teacher = [torch.randn(40, 24, generator=gen), torch.randn(101, 24, generator=gen)]
+    target = torch.randint(0, 101, (40,), generator=gen)
+
+    def fn(hs, ws):
+        return ops.linear_distillation_loss(hs, ws, *teacher, target, kind="jsd", temperature=2.0,
+                                            hard_label_weight=0.3)
+
+    eager, compiled = fn(*student), torch.compile(fn, fullgraph=True)(*student)
+    for a, b in zip((compiled,) + torch.autograd.grad(compiled, student),
+                    (eager,) + torch.autograd.grad(eager, student)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 def test_topk_filter_fullgraph_matches_eager():
     # its output length depends on the data: dynamo captures it only with dynamic output shapes on
     with dynamo.config.patch(capture_dynamic_output_shape_ops=True):

@@ -4,7 +4,7 @@
     1  pytrain._extension, pytrain.ops
     2  pytrain.optim, pytrain.nn, pytrain.quant, pytrain.comm, pytrain.cost
     3  pytrain.trainers, pytrain.swap, pytrain.integrations
-    4  pytrain.train, pytrain.cli, pytrain.bench, pytrain.info, pytrain.tune, pytrain.plot, pytrain (the package), pytrain.testing
+    4  pytrain.train, pytrain.distill, pytrain.cli, pytrain.bench, pytrain.info, pytrain.tune, pytrain.plot, pytrain (the package), pytrain.testing
 
 A module may import its own layer or lower ones, at module level or inside a function (lazy imports
 count: a reader and a tool follow them the same way).  Module-level imports must form no cycle.
@@ -21,7 +21,7 @@ LAYERS = {
     "pytrain._extension": 1, "pytrain.ops": 1,
     "pytrain.optim": 2, "pytrain.nn": 2, "pytrain.quant": 2, "pytrain.comm": 2, "pytrain.cost": 2,
     "pytrain.trainers": 3, "pytrain.swap": 3, "pytrain.integrations": 3,
-    "pytrain.train": 4, "pytrain.cli": 4, "pytrain.bench": 4, "pytrain.info": 4, "pytrain.tune": 4,
+    "pytrain.train": 4, "pytrain.distill": 4, "pytrain.cli": 4, "pytrain.bench": 4, "pytrain.info": 4, "pytrain.tune": 4,
     "pytrain.plot": 4, "pytrain.__main__": 4,
     "pytrain.testing": 4, "pytrain": 4,
 }

@@ -85,9 +85,9 @@ def test_info_reports_every_op_and_backend():
     data = pytrain.info()
     assert {"adamw_step", "lars_step", "lamb_step", "global_norm"} <= set(data["ops"])
     for name, impls in data["ops"].items():
-        # attention and linear_cross_entropy have no CUDA C++ kernel: on GPUs their Triton kernels serve, and no
+        # attention and the fused linear losses have no CUDA C++ kernel: on GPUs their Triton kernels serve, and no
         # "cuda" backend is listed
-        no_cuda = name.startswith("attention") or name == "linear_cross_entropy"
+        no_cuda = name.startswith("attention") or name in ("linear_cross_entropy", "linear_distillation_loss")
         expected = {"cpu", "triton", "reference"} | (set() if no_cuda else {"cuda"})
         assert set(impls) == expected, name
         assert impls["reference"] == "available"

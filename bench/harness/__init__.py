@@ -25,7 +25,8 @@ from .ceilings import CEILING_FORMATS, measure_ceilings
 from .machine import machine_description
 from .params import ParamSet, scaled_shapes
 from .tables import BASE_PROVIDERS, Results, Row
-from .timing import ROUNDS, Timing, backend_name, state_bytes, time_rounds
+from .timing import ROUNDS, Timing, backend_name, peak_rss_above_start, state_bytes, time_rounds
 
 __all__ = ["CEILING_FORMATS", "measure_ceilings", "machine_description", "ParamSet", "scaled_shapes",
-           "BASE_PROVIDERS", "Results", "Row", "ROUNDS", "Timing", "backend_name", "state_bytes", "time_rounds"]
+           "BASE_PROVIDERS", "Results", "Row", "ROUNDS", "Timing", "backend_name", "peak_rss_above_start",
+           "state_bytes", "time_rounds"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -79,3 +80,18 @@ def backend_name(op: str, device: torch.device, impl: Optional[str]) -> str:
         return registry(op).select(device, torch.float32, impl).name
     except NoImplementationError:
         return f"{impl} (unavailable)"
+
+
+def peak_rss_above_start(fn: Callable[[], object]) -> int:
+    """Bytes of resident memory at the peak of ``fn()`` above the level before it (Linux only: resets VmHWM
+    through /proc/self/clear_refs, so callers check that it exists)."""
+    def status(key):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+        raise KeyError(key)
+
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    start = status("VmRSS:")
+    fn()
+    return status("VmHWM:") - start

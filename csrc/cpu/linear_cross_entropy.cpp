@@ -1,18 +1,12 @@
 // pytrain::linear_cross_entropy for CPU tensors: the loss of a language-model head and its gradients, chunk by
 // chunk of tokens, never holding the (N, V) logits.  Contract and maths: pytrain/ops/linear_cross_entropy.py.
 //
-// Per chunk of `chunk` token rows:
-//   1. x = hidden[chunk] @ weight^T through torch's GEMM (at::mm: MKL / oneDNN, AMX for bfloat16), widened to
-//      a float32 (chunk, V) buffer;
-//   2. one fused pass per row (rows spread over threads with at::parallel_for, 16-lane SIMD within a row,
-//      compiled for AVX-512 / AVX2 / baseline by PYTRAIN_SIMD) adds the bias, applies the softcap, takes the
-//      row max and sum of z, then sum exp(z - max) (the log-sum-exp), the loss, and, when gradients are
-//      wanted, overwrites the row with dx = g * (softmax - smoothed one-hot, z-loss and tanh' included);
-//   3. grad_hidden[chunk] = dx @ weight and grad_weight += dx^T @ hidden[chunk] (GEMMs again, dx rounded to
-//      the inputs' dtype as in PyTorch's own bfloat16 backward; grad_weight accumulates in float32 across
-//      chunks), grad_bias += column sums of dx (float32).
-// Extra memory: the (chunk, V) float32 buffer (and its copy in the inputs' dtype) plus V x H float32 for
-// grad_weight's accumulator: O(chunk x V + V x H).
+// The chunk walk (logits GEMM, then the gradient GEMMs) is csrc/cpu/linear_chunks.h's.  Per chunk, one fused
+// pass per row (rows spread over threads with at::parallel_for, 16-lane SIMD within a row, compiled for
+// AVX-512 / AVX2 / baseline by PYTRAIN_SIMD) adds the bias, applies the softcap, takes the row max and sum of
+// z, then sum exp(z - max) (the log-sum-exp), the loss, and, when gradients are wanted, overwrites the row
+// with dx = g * (softmax - smoothed one-hot, z-loss and tanh' included); grad_bias += column sums of dx
+// (float32).  Extra memory: O(chunk x V + V x H) (linear_chunks.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -22,14 +16,12 @@
 #include <limits>
 #include <tuple>
 
+#include "cpu/linear_chunks.h"
 #include "cpu/multi_tensor.h"  // PYTRAIN_SIMD
-#include "cpu/simd.h"
 #include "linear_cross_entropy_checks.h"
 
 namespace pytrain::cpu {
 namespace {
-
-constexpr float kLog2e = 1.4426950408889634f;
 
 struct Options {
   float eps;    // label smoothing
@@ -37,21 +29,6 @@ struct Options {
   float cap;    // softcap (0: none)
   int64_t ignore_index;
 };
-
-// Lanes [0, n) of a 16-lane block at p; the others `fill`.
-inline __attribute__((always_inline)) vf load_part(const float* p, int64_t n, float fill) {
-  if (n >= kLanes) return loadv(p);
-  float buf[kLanes];
-  for (int64_t i = 0; i < kLanes; ++i) buf[i] = i < n ? p[i] : fill;
-  return loadv(buf);
-}
-inline __attribute__((always_inline)) void store_part(float* p, int64_t n, vf v) {
-  if (n >= kLanes) return storev(p, v);
-  float buf[kLanes];
-  storev(buf, v);
-  std::memcpy(p, buf, sizeof(float) * n);
-}
-inline __attribute__((always_inline)) vf exp_v(vf x) { return exp2v(x * kLog2e); }
 
 // One token's row x (V floats, in place).  Returns its loss; with `grad` the row becomes dx scaled by g.
 // Ignored rows: loss 0, dx 0.
@@ -112,48 +89,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy(
     double label_smoothing, double z_loss, double softcap, int64_t chunk) {
   check_linear_cross_entropy_args(hidden, weight, target, bias, grad_scale, ignore_index, label_smoothing, z_loss,
                                   softcap, chunk, c10::DeviceType::CPU);
-  const int64_t N = hidden.size(0), V = weight.size(0), H = hidden.size(1);
+  const int64_t N = hidden.size(0), V = weight.size(0);
   const bool grad = grad_scale.has_value();
-  const bool f32 = hidden.scalar_type() == at::kFloat;
   const Options o{static_cast<float>(label_smoothing), static_cast<float>(z_loss), static_cast<float>(softcap),
                   ignore_index};
   const auto f32_opts = hidden.options().dtype(at::kFloat);
   at::Tensor losses = at::empty({N}, f32_opts);
   at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  at::Tensor grad_hidden = grad ? at::empty_like(hidden) : hidden.new_empty({0});
-  at::Tensor gw_acc = grad ? at::zeros({V, H}, f32_opts) : at::Tensor();
   at::Tensor gb_acc = grad && bias.has_value() ? at::zeros({V}, f32_opts) : at::Tensor();
-  const at::Tensor wt = weight.t();
   const int64_t* tgt = target.data_ptr<int64_t>();
   const float* scale = grad ? grad_scale->data_ptr<float>() : nullptr;
   const float* b = bias.has_value() ? bias_f.data_ptr<float>() : nullptr;
   float* loss_out = losses.data_ptr<float>();
 
-  for (int64_t r0 = 0; r0 < N; r0 += chunk) {
-    const int64_t c = std::min(chunk, N - r0);
-    const at::Tensor h = hidden.narrow(0, r0, c);
-    at::Tensor x = at::mm(h, wt);
-    if (!f32) x = x.to(at::kFloat);
+  LinearGrads g = walk_linear_chunks(hidden, weight, chunk, grad, [&](int64_t r0, int64_t c, at::Tensor& x) {
     float* xp = x.data_ptr<float>();
     at::parallel_for(0, c, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
         loss_out[r0 + i] = row_pass(xp + i * V, V, b, tgt[r0 + i], o, grad ? scale[r0 + i] : 0.0f, grad);
       }
     });
-    if (!grad) continue;
-    const at::Tensor d = f32 ? x : x.to(hidden.scalar_type());
-    at::Tensor gh = grad_hidden.narrow(0, r0, c);
-    at::mm_out(gh, d, weight);
-    if (f32) {
-      gw_acc.addmm_(d.t(), h);
-    } else {
-      gw_acc.add_(at::mm(d.t(), h));
-    }
-    if (b) gb_acc.add_(x.sum(0));
-  }
-  if (!grad) return {losses, grad_hidden, weight.new_empty({0}), hidden.new_empty({0})};
+    if (grad && b) gb_acc.add_(x.sum(0));
+  });
+  if (!grad) return {losses, g.grad_hidden, weight.new_empty({0}), hidden.new_empty({0})};
   at::Tensor grad_bias = bias.has_value() ? gb_acc.to(bias->scalar_type()) : hidden.new_empty({0});
-  return {losses, grad_hidden, gw_acc.to(weight.scalar_type()), grad_bias};
+  return {losses, g.grad_hidden, g.grad_weight_acc.to(weight.scalar_type()), grad_bias};
 }
 
 }  // namespace

@@ -11,7 +11,8 @@ from .global_norm import global_norm
 from .lamb import lamb_step
 from .lars import lars_step
 from .linear_cross_entropy import linear_cross_entropy
+from .linear_distillation_loss import linear_distillation_loss
 from .registry import REGISTRIES, NoImplementationError, registry, set_impl
 
-__all__ = ["flash_attention", "adamw_step", "lars_step", "lamb_step", "global_norm", "linear_cross_entropy", "registry", "REGISTRIES",
+__all__ = ["flash_attention", "adamw_step", "lars_step", "lamb_step", "global_norm", "linear_cross_entropy", "linear_distillation_loss", "registry", "REGISTRIES",
            "NoImplementationError", "set_impl"]

@@ -57,7 +57,7 @@ SCHEMA = ("(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, Tensor? g
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -102,8 +102,8 @@ def linear_cross_entropy_reference(hidden: Tensor, weight: Tensor, target: Tenso
                                    z_loss: float, softcap: float, chunk: int):
     """Materialised in float32 (float64 for float64 inputs), gradients by the formulas of the module docstring
     (tests check them against autograd).  ``chunk`` is ignored."""
-    _check_targets(target, weight.shape[0], ignore_index)
-    acc = _acc_dtype(hidden.dtype)
+    check_targets(target, weight.shape[0], ignore_index)
+    acc = acc_dtype(hidden.dtype)
     h, w = hidden.to(acc), weight.to(acc)
     x = F.linear(h, w, None if bias is None else bias.to(acc))
     losses = token_losses_reference(x, target, ignore_index, label_smoothing, z_loss, softcap)
@@ -124,12 +124,13 @@ def linear_cross_entropy_reference(hidden: Tensor, weight: Tensor, target: Tenso
 # ------------------------------------------------------------------------------------------ input rules
 
 
-def _check_targets(target: Tensor, vocab: int, ignore_index: int) -> None:
-    """Every target is ignore_index or in [0, V) (one device sync), as F.cross_entropy demands."""
+def check_targets(target: Tensor, vocab: int, ignore_index: int, op: str = "linear_cross_entropy") -> None:
+    """Every target is ignore_index or in [0, V) (one device sync), as F.cross_entropy demands (``op`` names the
+    caller in the error)."""
     bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
     if bool(bad.any()):
         first = int(bad.nonzero()[0, 0])
-        raise ValueError(f"linear_cross_entropy: target[{first}] = {int(target[first])} is outside [0, {vocab}) "
+        raise ValueError(f"{op}: target[{first}] = {int(target[first])} is outside [0, {vocab}) "
                          f"and is not ignore_index ({ignore_index})")
 
 
@@ -170,7 +171,7 @@ def _fake(hidden, weight, target, bias, grad_scale, ignore_index, label_smoothin
                  and target.shape == hidden.shape[:1],
                  lambda: f"linear_cross_entropy: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, "
                          f"target {tuple(target.shape)}")
-    losses = hidden.new_empty(hidden.shape[:1], dtype=_acc_dtype(hidden.dtype))
+    losses = hidden.new_empty(hidden.shape[:1], dtype=acc_dtype(hidden.dtype))
     if grad_scale is None:
         return losses, hidden.new_empty(0), weight.new_empty(0), hidden.new_empty(0)
     grad_bias = bias.new_empty(bias.shape) if bias is not None else hidden.new_empty(0)
@@ -214,18 +215,34 @@ class _LinearCrossEntropy(torch.autograd.Function):
         else:
             hidden, weight, target, bias = ctx.saved_tensors
             op = registry("linear_cross_entropy").select(hidden.device, hidden.dtype, ctx.impl).fn
-            scale = grad_out.to(_acc_dtype(hidden.dtype)).contiguous()
+            scale = grad_out.to(acc_dtype(hidden.dtype)).contiguous()
             _, gh, gw, gb = op(hidden, weight, target, bias, scale, *ctx.options)
         return gh, gw, None, (gb if ctx.has_bias else None), None, None, None, None
 
 
-def _real(name: str, value: object) -> float:
+def real_option(op: str, name: str, value: object) -> float:
+    """``value`` as a finite float; TypeError / ValueError naming ``op`` and ``name`` otherwise."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"linear_cross_entropy: {name} must be a real number, got {value!r} ({type(value).__name__})")
+        raise TypeError(f"{op}: {name} must be a real number, got {value!r} ({type(value).__name__})")
     value = float(value)
     if not math.isfinite(value):
-        raise ValueError(f"linear_cross_entropy: {name} must be finite, got {value}")
+        raise ValueError(f"{op}: {name} must be finite, got {value}")
     return value
+
+
+def reduction_scale(valid: Tensor, reduction: str, divisor=None) -> Tuple[Optional[Tensor], object]:
+    """(per-token gradient scale, divisor of the summed losses) of a reduction over tokens whose ``valid`` (N,) is 1
+    (counted) or 0: "none": (None, None), "sum": (valid, None), "mean": (valid / divisor, divisor), the divisor
+    being the count of valid tokens unless one is given (an int or 0-dim tensor)."""
+    if reduction == "none":
+        return None, None
+    if reduction == "sum":
+        return valid, None
+    if divisor is None:
+        divisor = valid.sum()
+    elif isinstance(divisor, Tensor):
+        divisor = divisor.to(valid.device, valid.dtype)
+    return valid / divisor, divisor
 
 
 def check_options(ignore_index: int, label_smoothing: float, z_loss: float, softcap: Optional[float],
@@ -233,13 +250,13 @@ def check_options(ignore_index: int, label_smoothing: float, z_loss: float, soft
     """Validated (label_smoothing, z_loss, softcap as a float with 0 for none)."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"linear_cross_entropy: ignore_index must be an int, got {ignore_index!r}")
-    eps = _real("label_smoothing", label_smoothing)
+    eps = real_option("linear_cross_entropy", "label_smoothing", label_smoothing)
     if not 0.0 <= eps <= 1.0:
         raise ValueError(f"linear_cross_entropy: label_smoothing must be in [0, 1], got {eps}")
-    zl = _real("z_loss", z_loss)
+    zl = real_option("linear_cross_entropy", "z_loss", z_loss)
     if zl < 0:
         raise ValueError(f"linear_cross_entropy: z_loss must be >= 0, got {zl}")
-    cap = 0.0 if softcap is None else _real("softcap", softcap)
+    cap = 0.0 if softcap is None else real_option("linear_cross_entropy", "softcap", softcap)
     if softcap is not None and cap <= 0:
         raise ValueError(f"linear_cross_entropy: softcap must be > 0 (or None), got {cap}")
     if reduction not in REDUCTIONS:
@@ -289,18 +306,12 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: O
         chunk = chunk_size
     target = target.long().contiguous()
     if not torch.compiler.is_compiling():  # a data-dependent check; the kernels check (CPU) or give NaN (Triton)
-        _check_targets(target, vocab, ignore_index)
-    valid = (target != ignore_index).to(_acc_dtype(hidden.dtype))
-    if num_items_in_batch is not None:
-        if reduction != "mean":
-            raise ValueError(f"linear_cross_entropy: num_items_in_batch replaces the mean's divisor; it needs "
-                             f"reduction='mean', got {reduction!r}")
-        divisor = num_items_in_batch
-        if isinstance(divisor, Tensor):
-            divisor = divisor.to(valid.device, valid.dtype)
-    else:
-        divisor = valid.sum() if reduction == "mean" else None
-    scale = None if reduction == "none" else valid if divisor is None else valid / divisor
+        check_targets(target, vocab, ignore_index)
+    valid = (target != ignore_index).to(acc_dtype(hidden.dtype))
+    if num_items_in_batch is not None and reduction != "mean":
+        raise ValueError(f"linear_cross_entropy: num_items_in_batch replaces the mean's divisor; it needs "
+                         f"reduction='mean', got {reduction!r}")
+    scale, divisor = reduction_scale(valid, reduction, num_items_in_batch)
     options = (int(ignore_index), eps, zl, cap, int(chunk))
     return _LinearCrossEntropy.apply(hidden.contiguous(), weight.contiguous(), target,
                                      None if bias is None else bias.contiguous(), scale, divisor, options, impl)

@@ -1,7 +1,7 @@
 """Bad and edge inputs for pytrain.ops and pytrain.comm's tensor ops: the multi-tensor optimizer steps
 (adamw_step, lars_step, lamb_step), global_norm, flash_attention, the group quantizer, topk, the PowerSGD
-pieces and linear_cross_entropy.  Every case runs in a worker process (``pytrain.testing.robustness``): these
-calls reach C++ code.
+pieces, linear_cross_entropy and linear_distillation_loss.  Every case runs in a worker process
+(``pytrain.testing.robustness``): these calls reach C++ code.
 
 Expected outcomes: a clear error naming the argument (``Raises``), or the float64 reference's result
 (``Correct``: NaN / Inf inputs must give what the reference gives), or, for layouts an op may either serve or
@@ -757,6 +757,17 @@ def lce_with(**changes):
     return fn
 
 
+def target_cases(fam: str, call: Callable, replace: Callable, vocab: int) -> List[Case]:
+    """Bad class targets of a fused linear loss: call(replace(target=fn)) runs the op with its target fn(target)."""
+    return [
+        Case(fam, "target_2d", call(replace(target=lambda t: t[None])), Raises(ValueError, "target")),
+        Case(fam, "target_float", call(replace(target=lambda t: t.float())), Raises(ValueError, "int64")),
+        Case(fam, "target_is_vocab", call(replace(target=lambda t: t.clone().fill_(vocab))),
+             Raises(ValueError, "outside")),
+        Case(fam, "target_minus_one", call(replace(target=lambda t: t - 1)), Raises(ValueError, "outside")),
+    ]
+
+
 def linear_cross_entropy_cases() -> List[Case]:
     fam = "ops.linear_cross_entropy"
     out = [
@@ -765,11 +776,6 @@ def linear_cross_entropy_cases() -> List[Case]:
         Case(fam, "hidden_size_mismatch", lce(lce_with(weight=lambda w: w[:, :3])), Raises(ValueError, "differ in H")),
         Case(fam, "weight_no_rows", lce(lce_with(weight=lambda w: w[:0], bias=lambda b: b[:0])),
              Raises(ValueError, "V = 0")),
-        Case(fam, "target_2d", lce(lce_with(target=lambda t: t[None])), Raises(ValueError, "target")),
-        Case(fam, "target_float", lce(lce_with(target=lambda t: t.float())), Raises(ValueError, "int64")),
-        Case(fam, "target_is_vocab", lce(lce_with(target=lambda t: t.clone().fill_(11))),
-             Raises(ValueError, "outside")),
-        Case(fam, "target_minus_one", lce(lce_with(target=lambda t: t - 1)), Raises(ValueError, "outside")),
         Case(fam, "weight_dtype_mismatch", lce(lce_with(weight=lambda w: w.double())), Raises(ValueError, "dtype")),
         Case(fam, "bias_shape", lce(lce_with(bias=lambda b: b[:5])), Raises(ValueError, "bias")),
         Case(fam, "reduction_unknown", lce(reduction="avg"), Raises(ValueError, "reduction")),
@@ -782,7 +788,7 @@ def linear_cross_entropy_cases() -> List[Case]:
         Case(fam, "hidden_meta", lce(lce_with(**{k: (lambda x: x.to("meta")) for k in ("hidden", "weight", "bias")},
                                                target=lambda t: t.to("meta"))),
              Raises((RuntimeError, ValueError, NotImplementedError), "meta|Meta")),
-    ]
+    ] + target_cases(fam, lce, lce_with, 11)
     for dname, dt in BAD_DTYPES.items():
         out.append(Case(fam, f"hidden_{dname}", lce(lce_with(**{k: (lambda x, dt=dt: retype(x, dt))
                                                                  for k in ("hidden", "weight", "bias")})),
@@ -807,6 +813,117 @@ def linear_cross_entropy_cases() -> List[Case]:
     return out
 
 
+# ================================================================ linear_distillation_loss
+LDL_ARGS = ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight", "target")
+
+
+def ldl_inputs(n=6, hs=4, ht=5, v=11, dtype=F32):
+    return (rand(n, hs, dtype=dtype), rand(v, hs, dtype=dtype, seed=1), rand(n, ht, dtype=dtype, seed=2),
+            rand(v, ht, dtype=dtype, seed=3), torch.arange(n) % v)
+
+
+def ldl_with(**changes):
+    """ldl_inputs() with some of LDL_ARGS replaced by fn(original)."""
+    def fn():
+        args = dict(zip(LDL_ARGS, ldl_inputs()))
+        for k, f in changes.items():
+            args[k] = f(args[k])
+        return tuple(args.values())
+    return fn
+
+
+def ldl(fn=ldl_inputs, **kw):
+    def run():
+        from pytrain.ops import linear_distillation_loss
+        return linear_distillation_loss(*fn(), **kw)
+    return run
+
+
+def ldl_exact(fn=ldl_inputs, reduction="mean", **kw):
+    """The op (kind "kl", every target counted) on fn()'s inputs against KL(teacher || student) written out in
+    float64: sum_j p_j (log p_j - log q_j) per token."""
+    def run():
+        from pytrain.ops import linear_distillation_loss
+        sh, sw, th, tw, t = fn()
+        lq = torch.log_softmax(sh.to(F64) @ sw.to(F64).t(), -1)
+        lp = torch.log_softmax(th.to(F64) @ tw.to(F64).t(), -1)
+        per = (lp.exp() * (lp - lq)).sum(-1)
+        want = per if reduction == "none" else per.sum() / len(per)
+        return linear_distillation_loss(sh, sw, th, tw, t, reduction=reduction, **kw), want
+    return run
+
+
+def poke(value, row=2, col=1):
+    def fn(x):
+        x = x.clone()
+        x[row, col] = value
+        return x
+    return fn
+
+
+def linear_distillation_loss_cases() -> List[Case]:
+    fam = "ops.linear_distillation_loss"
+    meta = lambda x: x.to("meta")  # noqa: E731
+    out = [
+        Case(fam, "student_hidden_list", ldl(ldl_with(student_hidden=lambda h: h.tolist())),
+             Raises(TypeError, "student_hidden")),
+        Case(fam, "target_list", ldl(ldl_with(target=lambda t: t.tolist())), Raises(TypeError, "target")),
+        Case(fam, "student_hidden_1d", ldl(ldl_with(student_hidden=lambda h: h[0])), Raises(ValueError, "student")),
+        Case(fam, "student_hidden_size_mismatch", ldl(ldl_with(student_weight=lambda w: w[:, :3])),
+             Raises(ValueError, "differ in H")),
+        Case(fam, "teacher_hidden_size_mismatch", ldl(ldl_with(teacher_weight=lambda w: w[:, :3])),
+             Raises(ValueError, "teacher_hidden .* differ in H")),
+        Case(fam, "vocab_mismatch", ldl(ldl_with(teacher_weight=lambda w: w[:7])),
+             Raises(ValueError, "share a vocabulary")),
+        Case(fam, "tokens_mismatch", ldl(ldl_with(teacher_hidden=lambda h: h[:4])), Raises(ValueError, "must match")),
+        Case(fam, "no_vocab", ldl(ldl_with(student_weight=lambda w: w[:0], teacher_weight=lambda w: w[:0])),
+             Raises(ValueError, "V = 0")),
+        Case(fam, "teacher_dtype_mismatch", ldl(ldl_with(teacher_hidden=lambda h: h.double(),
+                                                         teacher_weight=lambda w: w.double())),
+             Raises(ValueError, "share a dtype")),
+        Case(fam, "teacher_on_meta", ldl(ldl_with(teacher_hidden=meta, teacher_weight=meta)),
+             Raises(ValueError, "one device")),
+        Case(fam, "all_on_meta", ldl(ldl_with(**{k: meta for k in LDL_ARGS})),
+             Raises((RuntimeError, ValueError, NotImplementedError), "meta|Meta")),
+        Case(fam, "kind_unknown", ldl(kind="forward"), Raises(ValueError, "kind")),
+        Case(fam, "temperature_zero", ldl(temperature=0.0), Raises(ValueError, "temperature")),
+        Case(fam, "temperature_negative", ldl(temperature=-1.0), Raises(ValueError, "temperature")),
+        Case(fam, "temperature_nan", ldl(temperature=math.nan), Raises(ValueError, "temperature")),
+        Case(fam, "temperature_str", ldl(temperature="2"), Raises(TypeError, "temperature")),
+        Case(fam, "jsd_beta_zero", ldl(kind="jsd", beta=0.0), Raises(ValueError, "beta")),
+        Case(fam, "jsd_beta_one", ldl(kind="jsd", beta=1.0), Raises(ValueError, "beta")),
+        Case(fam, "jsd_beta_inf", ldl(kind="jsd", beta=math.inf), Raises(ValueError, "beta")),
+        Case(fam, "hard_label_weight_above_one", ldl(hard_label_weight=1.5), Raises(ValueError, "hard_label_weight")),
+        Case(fam, "hard_label_weight_without_target", ldl(ldl_with(target=lambda t: None), hard_label_weight=0.5),
+             Raises(ValueError, "needs a target")),
+        Case(fam, "reduction_unknown", ldl(reduction="avg"), Raises(ValueError, "reduction")),
+        Case(fam, "chunk_zero", ldl(chunk_size=0), Raises(ValueError, "chunk_size")),
+        Case(fam, "ignore_index_float", ldl(ignore_index=1.5), Raises(TypeError, "ignore_index")),
+    ] + target_cases(fam, ldl, ldl_with, 11)
+    for dname, dt in BAD_DTYPES.items():
+        out.append(Case(fam, f"student_hidden_{dname}",
+                        ldl(ldl_with(**{k: (lambda x, dt=dt: retype(x, dt)) for k in LDL_ARGS[:4]})),
+                        Raises(ValueError, "dtype")))
+    for name, value in (("nan", math.nan), ("inf", math.inf)):
+        for side in ("student_hidden", "teacher_hidden"):
+            for reduction in ("mean", "none"):
+                out.append(Case(fam, f"{side}_{name}_{reduction}",
+                                ldl_exact(ldl_with(**{side: poke(value)}), reduction=reduction), Correct()))
+    out += [
+        Case(fam, "exact_transposed_weights", ldl_exact(ldl_with(student_weight=transposed, teacher_weight=transposed)),
+             F64_EXACT),
+        Case(fam, "exact_strided_hidden", ldl_exact(ldl_with(student_hidden=strided, teacher_hidden=strided)),
+             F64_EXACT),
+        Case(fam, "exact_no_tokens", ldl_exact(ldl_with(student_hidden=lambda h: h[:0], teacher_hidden=lambda h: h[:0],
+                                                        target=lambda t: t[:0])), Correct()),
+        Case(fam, "exact_huge_logits", ldl_exact(ldl_with(student_hidden=lambda h: h * 1e4,
+                                                          teacher_hidden=lambda h: h * 1e4)),
+             Correct(atol=1e-2, rtol=1e-4)),
+        Case(fam, "exact_float64", ldl_exact(lambda: ldl_inputs(dtype=F64)), Correct(1e-12, 1e-10)),
+    ]
+    return out
+
+
 def warmup() -> None:
     """One good call of each op family (first-call set-up outside the cases' time limits)."""
     import pytrain.comm as comm
@@ -819,8 +936,9 @@ def warmup() -> None:
     comm.topk(rand(40000), 0.01)
     comm.powersgd_compress(rand(8, 6), rand(6, 2))
     ops.linear_cross_entropy(*lce_inputs())
+    ops.linear_distillation_loss(*ldl_inputs())
 
 
 def cases() -> List[Case]:
     return step_cases() + global_norm_cases() + attention_cases() + quantize_group_cases() + topk_cases() + \
-        powersgd_cases() + linear_cross_entropy_cases()
+        powersgd_cases() + linear_cross_entropy_cases() + linear_distillation_loss_cases()
