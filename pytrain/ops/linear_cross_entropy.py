@@ -282,6 +282,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: O
             non-ignored tokens: Hugging Face's loss normalisation under gradient accumulation.
         chunk_size: rows per chunk (default ``default_chunk``).
         impl: force a backend ("cpu", "triton", "reference").
+    Under ``torch.autocast`` hidden, weight and bias are cast as autocast casts ``F.linear``'s inputs.
     Returns:
         a 0-dim loss, or (N,) losses for "none": float32 (float64 for float64 inputs).
     Memory: O(chunk x V) for one chunk of logits (chunk = max(N / ceil(V / H), 1024) by default, at most N)

@@ -60,8 +60,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .library import define_op
-from .linear_cross_entropy import REDUCTIONS, acc_dtype, check_targets, default_chunk, real_option, \
-    reduction_scale
+from .linear_cross_entropy import REDUCTIONS, acc_dtype, autocast_like_linear, check_targets, default_chunk, \
+    real_option, reduction_scale
 from .registry import FLOAT_DTYPES, registry
 
 OP = "linear_distillation_loss"
@@ -293,6 +293,7 @@ def linear_distillation_loss(student_hidden: Tensor, student_weight: Tensor, tea
             0 at ignored tokens).
         chunk_size: rows per chunk (default ``linear_cross_entropy.default_chunk``).
         impl: force a backend ("cpu", "triton", "reference").
+    Under ``torch.autocast`` the four tensors are cast as autocast casts ``F.linear``'s inputs.
     Returns:
         a 0-dim loss, or (N,) losses for "none": float32 (float64 for float64 inputs).
     Memory: O(chunk x V) for one chunk of the student's and the teacher's logits plus O(N x Hs + V x Hs) for the
@@ -306,6 +307,8 @@ def linear_distillation_loss(student_hidden: Tensor, student_weight: Tensor, tea
             raise TypeError(f"{OP}: {name} must be a Tensor, got {type(x).__name__}")
     if target is not None and not isinstance(target, Tensor):
         raise TypeError(f"{OP}: target must be a Tensor or None, got {type(target).__name__}")
+    student_hidden, student_weight, teacher_hidden, teacher_weight = autocast_like_linear(
+        student_hidden, student_weight, teacher_hidden, teacher_weight)
     problems = unsupported(student_hidden, student_weight, teacher_hidden, teacher_weight, target)
     if problems:
         raise ValueError(f"{OP}: " + "; ".join(problems))

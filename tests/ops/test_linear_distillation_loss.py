@@ -216,3 +216,16 @@ def test_module_flattens_leading_dims_like_the_function():
         module(hs.view(3, 4, HS), ws, ht.view(4, 3, HT), wt, t.view(3, 4))
     with pytest.raises(ValueError, match="kind"):
         LinearDistillationLoss(kind="forward")
+
+
+def test_autocast_casts_like_f_linear():
+    """Under bf16 autocast, float32 student and teacher inputs reach the op in bfloat16, as they reach F.linear:
+    the same loss and student gradients as the op on bfloat16 copies, the gradients back in float32."""
+    hs, ws, ht, wt, t = _inputs(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, *grads = _loss_and_grads(linear_distillation_loss, hs, ws, ht, wt, t, temperature=2.0)
+    want, *want_grads = _loss_and_grads(linear_distillation_loss, *(x.bfloat16() for x in (hs, ws, ht, wt)), t,
+                                        temperature=2.0)
+    assert loss.dtype == torch.float32 and torch.equal(loss, want)
+    for g, e in zip(grads, want_grads):
+        assert g.dtype == torch.float32 and torch.equal(g, e.float())
