@@ -30,7 +30,7 @@ DEVICE = "cuda"
 POISON_BYTES = (0xFF, 0x55)
 #: Triton launcher modules whose ``torch.empty`` / ``torch.empty_like`` allocate outputs and buffers.
 LAUNCHER_MODULES = ("adamw", "lars", "lamb", "global_norm", "multi_tensor", "quantize", "topk", "powersgd",
-                    "attention")
+                    "attention", "linear_chunks", "linear_cross_entropy", "linear_distillation_loss")
 
 
 def fill_bytes(t: Tensor, byte: int) -> Tensor:

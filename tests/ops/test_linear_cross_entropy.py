@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from pytrain.ops import linear_cross_entropy
-from pytrain.ops.linear_cross_entropy import default_chunk, token_losses_reference
+from pytrain.ops.linear_cross_entropy import default_chunk
 from pytrain.testing.backends import CPU_IMPLS, impl_or_skip
-from pytrain.testing.tolerances import LINEAR_CROSS_ENTROPY_RTOL
+from pytrain.testing.linear_losses import (IGNORE, check_cross_entropy, cross_entropy_inputs, loss_and_grads,
+                                           stock_cross_entropy)
 
 OP = "linear_cross_entropy"
 N, H, V = 37, 16, 1003  # odd V, N not a multiple of the chunk
-IGNORE = -100
 
 OPTIONS = {
     "plain": {},
@@ -32,56 +32,15 @@ OPTIONS = {
 
 
 def _inputs(dtype, bias=True, n=N, vocab=V, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(n, H, generator=g, dtype=torch.float64).to(dtype)
-    w = (torch.randn(vocab, H, generator=g, dtype=torch.float64) * 0.5).to(dtype)
-    b = torch.randn(vocab, generator=g, dtype=torch.float64).to(dtype) if bias else None
-    t = torch.randint(0, vocab, (n,), generator=g)
-    t[3] = IGNORE
-    t[n - 1] = IGNORE
-    t[5] = vocab - 1  # the last row of weight
-    return h, w, t, b
+    return cross_entropy_inputs(dtype, n, H, vocab, bias, seed)
 
 
 def _loss_and_grads(fn, h, w, t, b, **kw):
-    leaves = [x.detach().clone().requires_grad_() for x in (h, w) + ((b,) if b is not None else ())]
-    loss = fn(leaves[0], leaves[1], t, leaves[2] if b is not None else None, **kw)
-    upstream = torch.linspace(-1, 2, loss.numel(), dtype=torch.float64).reshape(loss.shape).to(loss.dtype)
-    grads = torch.autograd.grad(loss, leaves, upstream)
-    return [loss.detach()] + list(grads)
-
-
-def _stock(h, w, t, b, *, ignore_index=IGNORE, label_smoothing=0.0, z_loss=0.0, softcap=None, reduction="mean",
-           num_items_in_batch=None):
-    """Materialised logits in the inputs' dtype, loss in float32 (or float64): what models do today."""
-    logits = F.linear(h, w, b)
-    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-    losses = token_losses_reference(logits.to(acc), t, ignore_index, label_smoothing, z_loss, softcap or 0.0)
-    if reduction == "none":
-        return losses
-    if num_items_in_batch is not None:
-        return losses.sum() / num_items_in_batch
-    return losses.sum() / (t != ignore_index).sum() if reduction == "mean" else losses.sum()
-
-
-def _err(x, ref):
-    x, ref = x.double(), ref.double()
-    return float((x - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+    return loss_and_grads(fn, (h, w, t, b), (0, 1, 3), **kw)
 
 
 def _check_against_float64(impl, dtype, bias=True, chunk_size=8, options=None, n=N, vocab=V):
-    options = options or {}
-    h, w, t, b = _inputs(dtype, bias, n, vocab)
-    f64 = [x.double() if x is not None and x.is_floating_point() else x for x in (h, w, t, b)]
-    expected = _loss_and_grads(linear_cross_entropy, *f64, impl="reference", **options)
-    ours = _loss_and_grads(linear_cross_entropy, h, w, t, b, impl=impl, chunk_size=chunk_size, **options)
-    stock = _loss_and_grads(_stock, h, w, t, b, **options)
-    for name, o, s, e in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), ours, stock, expected):
-        assert o.shape == e.shape, name
-        assert o.dtype == (e.dtype if name == "loss" and dtype == torch.float64 else
-                           torch.float32 if name == "loss" else dtype), name
-        allowed = 2 * _err(s, e) + LINEAR_CROSS_ENTROPY_RTOL[dtype]
-        assert _err(o, e) <= allowed, f"{name}: error {_err(o, e):.3g} > {allowed:.3g} (torch's {_err(s, e):.3g})"
+    check_cross_entropy(impl, dtype, n=n, hidden=H, vocab=vocab, bias=bias, chunk_size=chunk_size, options=options)
 
 
 @pytest.mark.parametrize("option", list(OPTIONS))
@@ -170,7 +129,7 @@ def test_reference_gradients_are_autograd_of_torch():
     """The reference's gradient formulas (softmax - smoothed one-hot, z-loss, tanh') equal autograd's, in float64."""
     h, w, t, b = (x.double() if x.is_floating_point() else x for x in _inputs(torch.float32))
     options = {"label_smoothing": 0.2, "z_loss": 1e-2, "softcap": 3.0, "reduction": "none"}
-    expected = _loss_and_grads(_stock, h, w, t, b, **options)
+    expected = _loss_and_grads(stock_cross_entropy, h, w, t, b, **options)
     got = _loss_and_grads(linear_cross_entropy, h, w, t, b, impl="reference", **options)
     for e, g in zip(expected, got):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)

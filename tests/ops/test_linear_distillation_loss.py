@@ -12,13 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from pytrain.ops import linear_distillation_loss
-from pytrain.ops.linear_distillation_loss import token_losses_reference
 from pytrain.testing.backends import CPU_IMPLS, impl_or_skip
-from pytrain.testing.tolerances import LINEAR_DISTILLATION_LOSS_RTOL
+from pytrain.testing.linear_losses import (IGNORE, check_distillation, distillation_inputs, loss_and_grads,
+                                           stock_distillation)
 
 OP = "linear_distillation_loss"
 N, HS, HT, V = 37, 12, 20, 1031  # odd V, N not a multiple of the chunk, student narrower than the teacher
-IGNORE = -100
 
 OPTIONS = {
     "kl": {},
@@ -36,58 +35,16 @@ TRITON_OPTIONS = ("kl_t2", "reverse_kl", "jsd_beta", "hard", "no_target", "none"
 
 
 def _inputs(dtype, n=N, vocab=V, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    hs = torch.randn(n, HS, generator=g, dtype=torch.float64).to(dtype)
-    ws = (torch.randn(vocab, HS, generator=g, dtype=torch.float64) * 0.5).to(dtype)
-    ht = torch.randn(n, HT, generator=g, dtype=torch.float64).to(dtype)
-    wt = (torch.randn(vocab, HT, generator=g, dtype=torch.float64) * 0.5).to(dtype)
-    t = torch.randint(0, vocab, (n,), generator=g)
-    t[3] = IGNORE
-    t[n - 1] = IGNORE
-    t[5] = vocab - 1  # the last row of the weights
-    return hs, ws, ht, wt, t
+    return distillation_inputs(dtype, n, HS, HT, vocab, seed)
 
 
 def _loss_and_grads(fn, hs, ws, ht, wt, t, **kw):
-    leaves = [x.detach().clone().requires_grad_() for x in (hs, ws)]
-    loss = fn(leaves[0], leaves[1], ht, wt, t, **kw)
-    upstream = torch.linspace(-1, 2, loss.numel(), dtype=torch.float64).reshape(loss.shape).to(loss.dtype)
-    grads = torch.autograd.grad(loss, leaves, upstream)
-    return [loss.detach()] + list(grads)
-
-
-def _stock(hs, ws, ht, wt, t, *, kind="kl", temperature=1.0, beta=0.5, hard_label_weight=0.0,
-           ignore_index=IGNORE, reduction="mean"):
-    """Materialised logits in the inputs' dtype, divergence in float32 (or float64): what trainers do today."""
-    acc = torch.float64 if hs.dtype == torch.float64 else torch.float32
-    losses = token_losses_reference(F.linear(hs, ws).to(acc), F.linear(ht, wt).to(acc), t, kind, temperature, beta,
-                                    hard_label_weight, ignore_index)
-    if reduction == "none":
-        return losses
-    count = len(losses) if t is None else (t != ignore_index).sum()
-    return losses.sum() / count if reduction == "mean" else losses.sum()
-
-
-def _err(x, ref):
-    x, ref = x.double(), ref.double()
-    return float((x - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+    return loss_and_grads(fn, (hs, ws, ht, wt, t), (0, 1), **kw)
 
 
 def _check_against_float64(impl, dtype, chunk_size=8, options=None, n=N, vocab=V):
-    options = dict(options or {})
-    hs, ws, ht, wt, t = _inputs(dtype, n, vocab)
-    if "target" in options:
-        t = options.pop("target")
-    f64 = [x.double() for x in (hs, ws, ht, wt)]
-    expected = _loss_and_grads(linear_distillation_loss, *f64, t, impl="reference", **options)
-    ours = _loss_and_grads(linear_distillation_loss, hs, ws, ht, wt, t, impl=impl, chunk_size=chunk_size, **options)
-    stock = _loss_and_grads(_stock, hs, ws, ht, wt, t, **options)
-    for name, o, s, e in zip(("loss", "grad_hidden", "grad_weight"), ours, stock, expected):
-        assert o.shape == e.shape, name
-        assert o.dtype == (e.dtype if name == "loss" and dtype == torch.float64 else
-                           torch.float32 if name == "loss" else dtype), name
-        allowed = 2 * _err(s, e) + LINEAR_DISTILLATION_LOSS_RTOL[dtype]
-        assert _err(o, e) <= allowed, f"{name}: error {_err(o, e):.3g} > {allowed:.3g} (torch's {_err(s, e):.3g})"
+    check_distillation(impl, dtype, n=n, student=HS, teacher=HT, vocab=vocab, chunk_size=chunk_size,
+                       options=options)
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -146,7 +103,7 @@ def test_reference_gradients_are_autograd_of_torch(option):
     """The reference's gradient formulas equal autograd of F.kl_div / F.cross_entropy, in float64."""
     hs, ws, ht, wt, t = (x.double() if x.is_floating_point() else x for x in _inputs(torch.float32))
     options = dict(OPTIONS[option], reduction="none")
-    expected = _loss_and_grads(_stock, hs, ws, ht, wt, t, **options)
+    expected = _loss_and_grads(stock_distillation, hs, ws, ht, wt, t, **options)
     got = _loss_and_grads(linear_distillation_loss, hs, ws, ht, wt, t, impl="reference", **options)
     for e, g in zip(expected, got):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
