@@ -85,7 +85,8 @@ def format_info(data: Dict[str, Any]) -> str:
     paths = ", ".join(f"{k}={v}" for k, v in data["cpu_attention_paths"].items())
     lines.append(f"{'cpu_attention_path':18} {paths}")
     lines.append("backends per op:")
+    width = max(map(len, data["ops"]), default=0)
     for op, impls in data["ops"].items():
         for impl, status in impls.items():
-            lines.append(f"  {op:14} {impl:10} {status}")
+            lines.append(f"  {op:{width}} {impl:10} {status}")
     return "\n".join(lines)
