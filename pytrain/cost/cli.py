@@ -103,9 +103,10 @@ def assumptions(cluster: Cluster) -> str:
         f"links        intra-node {1 / cluster.intra.beta / 1e9:.0f} GB/s, alpha {cluster.intra.alpha * 1e6:.0f} us; "
         f"inter-node {1 / cluster.inter.beta / 1e9:.0f} GB/s per device, alpha {cluster.inter.alpha * 1e6:.0f} us",
         "model        bf16 params, grads and activations, fp32 master weights, flash attention; 1F1B pipelines; "
-        "DDP buckets overlapped with the backward",
-        "pytrain      'DDPTrainer' / 'PipelineTrainer': runs with pytrain today; 'model only': ZeRO and tensor "
-        "parallel are not in pytrain's trainers yet"])
+        "DDP buckets overlapped with the backward; ZeRO-3 (FSDP) sends 1.5x DDP's bytes",
+        "pytrain      'DDPTrainer' / 'PipelineTrainer' / 'FSDPTrainer' (ZeRO-3, x tensor parallel on a 2-D mesh): "
+        "runs with pytrain today; 'model only': ZeRO-1/2, tensor parallel without ZeRO-3 and sharded pipelines are "
+        "not in pytrain's trainers yet"])
 
 
 def _collectives(n_bytes: float, cluster) -> str:

@@ -23,11 +23,18 @@ all-reduce is hidden behind the backward, compression only costs accuracy); the 
 sorted by predicted step time (equal to 3 significant digits: less compression first, then what pytrain's
 trainers run, then less memory).
 
+ZeRO-3 is FSDP: the parameters are all-gathered for the forward and again for the backward, and the gradients
+reduce-scattered, ``3 (p - 1) / p`` of the parameter bytes per rank against the all-reduce's ``2 (p - 1) / p``
+(Rajbhandari et al. 2020, section 7.2.3: 1.5x data parallelism's volume).  It is modelled as DDP's buckets
+overlapped with the backward, carrying 1.5x the bytes (FSDP prefetches the forward's all-gathers behind the
+forward, which this leaves out).
+
 Every configuration says whether pytrain's trainers run it today (``runs_with_pytrain``, ``support``):
 data parallel (with a compression hook) is ``DDPTrainer``, pipeline x data parallel is ``PipelineTrainer``
 (1F1B; its data-parallel all-reduce runs after the schedule, not overlapped with the backward as modelled
-here, which ``pytrain_step_s`` and ``support`` add back; it takes no compression hook); ZeRO sharding and
-tensor parallelism are modelled only (no pytrain trainer runs them yet).  Full recompute is the model's own
+here, which ``pytrain_step_s`` and ``support`` add back; it takes no compression hook), ZeRO-3 (and tensor
+parallel x ZeRO-3 on a 2-D mesh) is ``FSDPTrainer`` (FSDP2; no compression hook); ZeRO-1/2, tensor
+parallelism without ZeRO-3 and sharding with pipelines are modelled only.  Full recompute is the model's own
 ``torch.utils.checkpoint`` around each layer.
 """
 from __future__ import annotations
@@ -81,13 +88,19 @@ class PlanConfig:
     @property
     def support(self) -> str:
         """What runs this layout: ``"DDPTrainer"``, ``"DDPTrainer + compression hook"``, ``"PipelineTrainer"``,
-        or ``"model only: ..."`` naming what no pytrain trainer runs yet (ZeRO, tensor parallel, ...)."""
-        missing = [name for name, needed in (("tensor parallel", self.tp > 1),
-                                             (f"ZeRO-{self.zero_stage}", self.zero_stage > 0),
-                                             ("compression with pipelines", self.pp > 1 and self.compression < 1))
-                   if needed]
+        ``"FSDPTrainer"`` (ZeRO-3, with tensor parallel on a 2-D mesh), or ``"model only: ..."`` naming what no
+        pytrain trainer runs yet (ZeRO-1/2, tensor parallel without ZeRO-3, ...)."""
+        fsdp = self.zero_stage == 3
+        missing = [name for name, needed in (
+            ("tensor parallel without ZeRO-3", self.tp > 1 and not fsdp),
+            (f"ZeRO-{self.zero_stage}", self.zero_stage in (1, 2)),
+            ("sharding with pipelines", self.pp > 1 and (fsdp or self.tp > 1)),
+            ("compression with pipelines", self.pp > 1 and self.compression < 1),
+            ("compression with ZeRO-3", fsdp and self.compression < 1)) if needed]
         if missing:
             return "model only: " + ", ".join(missing) + " not in pytrain's trainers yet"
+        if fsdp:
+            return f"FSDPTrainer (x tensor parallel {self.tp})" if self.tp > 1 else "FSDPTrainer"
         if self.pp > 1:
             late = self.pytrain_step_s - self.step_s
             return f"PipelineTrainer (DP all-reduce after the schedule: +{late:.3g} s)" if late else "PipelineTrainer"
@@ -151,6 +164,10 @@ def _dp_allreduce(cluster: Cluster, dp: int, pp: int, tp: int):
             cluster.inter)
 
 
+#: ZeRO-3's bytes on the wire per step relative to data parallelism's all-reduce (module docstring)
+ZERO3_TRAFFIC = 1.5
+
+
 def _evaluate(n_params, layers, hidden, heads, seq, global_batch, cluster, dp, pp, tp, b, recompute, zero,
               compression, optimizer, state_dtype) -> PlanConfig:
     m = global_batch // (dp * b)
@@ -161,7 +178,7 @@ def _evaluate(n_params, layers, hidden, heads, seq, global_batch, cluster, dp, p
     pp_comm = (m + pp - 1) * 2 * (p2p_link.alpha + seq * b * hidden * BYTES / tp * p2p_link.beta) if pp > 1 else 0.0
     allreduce, link = _dp_allreduce(cluster, dp, pp, tp)
     shard = int(n_params // (pp * tp))
-    dp_est = ddp_step(shard, compute_s=pipe_compute + tp_comm + pp_comm, world_size=dp, link=link,
+    dp_est = ddp_step(int(shard * ZERO3_TRAFFIC) if zero == 3 else shard, compute_s=pipe_compute + tp_comm + pp_comm, world_size=dp, link=link,
                       bytes_per_element=BYTES, compression_ratio=compression, allreduce=allreduce)
     acts = activation_memory(seq, b, hidden, heads, layers // pp, bytes_per_element=BYTES, dropout=False,
                              recompute=recompute, flash=recompute != "full") / tp
@@ -181,7 +198,7 @@ def _divisors(n: int) -> List[int]:
 
 def plan(model_params: float, layers: int, hidden: int, seq: int, global_batch: int, cluster: Cluster, *,
          heads: Optional[int] = None, micro_batches: Sequence[int] = (1, 2, 4, 8),
-         recompute: Iterable[str] = ("none", "full"), zero_stages: Iterable[int] = (0, 1),
+         recompute: Iterable[str] = ("none", "full"), zero_stages: Iterable[int] = (0, 1, 3),
          compression: Iterable[float] = (1.0, 0.5, 0.25), optimizer: str = "adamw", state_dtype: str = "fp32",
          include_oom: bool = False) -> List[PlanConfig]:
     """Every valid configuration ranked by predicted step time (fastest first); see the module docstring.

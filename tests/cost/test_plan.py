@@ -41,10 +41,14 @@ def test_small_model_prefers_data_parallel(ranked):
 
 
 def test_large_model_needs_model_parallel():
-    # 70B: bf16 params + grads alone are 280 GB, so 80 GB devices need the model split by TP x PP
+    # 70B: bf16 params + grads alone are 280 GB, so 80 GB devices need the model split by TP x PP (unless ZeRO-3
+    # shards the params and grads too)
     configs = plan(70e9, 80, 8192, 4096, 64, get_cluster("8xH100-400G", nodes=4), heads=64, compression=(1.0,),
-                   micro_batches=(1,))
+                   micro_batches=(1,), zero_stages=(0, 1))
     assert configs and all(c.pp * c.tp >= 4 for c in configs)
+    sharded = plan(70e9, 80, 8192, 4096, 64, get_cluster("8xH100-400G", nodes=4), heads=64, compression=(1.0,),
+                   micro_batches=(1,), zero_stages=(3,))
+    assert any(c.pp * c.tp < 4 for c in sharded)
 
 
 def test_monotonic_in_cluster(node):
@@ -151,17 +155,35 @@ def test_compressed_variants_only_where_they_are_faster(node):
 def test_every_configuration_is_marked():
     configs = plan(7e9, 32, 4096, 4096, 512, get_cluster("8xH100-400G", nodes=8))
     for c in configs:
-        model_only = c.tp > 1 or c.zero_stage > 0 or (c.pp > 1 and c.compression < 1)
+        fsdp = c.zero_stage == 3
+        model_only = (c.tp > 1 and not fsdp) or c.zero_stage in (1, 2) or (c.pp > 1 and (fsdp or c.tp > 1)) \
+            or (c.compression < 1 and (c.pp > 1 or fsdp))
         assert c.runs_with_pytrain == (not model_only), c
-        assert c.support.startswith("model only" if model_only else ("PipelineTrainer" if c.pp > 1 else "DDPTrainer"))
+        assert c.support.startswith("model only" if model_only else "FSDPTrainer" if fsdp else
+                                    "PipelineTrainer" if c.pp > 1 else "DDPTrainer"), c
         if c.pp > 1 and c.dp > 1:  # PipelineTrainer all-reduces after the schedule: the hidden part comes back
             assert c.pytrain_step_s == pytest.approx(c.step_s + c.dp_comm_s - c.dp_exposed_s)
             assert c.pytrain_step_s > c.step_s
         else:
             assert c.pytrain_step_s == c.step_s
     assert {c.runs_with_pytrain for c in configs} == {True, False}
-    ddp = plan(**SMALL, cluster=get_cluster("8xH100-400G"))[0]
+    ddp = plan(**SMALL, cluster=get_cluster("8xH100-400G"), zero_stages=(0,))[0]
     assert (ddp.dp, ddp.zero_stage, ddp.support) == (8, 0, "DDPTrainer")
+
+
+def test_zero3_sends_one_and_a_half_times_the_bytes_and_shards_everything():
+    configs = plan(7e9, 32, 4096, 4096, 512, get_cluster("8xH100-400G", nodes=8))
+    by_layout = {(c.dp, c.pp, c.tp, c.micro_batch, c.recompute, c.zero_stage, c.compression): c for c in configs}
+    pairs = [(c, by_layout.get((c.dp, c.pp, c.tp, c.micro_batch, c.recompute, 1, c.compression)))
+             for c in configs if c.zero_stage == 3]
+    pairs = [(z3, z1) for z3, z1 in pairs if z1 is not None]
+    assert pairs
+    for z3, z1 in pairs:
+        assert z3.dp_comm_s == pytest.approx(1.5 * z1.dp_comm_s, rel=1e-2)  # the buckets' latency does not scale
+        assert z3.memory.params == pytest.approx(z1.memory.params / z3.dp)
+        assert z3.memory.grads == pytest.approx(z1.memory.grads / z3.dp)
+        assert z3.memory.optimizer == pytest.approx(z1.memory.optimizer)
+    assert configs[0].support == "FSDPTrainer"  # fastest, and of the equally fast the one pytrain runs
 
 
 def test_reprs_are_short_and_informative():
