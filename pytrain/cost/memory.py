@@ -25,6 +25,8 @@ the a s^2 b term is the softmax output, its dropout mask and dropout output).  F
 keeps no s x s matrix but the attention output and fp32 log-sum-exp: the a s^2 b term becomes e s b h + 4 a s b.
 Recompute: "selective" recomputes only the attention core (drops the a s^2 b term), "full" keeps only each
 layer's input (e s b h; the recomputed layer's activations come back one layer at a time during backward).
+Tensor parallelism over t ranks (their Eq. 2) splits the 12 e of Q K V, projection input and GeLU and the
+attention core by t; the output layer (their Section 4.3) adds 2 e s b h + 4 s b v for vocabulary v.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Union
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
 from ._checks import count, real
@@ -60,27 +62,85 @@ def optimizer_state_bytes(n_params: int, optimizer: str = "adamw", state_dtype: 
 
 def activation_memory(seq: int, micro_batch: int, hidden: int, heads: int, layers: int = 1, *,
                       bytes_per_element: int = 2, dropout: bool = True, recompute: str = "none",
-                      flash: bool = False) -> float:
+                      flash: bool = False, tp: int = 1, vocab: int = 0) -> float:
     """Activation bytes a transformer keeps for backward: ``layers`` x the per-layer formula of the module
     docstring (Korthikanti et al. 2022, generalised to ``bytes_per_element`` e and optional dropout;
-    e = 2 with dropout gives their ``s b h (34 + 5 a s / h)``)."""
-    seq, micro_batch, hidden, heads, layers = (count(name, value) for name, value in (
-        ("seq", seq), ("micro_batch", micro_batch), ("hidden", hidden), ("heads", heads), ("layers", layers)))
+    e = 2 with dropout gives their ``s b h (34 + 5 a s / h)``).
+
+    ``tp``: tensor-parallel degree t without sequence parallelism (their Eq. 2, ``s b h (10 + 24 / t +
+    5 a s / (h t))`` at e = 2): the layer-norm inputs, the QKV and MLP inputs and the dropout masks,
+    ``s b h (4 e + 2 d)``, stay whole on every rank; Q K V, the projection input, the GeLU input and output
+    (``12 e s b h``) and the attention core are split by t.
+    ``vocab``: with v > 0 the output layer is added (their Section 4.3): the final layer-norm input and the
+    output projection's input, ``2 e s b h``, and the cross-entropy's fp32 log-softmax of the logits,
+    ``4 s b v`` (not split by t: the head is replicated)."""
+    seq, micro_batch, hidden, heads, layers, tp = (count(name, value) for name, value in (
+        ("seq", seq), ("micro_batch", micro_batch), ("hidden", hidden), ("heads", heads), ("layers", layers),
+        ("tp", tp)))
+    vocab = count("vocab", vocab, 0)
     real("bytes_per_element", bytes_per_element, strict=True)
     if recompute not in RECOMPUTE:
         raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
     if hidden % heads:
         raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
+    if heads % tp:
+        raise ValueError(f"tp ({tp}) must divide heads ({heads})")
     e, d = bytes_per_element, (1 if dropout else 0)
     sbh = seq * micro_batch * hidden
+    head = (2 * e * sbh + 4 * seq * micro_batch * vocab) if vocab else 0
     if recompute == "full":
-        return layers * e * sbh
-    per_layer = sbh * (16 * e + 2 * d)
+        return layers * e * sbh + head
+    per_layer = sbh * (4 * e + 2 * d) + 12 * e * sbh / tp
     if flash:
-        per_layer += e * sbh + 4 * heads * seq * micro_batch
+        per_layer += (e * sbh + 4 * heads * seq * micro_batch) / tp
     elif recompute == "none":
-        per_layer += heads * seq * seq * micro_batch * (e + (e + d if dropout else 0))
-    return layers * per_layer
+        per_layer += heads * seq * seq * micro_batch * (e + (e + d if dropout else 0)) / tp
+    return layers * per_layer + head
+
+
+def activation_peak(seq: int, micro_batch: int, hidden: int, heads: int, layers: int = 1, *,
+                    bytes_per_element: int = 2, dropout: bool = True, recompute: str = "none", flash: bool = False,
+                    tp: int = 1, vocab: int = 0) -> float:
+    """Peak activation bytes of a training step (arguments as ``activation_memory``): the larger of what the
+    forward stores (``activation_memory``) and the peak of the backward of the last layer.
+
+    Walking the backward in PyTorch's order (a node's saved tensors are freed once it has run): by the last
+    layer's second MLP linear the output layer's activations are gone; that node creates the gradient of the
+    GeLU output, ``4 e s b h / t``, while the residual stream's, ``e s b h``, is live (the GeLU node after it
+    holds as much: the GeLU output freed, its input's gradient created): the layers' stored activations
+    ``+ (4 / t + 1) e s b h``.  With recompute "full" the layer's activations come back first, less its input,
+    which is stored already: ``+ activation_memory(layer) - e s b h``.  Not counted (not activations): the
+    gradients of that linear's weight and bias, ``4 h^2 / t + h`` elements the node creates (added into an
+    existing ``.grad`` after it, or kept unsharded by FSDP).  Without flash attention the softmax's backward,
+    which holds two ``a s^2 b`` gradients, may peak higher."""
+    stored = activation_memory(seq, micro_batch, hidden, heads, layers, bytes_per_element=bytes_per_element,
+                               dropout=dropout, recompute=recompute, flash=flash, tp=tp, vocab=vocab)
+    head = stored - activation_memory(seq, micro_batch, hidden, heads, layers, bytes_per_element=bytes_per_element,
+                                      dropout=dropout, recompute=recompute, flash=flash, tp=tp)
+    e_sbh = bytes_per_element * seq * micro_batch * hidden
+    backward = stored - head + (4 / tp + 1) * e_sbh
+    if recompute == "full":
+        backward += activation_memory(seq, micro_batch, hidden, heads, bytes_per_element=bytes_per_element,
+                                      dropout=dropout, flash=flash, tp=tp) - e_sbh
+    return max(stored, backward)
+
+
+def fsdp_unsharded(block_params: float, root_params: float, *, param_bytes: int = 4,
+                   grad_bytes: Optional[int] = None, prefetch: int = 1) -> float:
+    """Bytes FSDP2 (``fully_shard`` per block, then the root) holds unsharded at the backward's peak, in the
+    last block's backward, on top of its shards: that block's gathered parameters and the ``prefetch`` next
+    blocks' (FSDP2 issues the next block's all-gather when a block's backward starts), the root module's
+    gathered parameters and its unsharded gradients (the root's backward spans the whole backward: gathered
+    at its start, reduced in the root's post-backward at the end; an upper bound: by the peak only the
+    output layer's gradients exist).
+    ``block_params`` / ``root_params``: element counts of one block / the root's own parameters, unsharded
+    (tensor-parallel: this rank's part).  The block's own gradients made by the peak node are not included."""
+    real("block_params", block_params, unit="elements")
+    real("root_params", root_params, unit="elements")
+    count("prefetch", prefetch, 0)
+    real("param_bytes", param_bytes, strict=True)
+    grad_bytes = param_bytes if grad_bytes is None else real("grad_bytes", grad_bytes, strict=True)
+    return param_bytes * ((1 + prefetch) * block_params + root_params) + grad_bytes * root_params
 
 
 @dataclass(frozen=True, repr=False)
@@ -106,57 +166,73 @@ class MemoryEstimate:
 
 def memory_per_device(n_params: int, *, param_bytes: int = 4, grad_bytes: Optional[int] = None,
                       optimizer: str = "adamw", state_dtype: str = "fp32", master_weights: bool = False,
-                      zero_stage: int = 0, dp: int = 1, activations: Union[float, dict] = 0.0) -> MemoryEstimate:
+                      zero_stage: int = 0, dp: int = 1, ddp_buckets: bool = False,
+                      activations: Union[float, dict] = 0.0) -> MemoryEstimate:
     """Memory of one data-parallel rank holding ``n_params`` parameters (already divided by TP x PP if any).
 
     Model states per the module docstring, ZeRO stage 1/2/3 divides optimizer state / + grads / + params by
-    ``dp`` (Rajbhandari et al. 2020).  ``activations``: bytes, or the keyword arguments of
-    ``activation_memory`` (with ``recompute="full"`` one layer's full activations are added: the layer being
-    recomputed during backward)."""
+    ``dp`` (Rajbhandari et al. 2020).  ``ddp_buckets``: PyTorch DDP with ``gradient_as_bucket_view=False`` (its
+    default, and ``DDPTrainer``'s) keeps its flat all-reduce buckets besides the ``.grad`` tensors, a second
+    copy of the gradients (the DDP docs of that argument: setting it "saves ... the total gradients size"),
+    counted in ``grads``.  ``activations``: bytes, or the keyword arguments of ``activation_memory`` for the
+    step's peak (``activation_peak``: the stored activations, or the backward's peak with the recomputed layer
+    under ``recompute="full"``)."""
     zero_stage, dp = count("zero_stage", zero_stage, 0, 3), count("dp", dp)
     real("param_bytes", param_bytes, strict=True)
     grad_bytes = param_bytes if grad_bytes is None else real("grad_bytes", grad_bytes, strict=True)
+    if ddp_buckets and zero_stage:
+        raise ValueError(f"ddp_buckets: DDP's gradient buckets exist without ZeRO sharding, got "
+                         f"zero_stage={zero_stage}")
     state = optimizer_state_bytes(n_params, optimizer, state_dtype, master_weights)
     shard = [1.0] + [1.0 / dp if zero_stage >= stage else 1.0 for stage in (1, 2, 3)]
     if isinstance(activations, dict):
-        act = activation_memory(**activations)
-        if activations.get("recompute") == "full":
-            act += activation_memory(**{**activations, "layers": 1, "recompute": "none"})
+        act = activation_peak(**activations)
     else:
         act = real("activations", activations, unit="bytes")
-    return MemoryEstimate(params=n_params * param_bytes * shard[3], grads=n_params * grad_bytes * shard[2],
+    return MemoryEstimate(params=n_params * param_bytes * shard[3],
+                          grads=n_params * grad_bytes * shard[2] * (2 if ddp_buckets else 1),
                           optimizer=state * shard[1], activations=act)
 
 
 class PeakMemory(TorchDispatchMode):
     """Measures the peak bytes of live CPU tensor storage while active (``with PeakMemory() as m: ...;
-    m.peak``): every op's output storage is counted once when it appears and uncounted when it is freed
-    (storage Python objects live exactly as long as their storage, so a weakref finalizer marks the free).
-    Tensors created before entering are not counted; allocations inside a kernel that never become an op
-    output (scratch buffers) are not seen."""
+    m.peak``): every op's output storage is tracked from when it appears until it is freed (storage Python
+    objects live exactly as long as their storage, so a weak reference marks the free), and ``current``, the
+    sum of the tracked storages' sizes, is read after every op.  Sizes are read again each time, so storages
+    resized in place count at their size of the moment (FSDP2 frees and re-allocates its gathered
+    parameters with ``untyped_storage().resize_``, which is no op).  Outputs of tensor subclasses (DTensor)
+    count their inner tensors.  Tensors created before entering are not counted; allocations that never
+    become an op output seen here (a kernel's scratch buffers, the local ops inside a subclass's dispatch)
+    are not seen."""
 
     def __init__(self):
         super().__init__()
-        self.current = 0
         self.peak = 0
-        self._live: Dict[int, int] = {}
+        self._live: Dict[int, weakref.ref] = {}
 
-    def _free(self, key: int) -> None:
-        self.current -= self._live.pop(key, 0)
+    @property
+    def current(self) -> int:
+        """Bytes of the tracked storages that are alive now."""
+        return sum(storage.nbytes() for storage in (ref() for ref in list(self._live.values())) if storage is not None)
 
     def _track(self, tensor: torch.Tensor) -> None:
+        if is_traceable_wrapper_subclass(tensor):
+            for name in tensor.__tensor_flatten__()[0]:
+                inner = getattr(tensor, name)
+                if isinstance(inner, torch.Tensor):
+                    self._track(inner)
+            return
+        if tensor.device.type != "cpu" or tensor.is_sparse:
+            return
         storage = tensor.untyped_storage()
         key = id(storage)
-        if key in self._live:
-            return
-        self._live[key] = storage.nbytes()
-        self.current += self._live[key]
-        self.peak = max(self.peak, self.current)
-        weakref.finalize(storage, self._free, key)
+        if key not in self._live:
+            self._live[key] = weakref.ref(storage, lambda _, key=key: self._live.pop(key, None))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for value in tree_flatten(out)[0]:
-            if isinstance(value, torch.Tensor) and value.device.type == "cpu" and not value.is_sparse:
+            if isinstance(value, torch.Tensor):
                 self._track(value)
+        self.peak = max(self.peak, self.current)
         return out

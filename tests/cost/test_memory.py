@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pytrain.cost import MemoryEstimate, PeakMemory, activation_memory, memory_per_device, optimizer_state_bytes
+from pytrain.cost import (MemoryEstimate, PeakMemory, activation_memory, activation_peak, fsdp_unsharded,
+                          memory_per_device, optimizer_state_bytes)
 from pytrain.optim import FusedAdamW
 
 SEQ, BATCH, HIDDEN, HEADS, LAYERS = 128, 4, 128, 4, 4
@@ -103,6 +104,30 @@ def test_korthikanti_formula():
     assert activation_memory(s, b, h, a, recompute="selective") == 34 * s * b * h
     assert activation_memory(s, b, h, a, recompute="full", layers=96) == 96 * 2 * s * b * h
     assert activation_memory(s, b, h, a, flash=True) < activation_memory(s, b, h, a, recompute="selective") * 1.1
+    t = 8  # their Eq. 2: tensor parallelism without sequence parallelism
+    assert activation_memory(s, b, h, a, tp=t) == pytest.approx(s * b * h * (10 + 24 / t + 5 * a * s / (h * t)))
+    v = 51200  # output layer, Section 4.3: final norm and projection inputs, fp32 log-softmax of the logits
+    assert activation_memory(s, b, h, a, vocab=v) - activation_memory(s, b, h, a) == 4 * s * b * h + 4 * s * b * v
+
+
+def test_activation_peak_and_fsdp_buffers():
+    s, b, h, a, e = 256, 4, 256, 4, 4
+    esbh = e * s * b * h
+    shape = dict(bytes_per_element=e, dropout=False, flash=True)
+    layer = activation_memory(s, b, h, a, **shape)
+    # the last layer's GeLU backward: the GeLU input and output gradients and the residual's, less the GeLU output
+    assert activation_peak(s, b, h, a, 3, **shape) == 3 * layer + 5 * esbh
+    assert activation_peak(s, b, h, a, 3, tp=2, **shape) == activation_memory(s, b, h, a, 3, tp=2, **shape) + 3 * esbh
+    # the output layer's activations are freed by then; the forward's stored total is the floor
+    assert activation_peak(s, b, h, a, 3, vocab=64, **shape) == 3 * layer + 5 * esbh
+    assert activation_peak(s, b, h, a, 1, vocab=10**6, **shape) == activation_memory(s, b, h, a, 1, vocab=10**6,
+                                                                                      **shape)
+    full = activation_peak(s, b, h, a, 3, recompute="full", **shape)
+    assert full == 3 * esbh + (layer - esbh) + 5 * esbh  # the recomputed layer, whose input is stored already
+    assert memory_per_device(10, activations=dict(seq=s, micro_batch=b, hidden=h, heads=a, layers=3,
+                                                  recompute="full", **shape)).activations == full
+    assert fsdp_unsharded(10, 3) == 4 * (2 * 10 + 3) + 4 * 3
+    assert fsdp_unsharded(10, 3, param_bytes=2, grad_bytes=4, prefetch=0) == 2 * 13 + 4 * 3
 
 
 def test_model_state_bytes():
@@ -116,6 +141,7 @@ def test_model_state_bytes():
     assert z[2].grads == z[0].grads / 64 and z[2].params == z[0].params
     assert z[3].params == z[0].params / 64
     assert [m.total for m in z] == sorted((m.total for m in z), reverse=True)
+    assert memory_per_device(n, ddp_buckets=True).grads == 2 * memory_per_device(n).grads  # .grad + DDP's buckets
 
 
 @pytest.mark.parametrize("call, match", [
@@ -127,6 +153,12 @@ def test_model_state_bytes():
     (lambda: activation_memory(8, 1, 64, 4, recompute="some"), "recompute"),
     (lambda: memory_per_device(10, zero_stage=4), "zero_stage"),
     (lambda: memory_per_device(10, dp=0), "dp"),
+    (lambda: activation_memory(8, 1, 64, 4, tp=3), "tp"),
+    (lambda: activation_peak(8, 1, 64, 4, recompute="some"), "recompute"),
+    (lambda: fsdp_unsharded(-1, 0), "block_params"),
+    (lambda: fsdp_unsharded(1, 0, prefetch=-1), "prefetch"),
+    (lambda: activation_memory(8, 1, 64, 4, vocab=-1), "vocab"),
+    (lambda: memory_per_device(10, zero_stage=1, dp=2, ddp_buckets=True), "ddp_buckets"),
 ])
 def test_memory_bad_input(call, match):
     with pytest.raises(ValueError, match=match):

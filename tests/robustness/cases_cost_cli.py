@@ -165,6 +165,14 @@ def cost_cases() -> List[Case]:
     out.append(local(fam, "activation_recompute_unknown", cost("activation_memory", 512, 1, 1024, 8, recompute="x"),
                      Raises(ValueError, "recompute")))
     out.append(local(fam, "activation_seq_zero", cost("activation_memory", 0, 1, 1024, 8), Raises(ValueError, "seq")))
+    out.append(local(fam, "activation_tp_not_dividing_heads", cost("activation_memory", 512, 1, 1024, 8, tp=3),
+                     Raises(ValueError, r"\btp\b")))
+    out.append(local(fam, "activation_vocab_negative", cost("activation_memory", 512, 1, 1024, 8, vocab=-1),
+                     Raises(ValueError, "vocab")))
+    out.append(local(fam, "activation_peak_recompute_unknown", cost("activation_peak", 512, 1, 1024, 8, recompute="x"),
+                     Raises(ValueError, "recompute")))
+    out.append(local(fam, "ddp_buckets_with_zero", cost("memory_per_device", 10**6, zero_stage=2, dp=2,
+                                                        ddp_buckets=True), Raises(ValueError, "ddp_buckets")))
     out.append(local(fam, "fit_link_one_rank", cost("fit_link", [1, 2], [1e-3, 2e-3], 1), Raises(ValueError, "rank")))
     out.append(local(fam, "fit_link_no_points", cost("fit_link", [], [], 2), Raises(ValueError, "size|point")))
     return out
