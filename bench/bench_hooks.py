@@ -31,6 +31,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as torch_p
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from harness import Row  # bench/harness/ (on sys.path through bench/conftest.py, or as this script's folder)
+from harness.ddp_mlp import mlp, no_communication_hook
 
 WARMUP, STEPS = 5, 10
 WIDTH, DEPTH, BATCH = 2048, 5, 16
@@ -39,18 +40,7 @@ LAUNCH_TIMEOUT_S = 600
 
 
 def model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    layers = [torch.nn.Linear(1024, WIDTH), torch.nn.ReLU()]
-    for _ in range(DEPTH):
-        layers += [torch.nn.Linear(WIDTH, WIDTH), torch.nn.ReLU()]
-    return torch.nn.Sequential(*layers, torch.nn.Linear(WIDTH, 1024))
-
-
-def no_communication_hook(state, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """The step's floor: gradients left local (no collective), so the step is forward + backward + update."""
-    fut: torch.futures.Future = torch.futures.Future()
-    fut.set_result(bucket.buffer())
-    return fut
+    return mlp(WIDTH, DEPTH)
 
 
 def states():

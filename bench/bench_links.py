@@ -34,6 +34,8 @@ from pytrain.cost.calibrate import calibrate
 from pytrain.cost.collectives import bytes_sent
 from pytrain.trainers import spawn_on_link
 
+from harness.ddp_mlp import mlp, no_communication_hook  # bench/harness/ (this script's folder is on sys.path)
+
 WARMUP, STEPS = 3, 5
 BATCH = 16
 MODELS = {"25m": (2048, 5), "100m": (4096, 5)}  # name -> (width, depth) of the MLP
@@ -43,19 +45,7 @@ TIMEOUT_S = 1800
 
 
 def model(name: str) -> torch.nn.Module:
-    width, depth = MODELS[name]
-    torch.manual_seed(0)
-    layers = [torch.nn.Linear(1024, width), torch.nn.ReLU()]
-    for _ in range(depth):
-        layers += [torch.nn.Linear(width, width), torch.nn.ReLU()]
-    return torch.nn.Sequential(*layers, torch.nn.Linear(width, 1024))
-
-
-def no_communication_hook(state, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """Gradients left local: the step without communication (its floor)."""
-    fut: torch.futures.Future = torch.futures.Future()
-    fut.set_result(bucket.buffer())
-    return fut
+    return mlp(*MODELS[name])
 
 
 def cases() -> Dict[str, Optional[tuple]]:

@@ -51,50 +51,47 @@ def _need(runs: List[Run], tag: str, what: str) -> None:
         raise ValueError(f"no run has {what} ({tag}); runs: {', '.join(label for label, _ in runs)}")
 
 
-def loss_figure(runs: List[Run]):
-    """Training loss per run (a line each) and validation loss (a line with markers each, where present)."""
-    _need(runs, "train/loss", "a training loss")
+def _runs_figure(runs: List[Run], tag: str, what: str, draw, *, ylabel: str, title: str):
+    """One axes over the steps: ``draw(ax, label, series)`` for every run that holds ``tag``; a ValueError naming
+    ``what`` when none does."""
+    _need(runs, tag, what)
     fig, (ax,) = _figure()
     for label, series in runs:
-        if "train/loss" in series:
-            line, = ax.plot(*series["train/loss"], label=f"{label} train", linewidth=1)
-            if "val/loss" in series:
-                ax.plot(*series["val/loss"], marker="o", color=line.get_color(), linestyle="--",
-                        label=f"{label} val")
-    ax.set(xlabel="step", ylabel="loss", title="loss")
+        if tag in series:
+            draw(ax, label, series)
+    ax.set(xlabel="step", ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend()
     return fig
+
+
+def loss_figure(runs: List[Run]):
+    """Training loss per run (a line each) and validation loss (a line with markers each, where present)."""
+    def draw(ax, label, series):
+        line, = ax.plot(*series["train/loss"], label=f"{label} train", linewidth=1)
+        if "val/loss" in series:
+            ax.plot(*series["val/loss"], marker="o", color=line.get_color(), linestyle="--", label=f"{label} val")
+    return _runs_figure(runs, "train/loss", "a training loss", draw, ylabel="loss", title="loss")
 
 
 def lr_figure(runs: List[Run]):
     """The learning rate of every step, a line per run."""
-    _need(runs, "train/lr", "a learning rate")
-    fig, (ax,) = _figure()
-    for label, series in runs:
-        if "train/lr" in series:
-            ax.plot(*series["train/lr"], label=label)
-    ax.set(xlabel="step", ylabel="learning rate", title="learning-rate schedule")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return fig
+    def draw(ax, label, series):
+        ax.plot(*series["train/lr"], label=label)
+    return _runs_figure(runs, "train/lr", "a learning rate", draw, ylabel="learning rate",
+                        title="learning-rate schedule")
 
 
 def step_time_figure(runs: List[Run]):
     """Measured step time per run (ms), and the cost model's predicted step time as a dashed level line."""
-    _need(runs, "perf/step_s", "step times")
-    fig, (ax,) = _figure()
-    for label, series in runs:
-        if "perf/step_s" in series:
-            steps, seconds = series["perf/step_s"]
-            line, = ax.plot(steps, [s * 1e3 for s in seconds], label=f"{label} measured", linewidth=1)
-            if "perf/predicted_step_s" in series:
-                ax.axhline(series["perf/predicted_step_s"][1][-1] * 1e3, color=line.get_color(), linestyle="--",
-                           label=f"{label} predicted (cost model)")
-    ax.set(xlabel="step", ylabel="step time (ms)", title="step time: measured vs predicted")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return fig
+    def draw(ax, label, series):
+        steps, seconds = series["perf/step_s"]
+        line, = ax.plot(steps, [s * 1e3 for s in seconds], label=f"{label} measured", linewidth=1)
+        if "perf/predicted_step_s" in series:
+            ax.axhline(series["perf/predicted_step_s"][1][-1] * 1e3, color=line.get_color(), linestyle="--",
+                       label=f"{label} predicted (cost model)")
+    return _runs_figure(runs, "perf/step_s", "step times", draw, ylabel="step time (ms)",
+                        title="step time: measured vs predicted")
 
 
 def read_bench_tables(path) -> List[Tuple[str, Dict[str, Tuple[float, Optional[float]]]]]:
