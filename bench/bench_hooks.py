@@ -22,7 +22,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -31,7 +30,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as torch_p
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from harness import Row  # bench/harness/ (on sys.path through bench/conftest.py, or as this script's folder)
-from harness.ddp_mlp import mlp, no_communication_hook
+from harness.ddp_mlp import mlp, no_communication_hook, timed_step
 
 WARMUP, STEPS = 5, 10
 WIDTH, DEPTH, BATCH = 2048, 5, 16
@@ -75,12 +74,7 @@ def time_case(bucket_mb, make) -> dict:
     for step in range(WARMUP + STEPS):
         if step == WARMUP and hasattr(state, "stats"):
             sent0 = state.stats.bytes_sent
-        dist.barrier()
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        torch.nn.functional.mse_loss(ddp(x), y).backward()
-        opt.step()
-        times.append(time.perf_counter() - t0)
+        times.append(timed_step(ddp, opt, x, y))
     out = {"median_s": statistics.median(times[WARMUP:]), "min_s": min(times[WARMUP:]), "max_s": max(times[WARMUP:])}
     if hasattr(state, "stats"):
         out["wire_bytes_per_step"] = (state.stats.bytes_sent - sent0) / STEPS

@@ -34,7 +34,7 @@ from pytrain.cost.calibrate import calibrate
 from pytrain.cost.collectives import bytes_sent
 from pytrain.trainers import spawn_on_link
 
-from harness.ddp_mlp import mlp, no_communication_hook  # bench/harness/ (this script's folder is on sys.path)
+from harness.ddp_mlp import mlp, no_communication_hook, timed_step  # bench/harness/ (this script's folder is on sys.path)
 
 WARMUP, STEPS = 3, 5
 BATCH = 16
@@ -83,12 +83,7 @@ def measure(model_name: str, only: Optional[list]) -> dict:
         if step == WARMUP:
             sent0 = {k: r[2].stats.bytes_sent for k, r in runs.items() if hasattr(r[2], "stats")}
         for name, (ddp, opt, state, times) in runs.items():
-            dist.barrier()
-            t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            torch.nn.functional.mse_loss(ddp(x), y).backward()
-            opt.step()
-            times.append(time.perf_counter() - t0)
+            times.append(timed_step(ddp, opt, x, y))
     out = {"n_params": n_params, "world_size": world, "cases": {}}
     for name, (ddp, opt, state, times) in runs.items():
         timed = torch.tensor(times[WARMUP:], dtype=torch.float64)

@@ -1,4 +1,6 @@
-"""The model and the no-communication floor of the DDP hook benchmarks (bench_hooks.py, bench_links.py)."""
+"""The model, the no-communication floor and the timed step of the DDP hook benchmarks (bench_hooks.py, bench_links.py)."""
+import time
+
 import torch
 import torch.distributed as dist
 
@@ -18,3 +20,13 @@ def no_communication_hook(state, bucket: dist.GradBucket) -> torch.futures.Futur
     fut: torch.futures.Future = torch.futures.Future()
     fut.set_result(bucket.buffer())
     return fut
+
+
+def timed_step(ddp: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Seconds of one training step (MSE loss), started together on every rank (a barrier first)."""
+    dist.barrier()
+    t0 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    torch.nn.functional.mse_loss(ddp(x), y).backward()
+    opt.step()
+    return time.perf_counter() - t0
