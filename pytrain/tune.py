@@ -50,9 +50,11 @@ PER_RUN = {"log_file": None, "tensorboard": None, "checkpoint_dir": None, "check
 DIVERGED = 1.5  # x the uniform guess's loss: a validation loss above this is a diverged trial
 POLL_S = 0.5
 #: run in each trial's process: die with the thread that launched it (Linux), then be ``pytrain train``
-LAUNCH = ("import ctypes, signal, sys\n"
+LAUNCH = ("import ctypes, os, signal, sys\n"
           "if sys.platform.startswith('linux'):\n"
           "    ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG\n"
+          "    if os.getppid() != int(os.environ['PYTRAIN_TUNE_PID']):\n"
+          "        sys.exit(1)  # the launcher died before prctl: no signal will come\n"
           "from pytrain.cli import main\n"
           "sys.exit(main(sys.argv[1:]))\n")
 EPILOG = f"""Other flags are those of pytrain train and fix the base settings of every trial (e.g. --size tiny
@@ -133,6 +135,7 @@ def _launch(config_path: Path, out_path: Path) -> subprocess.Popen:
     env = dict(os.environ)
     root = str(Path(pytrain.__file__).resolve().parents[1])  # the trial runs this pytrain, wherever it is
     env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTRAIN_TUNE_PID"] = str(os.getpid())
     with open(out_path, "w", encoding="utf-8") as out:
         return subprocess.Popen([sys.executable, "-c", LAUNCH, "train", "--config", str(config_path)],
                                 stdout=out, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)

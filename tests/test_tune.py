@@ -2,6 +2,7 @@
 killed (SIGKILL) in the middle of a trial and started again: the killed trial's process dies with it, the trial is
 marked failed and its settings run again, the study ends at 6 finished trials, and ``pytrain train --config
 best.json`` reproduces the best trial's validation loss.  Real processes throughout (a 1-layer model of width 32, 12 steps)."""
+import contextlib
 import json
 import math
 import os
@@ -39,6 +40,19 @@ def tune(workdir: Path, jobs: int) -> subprocess.Popen:
                             text=True)
 
 
+def trial_pid(url: str, workdir: Path, number: int, proc: subprocess.Popen) -> int:
+    """The process id of trial ``number`` as soon as tune has launched it (tune records it in the study)."""
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        if (workdir / f"trial-{number}" / "config.json").exists():
+            trials = optuna.load_study(study_name="pytrain", storage=url).trials
+            if len(trials) > number and "pid" in trials[number].user_attrs:
+                return trials[number].user_attrs["pid"]
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError(f"tune did not launch trial {number}:\n{proc.communicate()[0]}")
+
+
 def dead(pid: int) -> bool:
     try:
         return "zombie" in Path(f"/proc/{pid}/status").read_text()  # ended, not yet reaped
@@ -55,16 +69,17 @@ def study(tmp_path_factory):
     for params in ENQUEUED:
         queued.enqueue_trial(params)
     first = tune(workdir, jobs=1)
-    log = workdir / "trial-4" / "log.jsonl"
-    deadline = time.monotonic() + 240
-    while not (log.exists() and log.stat().st_size) and first.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert first.poll() is None, f"tune ended before trial 4 ran:\n{first.communicate()[0]}"
+    pid = trial_pid(url, workdir, 4, first)
+    # Freeze trial 4 before it can report, so that it is mid-trial (RUNNING) however fast this machine trains,
+    # then kill tune.  A trial already past its prctl dies by PR_SET_PDEATHSIG (SIGKILL ends a stopped process);
+    # one that was not yet there exits at its parent check once continued.
+    os.kill(pid, signal.SIGSTOP)
     first.send_signal(signal.SIGKILL)
     first.communicate()
     killed = optuna.load_study(study_name="pytrain", storage=url).trials[4]
-    pid = killed.user_attrs["pid"]
-    for _ in range(50):
+    with contextlib.suppress(ProcessLookupError):  # gone already: died with tune and was reaped
+        os.kill(pid, signal.SIGCONT)
+    for _ in range(100):
         if dead(pid):
             break
         time.sleep(0.1)
