@@ -54,27 +54,30 @@ class QuantState(HookState):
         return {"fmt": self.fmt, "block_size": self.block_size, "error_feedback": self.error_feedback}
 
     def compress(self, bucket: dist.GradBucket, x: Tensor) -> None:
-        world, n, rank = self.world_size, x.numel(), dist.get_rank(self.process_group)
+        world, n, rank, idx = self.world_size, x.numel(), dist.get_rank(self.process_group), bucket.index()
         chunk = -(-n // (world * self.block_size)) * self.block_size
-        padded = self.padded(bucket.index(), world * chunk, x.device)
-        res = self.residual(bucket.index(), x, torch.float32) if self.error_feedback else None
+        padded = self.buffer(idx, "padded", (world * chunk,), torch.float32, x.device)  # zero past n, kept so
+        res = self.residual(idx, x, torch.float32) if self.error_feedback else None
         if res is not None:
             torch.add(x, res, out=padded[:n])
         else:
             padded[:n].copy_(x)
         q = quantize(padded, self.fmt, block_size=self.block_size)
 
-        send = self.pack(q, world)
-        recv = torch.empty_like(send)
+        send = self.pack(q, world, self.buffer(idx, "send", (world, self.row_bytes(chunk)), torch.uint8, x.device))
+        recv = self.buffer(idx, "recv", send.shape, torch.uint8, x.device)
         dist.all_to_all_single(recv, send, group=self.process_group, async_op=True).wait()
-        received, mine = self.unpack(recv, chunk), torch.zeros(chunk, dtype=torch.float32, device=x.device)
-        for src in range(world):
+        received, mine = self.unpack(recv, chunk), self.buffer(idx, "mine", (chunk,), torch.float32, x.device)
+        for src in range(world):  # slice by slice, cache-resident: mine = (1/W) sum_src dequantize(chunk of src)
             for lo, part in self.slices(received, src * chunk, (src + 1) * chunk):
-                mine[lo - src * chunk:][:part.numel()].add_(part)
-        mine.div_(world)
+                dst = mine[lo - src * chunk:][:part.numel()]
+                dst.copy_(part) if src == 0 else dst.add_(part)
+                if src == world - 1:
+                    dst.div_(world)
 
-        one = self.pack(quantize(mine, self.fmt, block_size=self.block_size), 1)
-        gathered = torch.empty((world, one.shape[1]), dtype=torch.uint8, device=x.device)
+        one = self.pack(quantize(mine, self.fmt, block_size=self.block_size), 1,
+                        self.buffer(idx, "one", (1, self.row_bytes(chunk)), torch.uint8, x.device))
+        gathered = self.buffer(idx, "gathered", (world, one.shape[1]), torch.uint8, x.device)
         all_gather_single(gathered, one, group=self.process_group, async_op=True).wait()
         final = self.unpack(gathered, chunk)
         for lo, part in self.slices(final, 0, n):
@@ -97,12 +100,19 @@ class QuantState(HookState):
         if own.start < own.stop:
             res[own].add_(mine[:own.stop - own.start], alpha=self.world_size).sub_(x[own], alpha=self.world_size)
 
-    def padded(self, bucket_index: int, numel: int, device: torch.device) -> Tensor:
-        """A persistent float32 buffer of ``numel`` (zero past the bucket's elements)."""
-        buf = self.scratch.get(bucket_index)
-        if buf is None or buf.numel() != numel:
-            buf = self.scratch[bucket_index] = torch.zeros(numel, dtype=torch.float32, device=device)
+    def buffer(self, bucket_index: int, name: str, shape: Tuple[int, ...], dtype: torch.dtype,
+               device: torch.device) -> Tensor:
+        """A persistent work buffer of the bucket (zeros when first made): a fresh bucket-sized tensor each
+        step would be page-faulted in again, which costs more than the codec passes themselves."""
+        bufs = self.scratch.setdefault(bucket_index, {})
+        buf = bufs.get(name)
+        if buf is None or buf.shape != shape or buf.device != device:
+            buf = bufs[name] = torch.zeros(shape, dtype=dtype, device=device)
         return buf
+
+    def row_bytes(self, chunk: int) -> int:
+        """Bytes of one packed chunk: its codes and its float32 scales."""
+        return chunk + 4 * (chunk // self.block_size)
 
     def slices(self, q: QTensor, lo: int, hi: int) -> Iterator[Tuple[int, Tensor]]:
         """(start, float32 values) of q's elements lo..hi (lo a block boundary), SLICE elements at a time."""
@@ -112,9 +122,10 @@ class QuantState(HookState):
             b = min(a + step, hi)
             yield a, dequantize(QTensor(q.data[a:b], q.scales[a // bs:-(-b // bs)], self.fmt, bs))
 
-    def pack(self, q: QTensor, rows: int) -> Tensor:
-        """(rows, codes + scale bytes of one chunk) uint8: row j is what goes to rank j."""
-        return torch.cat([q.data.view(torch.uint8).view(rows, -1), q.scales.view(torch.uint8).view(rows, -1)], dim=1)
+    def pack(self, q: QTensor, rows: int, out: Tensor) -> Tensor:
+        """(rows, codes + scale bytes of one chunk) uint8 into ``out``: row j is what goes to rank j."""
+        return torch.cat([q.data.view(torch.uint8).view(rows, -1), q.scales.view(torch.uint8).view(rows, -1)], dim=1,
+                         out=out)
 
     def unpack(self, buf: Tensor, chunk: int) -> QTensor:
         """The QTensor of the rows' chunks laid end to end (each chunk a whole number of blocks)."""
