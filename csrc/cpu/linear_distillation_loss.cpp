@@ -14,7 +14,7 @@
 //      r = log q - log m ("jsd", log m = logaddexp(log b + log p, log(1 - b) + log q));
 //   D. with gradients, the student's row becomes dloss/ds = g ((1 - a) T dD/du + a (softmax(s) - onehot)).
 // Input checks: csrc/linear_distillation_loss_checks.h.  Extra memory: the two (chunk, V) float32 buffers plus
-// linear_chunks.h's: O(chunk x V + V x Hs).
+// csrc/linear_chunks.h's: O(chunk x V + V x Hs).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
