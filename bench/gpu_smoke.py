@@ -120,6 +120,42 @@ def attention(impl: str) -> None:
         flash_attention(q, k, v, impl=impl, **kwargs).sum().backward()
 
 
+def _linear_inputs(dtype, n: int, hidden: int, vocab: int):
+    """hidden (n, hidden) and weight (vocab, hidden) needing grads, targets with one ignored token."""
+    h = torch.randn(n, hidden, device=DEVICE, dtype=dtype, requires_grad=True)
+    w = (torch.randn(vocab, hidden, device=DEVICE) / hidden ** 0.5).to(dtype).requires_grad_()
+    target = torch.randint(0, vocab, (n,), device=DEVICE)
+    target[n // 2] = -100
+    return h, w, target
+
+
+#: (dtype, tokens, hidden, vocab, chunk_size) of the fused linear losses: chunks that do not divide N, a vocabulary
+#: under one block's threads and odd ones over it
+LINEAR_CASES = [(torch.float32, 37, 16, 1003, 8), (torch.bfloat16, 5, 24, 3, None), (torch.float16, 70, 40, 257, 64)]
+
+
+def linear_cross_entropy(impl: str) -> None:
+    from pytrain.ops import linear_cross_entropy as loss_fn
+    for dtype, n, hidden, vocab, chunk in LINEAR_CASES:
+        h, w, target = _linear_inputs(dtype, n, hidden, vocab)
+        bias = torch.randn(vocab, device=DEVICE, dtype=dtype, requires_grad=True)
+        loss_fn(h, w, target, bias, label_smoothing=0.1, z_loss=1e-4, softcap=30.0, chunk_size=chunk,
+                impl=impl).backward()
+        loss_fn(h, w, target, reduction="none", chunk_size=chunk, impl=impl).sum().backward()
+
+
+def linear_distillation_loss(impl: str) -> None:
+    from pytrain.ops import linear_distillation_loss as loss_fn
+    for dtype, n, hidden, vocab, chunk in LINEAR_CASES:
+        h, w, target = _linear_inputs(dtype, n, hidden, vocab)
+        teacher_h, teacher_w, _ = _linear_inputs(dtype, n, 2 * hidden + 1, vocab)
+        for kind in ("kl", "reverse_kl", "jsd"):
+            loss_fn(h, w, teacher_h, teacher_w, target, kind=kind, temperature=2.0, hard_label_weight=0.3,
+                    chunk_size=chunk, impl=impl).backward()
+        loss_fn(h, w, teacher_h, teacher_w, None, kind="jsd", beta=0.3, reduction="none", chunk_size=chunk,
+                impl=impl).sum().backward()
+
+
 #: (name, function, registry op names it needs, backends it has)
 OPS: List[Tuple[str, Callable[[str], None], Tuple[str, ...], Tuple[str, ...]]] = [
     ("adamw", adamw, ("adamw_step",), ("cuda", "triton")),
@@ -130,6 +166,8 @@ OPS: List[Tuple[str, Callable[[str], None], Tuple[str, ...], Tuple[str, ...]]] =
     ("topk", topk, ("topk_filter",), ("cuda", "triton")),
     ("powersgd", powersgd, ("powersgd_p", "powersgd_q", "orthogonalize"), ("cuda", "triton")),
     ("attention", attention, ("attention_fwd", "attention_bwd"), ("triton",)),  # no CUDA C++ attention
+    ("linear_cross_entropy", linear_cross_entropy, ("linear_cross_entropy",), ("cuda", "triton")),
+    ("linear_distillation_loss", linear_distillation_loss, ("linear_distillation_loss",), ("cuda", "triton")),
 ]
 
 

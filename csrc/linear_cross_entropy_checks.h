@@ -1,5 +1,5 @@
-// Input checks of pytrain::linear_cross_entropy (contract: pytrain/ops/linear_cross_entropy.py), for
-// csrc/cpu/linear_cross_entropy.cpp; a C++ CUDA twin would share them.
+// Input checks of pytrain::linear_cross_entropy (contract: pytrain/ops/linear_cross_entropy.py), shared by
+// csrc/cpu/linear_cross_entropy.cpp and csrc/cuda/linear_cross_entropy.cu.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -13,7 +13,9 @@
 namespace pytrain {
 
 // hidden (N, H), weight (V, H), bias (V,): one float dtype, dense, contiguous, on `device`; target (N,) int64;
-// grad_scale (N,) float32; every target in [0, V) or ignore_index; options in range.
+// grad_scale (N,) float32; options in range.  On the CPU also every target in [0, V) or ignore_index (on CUDA that
+// would cost a device sync: the kernel gives a bad target's token a NaN loss and gradient row instead, as the
+// Triton kernel does).
 inline void check_linear_cross_entropy_args(const at::Tensor& hidden, const at::Tensor& weight,
                                             const at::Tensor& target, const c10::optional<at::Tensor>& bias,
                                             const c10::optional<at::Tensor>& grad_scale, int64_t ignore_index,

@@ -1,5 +1,5 @@
 """The chunk walk shared by the fused linear losses on the GPU path (``kernels/linear_cross_entropy.py``,
-``kernels/linear_distillation_loss.py``; the CPU twin is ``csrc/cpu/linear_chunks.h``): a loss of the logits
+``kernels/linear_distillation_loss.py``; the C++ kernels' twin is ``csrc/linear_chunks.h``): a loss of the logits
 x = hidden @ weight^T and its gradients for hidden and weight, never holding the (N, V) logits.  Memory
 O(chunk x V + V x H).  Also ``skip_row``, the row kernels' handling of a token whose target is ignored (loss 0, gradient row 0) or
 outside [0, V) (NaN loss and gradient row).

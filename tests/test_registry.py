@@ -81,13 +81,24 @@ def test_built_extension_serves_every_op_on_cpu():
         assert reg.availability()["cpu"] is None, name
 
 
+def test_built_cuda_extension_has_a_kernel_for_every_cuda_backend():
+    """When pytrain._C is built with its CUDA kernels (nvcc, no GPU needed), every op that lists a "cuda" backend
+    (the fused linear losses among them) has a kernel at the CUDA dispatch key: no silent fallback to Triton."""
+    ext = pytrain._extension.load_extension()[0]
+    if ext is None or not ext.built_with_cuda():
+        pytest.skip(f"pytrain._C is not built with its CUDA kernels: {pytrain.info()['extension']}")
+    with_cuda = [name for name, reg in ops.REGISTRIES.items() if "cuda" in reg.impls]
+    assert {"adamw_step", "linear_cross_entropy", "linear_distillation_loss"} <= set(with_cuda)
+    for name in with_cuda:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pytrain::{name}", "CUDA"), name
+
+
 def test_info_reports_every_op_and_backend():
     data = pytrain.info()
     assert {"adamw_step", "lars_step", "lamb_step", "global_norm"} <= set(data["ops"])
     for name, impls in data["ops"].items():
-        # attention and the fused linear losses have no CUDA C++ kernel: on GPUs their Triton kernels serve, and no
-        # "cuda" backend is listed
-        no_cuda = name.startswith("attention") or name in ("linear_cross_entropy", "linear_distillation_loss")
+        # attention has no CUDA C++ kernel: on GPUs its Triton kernels serve, and no "cuda" backend is listed
+        no_cuda = name.startswith("attention")
         expected = {"cpu", "triton", "reference"} | (set() if no_cuda else {"cuda"})
         assert set(impls) == expected, name
         assert impls["reference"] == "available"

@@ -1,12 +1,12 @@
 // pytrain::linear_cross_entropy for CPU tensors: the loss of a language-model head and its gradients, chunk by
 // chunk of tokens, never holding the (N, V) logits.  Contract and maths: pytrain/ops/linear_cross_entropy.py.
 //
-// The chunk walk (logits GEMM, then the gradient GEMMs) is csrc/cpu/linear_chunks.h's.  Per chunk, one fused
+// The chunk walk (logits GEMM, then the gradient GEMMs) is csrc/linear_chunks.h's.  Per chunk, one fused
 // pass per row (rows spread over threads with at::parallel_for, 16-lane SIMD within a row, compiled for
 // AVX-512 / AVX2 / baseline by PYTRAIN_SIMD) adds the bias, applies the softcap, takes the row max and sum of
 // z, then sum exp(z - max) (the log-sum-exp), the loss, and, when gradients are wanted, overwrites the row
 // with dx = g * (softmax - smoothed one-hot, z-loss and tanh' included); grad_bias += column sums of dx
-// (float32).  Extra memory: O(chunk x V + V x H) (linear_chunks.h).
+// (float32).  Extra memory: O(chunk x V + V x H) (csrc/linear_chunks.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

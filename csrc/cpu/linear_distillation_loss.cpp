@@ -3,7 +3,7 @@
 // student's gradients, chunk by chunk of tokens, never holding either (N, V) logit matrix.  Contract and maths
 // (with references): pytrain/ops/linear_distillation_loss.py.
 //
-// The chunk walk over the student (logits GEMM, then the gradient GEMMs) is csrc/cpu/linear_chunks.h's; inside it
+// The chunk walk over the student (logits GEMM, then the gradient GEMMs) is csrc/linear_chunks.h's; inside it
 // each chunk also gets the teacher's logits (at::mm, float32).  Then one fused pass per token row (rows spread over
 // threads with at::parallel_for, 16-lane SIMD within a row, compiled for AVX-512 / AVX2 / baseline by
 // PYTRAIN_SIMD), in four sweeps over the V columns:
@@ -14,7 +14,7 @@
 //      r = log q - log m ("jsd", log m = logaddexp(log b + log p, log(1 - b) + log q));
 //   D. with gradients, the student's row becomes dloss/ds = g ((1 - a) T dD/du + a (softmax(s) - onehot)).
 // Input checks: csrc/linear_distillation_loss_checks.h.  Extra memory: the two (chunk, V) float32 buffers plus
-// linear_chunks.h's: O(chunk x V + V x Hs).
+// csrc/linear_chunks.h's: O(chunk x V + V x Hs).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -144,7 +144,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_distillation_loss(
     double hard_label_weight, int64_t ignore_index, int64_t chunk) {
   const DistillKind k = parse_distill_kind(std::string_view(kind.data(), kind.size()));
   check_linear_distillation_loss_args(student_hidden, student_weight, teacher_hidden, teacher_weight, target,
-                                      grad_scale, k, temperature, beta, hard_label_weight, ignore_index, chunk);
+                                      grad_scale, k, temperature, beta, hard_label_weight, ignore_index, chunk,
+                                      c10::DeviceType::CPU);
   const int64_t N = student_hidden.size(0), V = student_weight.size(0);
   const bool grad = grad_scale.has_value();
   const Options o{k, static_cast<float>(temperature), static_cast<float>(beta), static_cast<float>(hard_label_weight),

@@ -26,18 +26,23 @@ given the op also returns
 
 and empty tensors otherwise.  losses: (N,) float32 (float64 for float64 inputs).
 
-Every backend walks the tokens in chunks of ``chunk`` rows: the logits chunk comes from torch's GEMM (at::mm /
-cuBLAS, AMX or oneDNN for bfloat16 on the CPU), one fused pass turns it in place into dx and the losses, and two
-more GEMMs give that chunk's grad_hidden rows and its share of grad_weight.  Peak extra memory is O(chunk x V)
-for the chunk plus O(N x H + V x H) for the gradients, never O(N x V).  The public ``linear_cross_entropy``
-computes the gradients in the forward pass when the reduction is a sum or mean (Liger-Kernel's
-``LigerFusedLinearCrossEntropyLoss``), so backward is a scale by grad_output; with ``reduction="none"`` the
-per-token upstream gradients are unknown at forward time, so backward reruns the chunked pass with them
-(recompute rather than store, as in Cut Cross-Entropy: Wijmans et al., "Cut Your Losses in Large-Vocabulary
-Language Models", Apple 2024).
+Every backend walks the tokens in chunks of ``chunk`` rows (the C++ backends share the walk of
+``csrc/linear_chunks.h``, Triton that of ``kernels/linear_chunks.py``): the logits chunk comes from torch's GEMM
+(at::mm / torch.mm: cuBLAS on CUDA, AMX or oneDNN for bfloat16 on the CPU), one fused pass turns it in place into dx
+and the losses, and two more GEMMs give that chunk's grad_hidden rows and its share of grad_weight.  Peak extra
+memory is O(chunk x V) for the chunk plus O(N x H + V x H) for the gradients, never O(N x V).  The public
+``linear_cross_entropy`` computes the gradients in the forward pass when the reduction is a sum or mean
+(Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss``), so backward is a scale by grad_output; with
+``reduction="none"`` the per-token upstream gradients are unknown at forward time, so backward reruns the chunked
+pass with them (recompute rather than store, as in Cut Cross-Entropy: Wijmans et al., "Cut Your Losses in
+Large-Vocabulary Language Models", Apple 2024).
 
-Backends: ``csrc/cpu/linear_cross_entropy.cpp`` (CPU), ``kernels/linear_cross_entropy.py`` (Triton, the GPU
-path: torch matmuls around a fused chunk kernel).  The reference below is their contract.
+Backends: ``csrc/cpu/linear_cross_entropy.cpp`` (CPU: a SIMD + OpenMP row pass),
+``csrc/cuda/linear_cross_entropy.cu`` (CUDA C++: one block per token row), ``kernels/linear_cross_entropy.py``
+(Triton: one program per token row), all float32 / bfloat16 / float16 with float32 accumulation.  The reference
+below is their contract (and serves float64).  A target outside [0, V) that is not ignore_index is an error on the
+CPU and a NaN loss and gradient row on the GPU backends (no device sync in the kernel); the public function checks
+targets first, except under torch.compile.
 """
 from __future__ import annotations
 
@@ -183,8 +188,7 @@ def _triton(*args):
     return launch(*args)
 
 
-define_op("linear_cross_entropy", SCHEMA, reference=linear_cross_entropy_reference, fake=_fake, triton=_triton,
-          compiled=("cpu",))
+define_op("linear_cross_entropy", SCHEMA, reference=linear_cross_entropy_reference, fake=_fake, triton=_triton)
 
 
 # ------------------------------------------------------------------------------------------ autograd
@@ -281,7 +285,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: O
         num_items_in_batch: with "mean", divide the sum by this count (int or 0-dim tensor) instead of by the
             non-ignored tokens: Hugging Face's loss normalisation under gradient accumulation.
         chunk_size: rows per chunk (default ``default_chunk``).
-        impl: force a backend ("cpu", "triton", "reference").
+        impl: force a backend ("cpu", "cuda", "triton", "reference").
     Under ``torch.autocast`` hidden, weight and bias are cast as autocast casts ``F.linear``'s inputs.
     Returns:
         a 0-dim loss, or (N,) losses for "none": float32 (float64 for float64 inputs).
@@ -306,7 +310,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: O
     else:
         chunk = chunk_size
     target = target.long().contiguous()
-    if not torch.compiler.is_compiling():  # a data-dependent check; the kernels check (CPU) or give NaN (Triton)
+    if not torch.compiler.is_compiling():  # a data-dependent check; the kernels check (CPU) or give NaN (GPU)
         check_targets(target, vocab, ignore_index)
     valid = (target != ignore_index).to(acc_dtype(hidden.dtype))
     if num_items_in_batch is not None and reduction != "mean":

@@ -39,16 +39,20 @@ constant: no gradient flows to its hidden states or weight.  g = grad_scale: whe
 
 and empty tensors otherwise.  losses: (N,) float32 (float64 for float64 inputs).
 
-Every backend walks the tokens in chunks of ``chunk`` rows, the chunk walk of ``linear_cross_entropy`` (CPU:
-``csrc/cpu/linear_chunks.h``; Triton: ``kernels/linear_chunks.py``): the student's and
+Every backend walks the tokens in chunks of ``chunk`` rows, the chunk walk of ``linear_cross_entropy`` (CPU and
+CUDA C++: ``csrc/linear_chunks.h``; Triton: ``kernels/linear_chunks.py``): the student's and
 the teacher's logits of one chunk come from torch's GEMM, one fused pass per row turns the student's into
 dloss/ds and the losses, and two more GEMMs give that chunk's grad_hidden rows and its share of grad_weight.
 Peak extra memory O(chunk x V) for the two logit chunks plus O(N x Hs + V x Hs) for the gradients, never
 O(N x V).  As ``linear_cross_entropy``, the public function computes the gradients in the forward pass for the
 reductions "mean" / "sum" and recomputes them in backward with the per-token upstream gradients for "none".
 
-Backends: ``csrc/cpu/linear_distillation_loss.cpp`` (CPU), ``kernels/linear_distillation_loss.py`` (Triton, the
-GPU path: torch matmuls around a fused row kernel).  The reference below is their contract.
+Backends: ``csrc/cpu/linear_distillation_loss.cpp`` (CPU: a SIMD + OpenMP row pass),
+``csrc/cuda/linear_distillation_loss.cu`` (CUDA C++: one block per token row), ``kernels/linear_distillation_loss.py``
+(Triton: one program per token row), all float32 / bfloat16 / float16 with float32 accumulation.  The reference
+below is their contract (and serves float64).  A target outside [0, V) that is not ignore_index is an error on the
+CPU and a NaN loss and gradient row on the GPU backends; the public function checks targets first, except under
+torch.compile.
 """
 from __future__ import annotations
 
@@ -233,7 +237,7 @@ def _triton(*args):
     return launch(*args)
 
 
-define_op(OP, SCHEMA, reference=linear_distillation_loss_reference, fake=_fake, triton=_triton, compiled=("cpu",))
+define_op(OP, SCHEMA, reference=linear_distillation_loss_reference, fake=_fake, triton=_triton)
 
 
 # ------------------------------------------------------------------------------------------ autograd
@@ -292,7 +296,7 @@ def linear_distillation_loss(student_hidden: Tensor, student_weight: Tensor, tea
         reduction: "mean" (over counted tokens; NaN when none counts, as F.cross_entropy), "sum" or "none" ((N,),
             0 at ignored tokens).
         chunk_size: rows per chunk (default ``linear_cross_entropy.default_chunk``).
-        impl: force a backend ("cpu", "triton", "reference").
+        impl: force a backend ("cpu", "cuda", "triton", "reference").
     Under ``torch.autocast`` the four tensors are cast as autocast casts ``F.linear``'s inputs.
     Returns:
         a 0-dim loss, or (N,) losses for "none": float32 (float64 for float64 inputs).
@@ -325,7 +329,7 @@ def linear_distillation_loss(student_hidden: Tensor, student_weight: Tensor, tea
         valid = torch.ones(n, dtype=acc, device=student_hidden.device)
     else:
         target = target.long().contiguous()
-        if not torch.compiler.is_compiling():  # data-dependent; the kernels check (CPU) or give NaN (Triton)
+        if not torch.compiler.is_compiling():  # data-dependent; the kernels check (CPU) or give NaN (GPU)
             check_targets(target, vocab, ignore_index, OP)
         valid = (target != ignore_index).to(acc)
     scale, divisor = reduction_scale(valid, reduction)
