@@ -45,6 +45,7 @@ def _row_kernel(x_ptr, V, bias_ptr, target_ptr, scale_ptr, loss_ptr, ignore_inde
         m = -float("inf")
         s = 0.0
         sum_z = 0.0
+        zt = 0.0  # z[t], taken in this pass: pass 2's stores may overwrite it while another warp would reload it
         for j in range(0, V, BLOCK):
             offs = j + tl.arange(0, BLOCK)
             mask = offs < V
@@ -55,12 +56,12 @@ def _row_kernel(x_ptr, V, bias_ptr, target_ptr, scale_ptr, loss_ptr, ignore_inde
                 z = softcap * _tanh(z / softcap)
             tl.store(x_row + offs, z, mask=mask)
             sum_z += tl.sum(tl.where(mask, z, 0.0), axis=0)
+            zt += tl.sum(tl.where(offs == t, z, 0.0), axis=0)
             zm = tl.where(mask, z, -float("inf"))
             m_new = tl.maximum(m, tl.max(zm, axis=0))
             s = s * tl.exp(m - m_new) + tl.sum(tl.exp(zm - m_new), axis=0)
             m = m_new
         lse = m + tl.log(s)
-        zt = tl.load(x_row + t)
         loss = lse - (1.0 - eps) * zt - eps / V * sum_z + z_loss * lse * lse
         tl.store(loss_ptr + row, loss)
         if GRAD:

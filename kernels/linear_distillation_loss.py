@@ -55,6 +55,7 @@ def _row_kernel(s_ptr, t_ptr, V, target_ptr, scale_ptr, loss_ptr, ignore_index, 
         sv = 0.0
         ms = -float("inf")
         ss = 0.0
+        st = 0.0  # s[target], taken in this pass: pass 3's stores may overwrite it while another warp reloads it
         for j in range(0, V, BLOCK):  # 1: log-sum-exps
             offs = j + tl.arange(0, BLOCK)
             mask = offs < V
@@ -64,6 +65,7 @@ def _row_kernel(s_ptr, t_ptr, V, target_ptr, scale_ptr, loss_ptr, ignore_index, 
             mv, sv = _online(mv, sv, y * inv_t)
             if HARD:
                 ms, ss = _online(ms, ss, x)
+                st += tl.sum(tl.where(offs == tgt, x, 0.0), axis=0)
         lse_u = mu + tl.log(su)
         lse_v = mv + tl.log(sv)
         lse_s = 0.0
@@ -98,7 +100,7 @@ def _row_kernel(s_ptr, t_ptr, V, target_ptr, scale_ptr, loss_ptr, ignore_index, 
             tl.store(t_row + offs, keep, mask=mask)
         loss = (1.0 - hard) * temperature * temperature * div
         if HARD:
-            loss += hard * (lse_s - tl.load(s_row + tgt))
+            loss += hard * (lse_s - st)
         tl.store(loss_ptr + row, loss)
         if GRAD:
             g = tl.load(scale_ptr + row)
