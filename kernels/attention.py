@@ -141,6 +141,21 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _scores(a, b, scale, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """S = scale * (a @ b^T) for a (X, BLOCK_D) and b (Y, BLOCK_D) tiles: the same float32 value for a pair of rows
+    whichever side a query is on (the forward's q k^T and the dK/dV kernel's k q^T), since the backward's
+    P = exp(S - lse) needs the forward's S to the last bit when |S| is large.  Compiled, tl.dot's float32 product
+    is an FMA chain over d in one order either way; interpreted, tl.dot is numpy's BLAS, whose summation order
+    depends on the operands' shapes and the CPU's kernels (AVX2 and AVX-512 differ), so the interpreter sums
+    the products itself, over d in one order."""
+    if _INTERPRETED:
+        s = tl.sum(a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], axis=2)
+    else:
+        s = _dot(a, tl.trans(b), DOT_PRECISION, DOT_UPCAST)
+    return _scaled(s, scale)
+
+
+@triton.jit
 def _load_rows(base, rows, stride, offs_d, n_rows, D, ROW_MASK: tl.constexpr, EVEN_D: tl.constexpr):
     """Tile base[rows, :D] (rows x BLOCK_D), zero outside [0, n_rows) x [0, D)."""
     ptrs = base + rows[:, None] * stride + offs_d[None, :]
@@ -271,7 +286,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, stride_kn, offs_d, Lk, D, MASK, EVEN_D)
         v = _load_rows(v_base, offs_n, stride_vn, offs_d, Lk, D, MASK, EVEN_D)
-        s = _scaled(_dot(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST), scale)
+        s = _scores(q, k, scale, DOT_PRECISION, DOT_UPCAST)
         if MASK:
             ok = _allowed(offs_m[:, None], offs_n[None, :], Lq, Lk, shift, left, right, HAS_LEFT, HAS_RIGHT)
             s = tl.where(ok, s, float("-inf"))
@@ -386,7 +401,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqm, sdm, o
         q = _load_rows(q_base, offs_m, sqm, offs_d, Lq, D, MASK, EVEN_D)
         do = _load_rows(do_base, offs_m, sdm, offs_d, Lq, D, MASK, EVEN_D)
         lse, delta = _load_row_stats(lse_base, delta_base, offs_m, Lq, MASK)
-        s_t = _scaled(_dot(k, tl.trans(q), DOT_PRECISION, DOT_UPCAST), scale)  # (BLOCK_N, BLOCK_M)
+        s_t = _scores(k, q, scale, DOT_PRECISION, DOT_UPCAST)  # (BLOCK_N, BLOCK_M)
         if MASK:
             ok = _allowed(offs_m[None, :], offs_n[:, None], Lq, Lk, shift, left, right, HAS_LEFT, HAS_RIGHT)
             s_t = tl.where(ok, s_t, float("-inf"))
@@ -459,7 +474,7 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, skn, svn, offs_m, offs_d, s
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, skn, offs_d, Lk, D, MASK, EVEN_D)
         v = _load_rows(v_base, offs_n, svn, offs_d, Lk, D, MASK, EVEN_D)
-        s = _scaled(_dot(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST), scale)
+        s = _scores(q, k, scale, DOT_PRECISION, DOT_UPCAST)
         if MASK:
             ok = _allowed(offs_m[:, None], offs_n[None, :], Lq, Lk, shift, left, right, HAS_LEFT, HAS_RIGHT)
             s = tl.where(ok, s, float("-inf"))
