@@ -28,38 +28,52 @@
 
 namespace pytrain::cpu {
 
-// A Dot says how one k step adds into the accumulators: A and B are its operand element types, BVec a loaded
-// 16-lane B vector, Scalar a broadcast A element; madd(acc, a, b) returns acc + a * b.
+// A Dot says how one k step adds into the accumulators: Vec is its fp32 accumulator vector (kWidth lanes), A and B
+// its operand element types, BVec a loaded B vector of kWidth lanes, Scalar a broadcast A element;
+// madd(acc, a, b) returns acc + a * b.
+template <class Vec>
+inline __attribute__((always_inline)) Vec load_vec(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <class Vec>
+inline __attribute__((always_inline)) void store_vec(float* p, Vec v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
 template <class Dot, int MR, int NV>
 inline __attribute__((always_inline)) void micro_kernel(int64_t K, const typename Dot::A* A, int64_t sar, int64_t sak,
                                                         const typename Dot::B* B, int64_t ldb, float* C, int64_t ldc,
                                                         const float* cscale, bool accumulate, float out_scale) {
-  vf acc[MR][NV];
+  using Vec = typename Dot::Vec;
+  constexpr int64_t W = Dot::kWidth;
+  Vec acc[MR][NV];
   if (accumulate && cscale) {
-    vf cs[NV];
+    Vec cs[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) cs[v] = loadv(cscale + v * kLanes);
+    for (int v = 0; v < NV; ++v) cs[v] = load_vec<Vec>(cscale + v * W);
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = loadv(C + r * ldc + v * kLanes) * cs[v];
+      for (int v = 0; v < NV; ++v) acc[r][v] = load_vec<Vec>(C + r * ldc + v * W) * cs[v];
   } else if (accumulate) {
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = loadv(C + r * ldc + v * kLanes);
+      for (int v = 0; v < NV; ++v) acc[r][v] = load_vec<Vec>(C + r * ldc + v * W);
   } else {
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = vf{};
+      for (int v = 0; v < NV; ++v) acc[r][v] = Vec{};
   }
   for (int64_t k = 0; k < K; ++k) {
     const typename Dot::B* b = B + k * ldb;
     const typename Dot::A* a = A + k * sak;
     typename Dot::BVec bv[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) bv[v] = Dot::load_b(b + v * kLanes);
+    for (int v = 0; v < NV; ++v) bv[v] = Dot::load_b(b + v * W);
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
       const typename Dot::Scalar ar = Dot::broadcast(a + r * sar);
@@ -76,20 +90,26 @@ inline __attribute__((always_inline)) void micro_kernel(int64_t K, const typenam
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) storev(C + r * ldc + v * kLanes, acc[r][v]);
+    for (int v = 0; v < NV; ++v) store_vec(C + r * ldc + v * W, acc[r][v]);
 }
 
-// fp32 operands: FMAs of a broadcast scalar and B vectors.
-struct F32Dot {
+// fp32 operands: FMAs of a broadcast scalar and B vectors of Vec (16 lanes: zmm; 8 lanes: ymm).
+template <class V>
+struct F32DotOf {
+  using Vec = V;
+  static constexpr int64_t kWidth = sizeof(V) / sizeof(float);
   using A = float;
   using B = float;
-  using BVec = vf;
+  using BVec = V;
   using Scalar = float;
-  static inline __attribute__((always_inline)) vf load_b(const float* b) { return loadv(b); }
+  static inline __attribute__((always_inline)) V load_b(const float* b) { return load_vec<V>(b); }
   static inline __attribute__((always_inline)) float broadcast(const float* a) { return *a; }
   // scalar * vector: one vbroadcastss (a splat() of the scalar would not be)
-  static inline __attribute__((always_inline)) vf madd(vf acc, float a, vf b) { return acc + a * b; }
+  static inline __attribute__((always_inline)) V madd(V acc, float a, V b) { return acc + a * b; }
 };
+typedef float vf8 __attribute__((vector_size(32)));
+using F32Dot = F32DotOf<vf>;    // AVX-512
+using F32Dot8 = F32DotOf<vf8>;  // AVX2: GCC keeps 64-byte vectors on the stack when the ISA has no 512-bit registers
 
 // The last `rest` (< R + 1) rows of a row-blocked loop, as one block of exactly `rest` rows.
 template <int R, class Block>
@@ -111,17 +131,42 @@ inline __attribute__((always_inline)) void row_blocks(int64_t M, const Block& bl
   tail_rows<MR - 1>(M - r, r, block);
 }
 
-constexpr int rows_for(int nv) { return nv == 4 ? 6 : nv == 3 ? 8 : 12; }
+// Register blocking: a micro-kernel block keeps MR x NV accumulator vectors (the Dot's Vec) in registers.
+// Column chunks of up to 4 vectors, each chunk's rows in blocks of rows(vectors):
+//   Wide (AVX-512: 32 zmm of 16 lanes): 6 / 8 / 12 rows for 4 / 3 / 1-2 vectors: 24 accumulators, the B vectors
+//   and the broadcast in the other 8.
+//   Narrow (AVX2: 16 ymm of 8 lanes, with F32Dot8): 3 / 4 / 6 / 12 rows for
+//   4 / 3 / 2 / 1 vectors: 12 accumulators, the B vectors and the broadcast in the other 4.
+// The blocking changes which registers hold which sums, never their order: every result bit is the same.
+struct WideBlocking {
+  static constexpr int rows(int nv) { return nv == 4 ? 6 : nv == 3 ? 8 : 12; }
+};
+struct NarrowBlocking {
+  static constexpr int rows(int nv) { return 12 / nv; }
+};
 
-// Columns in chunks of up to 4 vectors (64 lanes), each chunk's rows in blocks of rows_for(vectors):
-// 24 fp32 accumulators (of 32 zmm registers) for the wide chunks.
-template <int NV, class BlockFn>
-inline __attribute__((always_inline)) void column_chunk(int64_t M, int64_t n0, const BlockFn& fn) {
-  row_blocks<rows_for(NV)>(M, [&](auto mr, int64_t r) { fn(mr, std::integral_constant<int, NV>{}, r, n0); });
+// Whether this CPU has the 32 vector registers of the wide blocking (the fp32 micro-kernel's clone for it is the
+// AVX-512 one).
+inline bool wide_registers() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  static const bool wide = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return wide;
+#else
+  return false;
+#endif
 }
 
-// The whole C[M x N] (=, +=) A B with micro_kernel<Dot> blocks.
-template <class Dot>
+// Columns [n0, n0 + NV vectors) of C, their rows in blocks of Blocking::rows(NV).
+template <class Blocking, int NV, class BlockFn>
+inline __attribute__((always_inline)) void column_chunk(int64_t M, int64_t n0, const BlockFn& fn) {
+  row_blocks<Blocking::rows(NV)>(M, [&](auto mr, int64_t r) { fn(mr, std::integral_constant<int, NV>{}, r, n0); });
+}
+
+// The whole C[M x N] (=, +=) A B with micro_kernel<Dot> blocks (N a multiple of Dot::kWidth).
+template <class Dot, class Blocking>
 inline __attribute__((always_inline)) void gemm(int64_t M, int64_t N, int64_t K, const typename Dot::A* A,
                                                 int64_t sar, int64_t sak, const typename Dot::B* B, int64_t ldb,
                                                 float* C, int64_t ldc, const float* cscale, bool accumulate,
@@ -131,12 +176,12 @@ inline __attribute__((always_inline)) void gemm(int64_t M, int64_t N, int64_t K,
                                                                 C + r * ldc + n0, ldc, cscale ? cscale + n0 : nullptr,
                                                                 accumulate, out_scale);
   };
-  for (int64_t n0 = 0; n0 < N; n0 += 4 * kLanes) {
-    switch (std::min<int64_t>(4, (N - n0) / kLanes)) {
-      case 4: column_chunk<4>(M, n0, block); break;
-      case 3: column_chunk<3>(M, n0, block); break;
-      case 2: column_chunk<2>(M, n0, block); break;
-      default: column_chunk<1>(M, n0, block); break;
+  for (int64_t n0 = 0; n0 < N; n0 += 4 * Dot::kWidth) {
+    switch (std::min<int64_t>(4, (N - n0) / Dot::kWidth)) {
+      case 4: column_chunk<Blocking, 4>(M, n0, block); break;
+      case 3: column_chunk<Blocking, 3>(M, n0, block); break;
+      case 2: column_chunk<Blocking, 2>(M, n0, block); break;
+      default: column_chunk<Blocking, 1>(M, n0, block); break;
     }
   }
 }
@@ -146,7 +191,11 @@ PYTRAIN_SIMD __attribute__((flatten)) inline void gemm_f32(int64_t M, int64_t N,
                                                            int64_t sar, int64_t sak, const float* B, int64_t ldb,
                                                            float* C, int64_t ldc, const float* cscale,
                                                            bool accumulate, float out_scale = 1.0f) {
-  gemm<F32Dot>(M, N, K, A, sar, sak, B, ldb, C, ldc, cscale, accumulate, out_scale);
+  if (wide_registers()) {
+    gemm<F32Dot, WideBlocking>(M, N, K, A, sar, sak, B, ldb, C, ldc, cscale, accumulate, out_scale);
+  } else {
+    gemm<F32Dot8, NarrowBlocking>(M, N, K, A, sar, sak, B, ldb, C, ldc, cscale, accumulate, out_scale);
+  }
 }
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -158,6 +207,8 @@ PYTRAIN_SIMD __attribute__((flatten)) inline void gemm_f32(int64_t M, int64_t N,
 // 16 lanes of pairs (uint32).  vdpbf16ps adds both products of a pair into the fp32 lane.  Not always_inline:
 // the target mismatch with the micro-kernel's own (default) target forbids it; gemm_bf16's flatten inlines them.
 struct Bf16Dot {
+  using Vec = vf;
+  static constexpr int64_t kWidth = kLanes;
   using A = uint16_t;
   using B = uint32_t;
   using BVec = __m512i;
@@ -178,7 +229,7 @@ PYTRAIN_BF16_TARGET __attribute__((flatten)) inline void gemm_bf16(int64_t M, in
                                                                     const uint32_t* B, int64_t ldb, float* C,
                                                                     int64_t ldc, const float* cscale,
                                                                     bool accumulate, float out_scale = 1.0f) {
-  gemm<Bf16Dot>(M, N, K, A, sar, sak, B, ldb, C, ldc, cscale, accumulate, out_scale);
+  gemm<Bf16Dot, WideBlocking>(M, N, K, A, sar, sak, B, ldb, C, ldc, cscale, accumulate, out_scale);
 }
 
 #pragma GCC pop_options
