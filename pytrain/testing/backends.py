@@ -14,6 +14,14 @@ def triton_device() -> str:
     return "cpu" if triton_interpreted() else "cuda"
 
 
+def backend_op(op: str, impl: str):
+    """The ``torch.ops.pytrain`` op of backend ``impl``: the C++ kernels (cpu, cuda) sit at the op's own name,
+    the others at ``<op>_<impl>`` (pytrain/ops/library.py)."""
+    import torch
+
+    return getattr(torch.ops.pytrain, op if impl in ("cpu", "cuda") else f"{op}_{impl}")
+
+
 def impl_or_skip(op: str, name: str, device: str = "cpu") -> str:
     """Skip the calling test (with the reason) when backend ``name`` of ``op`` cannot run on ``device`` here.
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pytrain.testing import gpu
-from pytrain.testing.backends import impl_or_skip
+from pytrain.testing.backends import backend_op, impl_or_skip
 from pytrain.testing.linear_losses import IGNORE, check_cross_entropy, cross_entropy_inputs
 
 pytestmark = pytest.mark.gpu
@@ -29,10 +29,6 @@ OPTIONS = {"plain": {}, "all": {"label_smoothing": 0.1, "z_loss": 1e-4, "softcap
 CASES = [(dtype, "n4096-h2048-v32003", option) for dtype in DTYPES for option in ("plain", "all")] + \
     [(dtype, size, option) for dtype in ("float32", "bfloat16") for size in list(SIZES)[1:]
      for option in ("none", "num_items")]
-
-
-def _op(impl: str):
-    return getattr(torch.ops.pytrain, OP if impl == "cuda" else f"{OP}_{impl}")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -62,7 +58,7 @@ def test_kernel_gives_nan_for_out_of_range_target(impl):
     impl_or_skip(OP, impl, gpu.DEVICE)
     h, w, t, b = cross_entropy_inputs(torch.float32, 9, 16, 7, device=gpu.DEVICE)
     t[2] = 7
-    losses, gh, _, _ = _op(impl)(h, w, t, b, torch.ones(9, device=gpu.DEVICE), IGNORE, 0.0, 0.0, 0.0, 4)
+    losses, gh, _, _ = backend_op(OP, impl)(h, w, t, b, torch.ones(9, device=gpu.DEVICE), IGNORE, 0.0, 0.0, 0.0, 4)
     assert losses[2].isnan() and not losses[[0, 1, 3, 4, 5]].isnan().any() and gh[2].isnan().all()
     assert losses[3] == 0 and losses[8] == 0  # ignored
 
@@ -71,6 +67,6 @@ def test_kernel_gives_nan_for_out_of_range_target(impl):
 def test_opcheck(impl):
     impl_or_skip(OP, impl, gpu.DEVICE)
     h, w, t, b = cross_entropy_inputs(torch.float32, 9, 16, 13, device=gpu.DEVICE)
-    op = _op(impl).default
+    op = backend_op(OP, impl).default
     torch.library.opcheck(op, (h, w, t, b, torch.rand(9, device=gpu.DEVICE), IGNORE, 0.1, 1e-3, 2.0, 4))
     torch.library.opcheck(op, (h, w, t, None, None, IGNORE, 0.0, 0.0, 0.0, 4))

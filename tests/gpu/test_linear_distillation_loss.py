@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pytrain.testing import gpu
-from pytrain.testing.backends import impl_or_skip
+from pytrain.testing.backends import backend_op, impl_or_skip
 from pytrain.testing.linear_losses import IGNORE, check_distillation, distillation_inputs
 
 pytestmark = pytest.mark.gpu
@@ -34,10 +34,6 @@ CASES = [(dtype, "n4096-s1024-t2048-v32003", option) for dtype in DTYPES for opt
     [("float32", "n4096-s1024-t2048-v32003", "reverse_kl")] + \
     [(dtype, "n37-s12-t20-v1031-chunk8", option) for dtype in ("float32", "float16")
      for option in ("no_target", "none")]
-
-
-def _op(impl: str):
-    return getattr(torch.ops.pytrain, OP if impl == "cuda" else f"{OP}_{impl}")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -67,7 +63,7 @@ def test_kernel_gives_nan_for_out_of_range_target(impl):
     impl_or_skip(OP, impl, gpu.DEVICE)
     hs, ws, ht, wt, t = distillation_inputs(torch.float32, 9, 12, 20, 7, device=gpu.DEVICE)
     t[2] = 7
-    losses, gh, _ = _op(impl)(hs, ws, ht, wt, t, torch.ones(9, device=gpu.DEVICE), "kl", 1.0, 0.5, 0.0, IGNORE, 4)
+    losses, gh, _ = backend_op(OP, impl)(hs, ws, ht, wt, t, torch.ones(9, device=gpu.DEVICE), "kl", 1.0, 0.5, 0.0, IGNORE, 4)
     assert losses[2].isnan() and not losses[[0, 1, 4, 5]].isnan().any() and gh[2].isnan().all()
     assert losses[3] == 0 and losses[8] == 0  # ignored
 
@@ -76,6 +72,6 @@ def test_kernel_gives_nan_for_out_of_range_target(impl):
 def test_opcheck(impl):
     impl_or_skip(OP, impl, gpu.DEVICE)
     hs, ws, ht, wt, t = distillation_inputs(torch.float32, 9, 12, 20, 13, device=gpu.DEVICE)
-    op = _op(impl).default
+    op = backend_op(OP, impl).default
     torch.library.opcheck(op, (hs, ws, ht, wt, t, torch.rand(9, device=gpu.DEVICE), "jsd", 2.0, 0.3, 0.25, IGNORE, 4))
     torch.library.opcheck(op, (hs, ws, ht, wt, None, None, "reverse_kl", 1.0, 0.5, 0.0, IGNORE, 4))

@@ -11,7 +11,7 @@ from torch import Tensor
 from pytrain.comm import topk, topk_k
 from pytrain.ops import topk as topk_ops
 from pytrain.testing import gpu
-from pytrain.testing.backends import impl_or_skip
+from pytrain.testing.backends import backend_op, impl_or_skip
 
 pytestmark = pytest.mark.gpu
 
@@ -20,10 +20,6 @@ FLOATS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 SHAPES = [(1,), (7,), (3, 37, 5), (2, 70001), (3, 50021), (10_000_019,)]
 #: approximate mode keeps between k and ceil(MAX_EXCESS k) entries (pytrain.comm.topk is also the function)
 MAX_EXCESS = importlib.import_module("pytrain.comm.topk").MAX_EXCESS
-
-
-def _filter_op(impl: str):
-    return getattr(torch.ops.pytrain, "topk_filter" if impl == "cuda" else f"topk_filter_{impl}")
 
 
 def _bits(t: Tensor) -> Tensor:
@@ -41,7 +37,7 @@ def _sample(shape, dtype, seed, nan=True) -> Tensor:
 
 
 def check_filter(impl, x: Tensor, threshold: float, msg: str) -> None:
-    values, indices = _filter_op(impl)(x.to(gpu.DEVICE), threshold)
+    values, indices = backend_op("topk_filter", impl)(x.to(gpu.DEVICE), threshold)
     ref_values, ref_indices = topk_ops.topk_filter_reference(x.double(), threshold)
     assert values.device.type == gpu.DEVICE and indices.dtype == torch.int64 and values.dtype == x.dtype, msg
     assert torch.equal(indices.cpu(), ref_indices), f"{msg}: selected set differs"

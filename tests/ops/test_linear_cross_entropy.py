@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from pytrain.ops import linear_cross_entropy
 from pytrain.ops.linear_cross_entropy import default_chunk
-from pytrain.testing.backends import CPU_IMPLS, impl_or_skip
+from pytrain.testing.backends import CPU_IMPLS, backend_op, impl_or_skip
 from pytrain.testing.linear_losses import (IGNORE, check_cross_entropy, cross_entropy_inputs, loss_and_grads,
                                            stock_cross_entropy)
 
@@ -141,8 +141,7 @@ def test_kernel_rejects_or_poisons_out_of_range_target(impl):
     impl_or_skip(OP, impl)
     h, w, t, b = _inputs(torch.float32, n=9, vocab=7)
     t[2] = 7
-    name = OP if impl == "cpu" else OP + "_triton"
-    op = getattr(torch.ops.pytrain, name)
+    op = backend_op(OP, impl)
     if impl == "cpu":
         with pytest.raises(RuntimeError, match=r"target\[2\] = 7 is outside \[0, 7\)"):
             op(h, w, t, b, None, IGNORE, 0.0, 0.0, 0.0, 4)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from pytrain.ops import linear_distillation_loss
-from pytrain.testing.backends import CPU_IMPLS, impl_or_skip
+from pytrain.testing.backends import CPU_IMPLS, backend_op, impl_or_skip
 from pytrain.testing.linear_losses import (IGNORE, check_distillation, distillation_inputs, loss_and_grads,
                                            stock_distillation)
 
@@ -150,7 +150,7 @@ def test_kernel_rejects_or_poisons_out_of_range_target(impl):
     impl_or_skip(OP, impl)
     hs, ws, ht, wt, t = _inputs(torch.float32, n=9, vocab=7)
     t[2] = 7
-    op = getattr(torch.ops.pytrain, OP if impl == "cpu" else OP + "_triton")
+    op = backend_op(OP, impl)
     if impl == "cpu":
         with pytest.raises(RuntimeError, match=r"target\[2\] = 7 is outside \[0, 7\)"):
             op(hs, ws, ht, wt, t, None, "kl", 1.0, 0.5, 0.0, IGNORE, 4)
