@@ -30,6 +30,8 @@ py::dict cpu_attention_paths() {
   return paths;
 }
 
+int cpu_fp32_lanes() { return pytrain::cpu::fp32_lanes("attention"); }
+
 bool built_with_cuda() {
 #ifdef PYTRAIN_WITH_CUDA
   return true;
@@ -45,5 +47,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_capabilities", &cpu_capabilities, "SIMD features of this CPU: avx2, fma, avx512f, avx512bw, avx512bf16, amx_bf16");
   m.def("cpu_attention_paths", &cpu_attention_paths,
         "GEMM path of the CPU attention kernels per dtype: amx, avx512_bf16 or fp32 (csrc/cpu/attention_isa.h)");
+  m.def("cpu_fp32_lanes", &cpu_fp32_lanes,
+        "fp32 vector width of the CPU attention kernels: 16 (AVX-512) or 8 lanes (csrc/cpu/attention_isa.h)");
   m.def("built_with_cuda", &built_with_cuda, "True when the CUDA kernels were compiled into this extension");
 }

@@ -33,6 +33,18 @@ def _cpu_attention_paths() -> Dict[str, str]:
         return {"all": f"unavailable: {err}"}
 
 
+def _cpu_fp32_lanes() -> str:
+    """The fp32 vector width of the CPU attention kernels (16 lanes with AVX-512, else 8; csrc/cpu/attention_isa.h)."""
+    ext, why = _extension.load_extension()
+    if ext is None:
+        return f"unavailable: {why}"
+    try:
+        lanes = ext.cpu_fp32_lanes()
+    except RuntimeError as err:  # a bad PYTRAIN_CPU_FP32_LANES
+        return f"unavailable: {err}"
+    return f"{lanes} lanes ({'zmm' if lanes == 16 else 'ymm'})"
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -70,6 +82,7 @@ def info() -> Dict[str, Any]:
         "cpu_threads": torch.get_num_threads(),
         "cpu_capabilities": _cpu_capabilities(),
         "cpu_attention_paths": _cpu_attention_paths(),
+        "cpu_fp32_vectors": _cpu_fp32_lanes(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "triton_interpret": _extension.triton_interpreted(),
         "ops": {name: {impl: why or "available" for impl, why in reg.availability().items()}

@@ -79,7 +79,6 @@ constexpr const char* kFwd = "attention_fwd";
 constexpr const char* kBwd = "attention_bwd";
 constexpr int64_t kBQ = 64;      // queries per block (4 vectors)
 constexpr int64_t kBK = 64;      // keys per block
-constexpr int64_t kQV = kBQ / kLanes;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -97,6 +96,7 @@ struct Problem {
   AttentionPath path;   // cpu/attention_isa.h
   bool bf16dot;         // bf16 operands (the amx or avx512_bf16 path)
   bool amx;             // their GEMMs through cpublas::brgemm
+  int lanes;            // fp32 vector width, 16 or 8 (fp32_lanes)
   int64_t Lkp;          // nkb * kBK: keys of the transposed, zero-padded k^T / v^T copies
 
   // Keys [lo, hi) allowed for some query of [i0, i0 + nq).
@@ -146,22 +146,31 @@ Tile make_tile(const Problem& p, int64_t bh, int64_t i0, int64_t nq, int64_t j0,
   return t;
 }
 
-inline __attribute__((always_inline)) vi lane_index(int64_t v) {
-  vi idx;
-  for (int l = 0; l < kLanes; ++l) idx[l] = static_cast<int32_t>(v * kLanes + l);
+// The element-wise tile code works on vectors V of W = lanes_of<V> queries (16 or 8), kBQ / W per row; the bf16
+// paths' pair layout is that of 16-lane vdpbf16ps operands, so their instances are always 16 lanes.
+template <class V>
+constexpr int kVecs = kBQ / lanes_of<V>;
+
+template <class V>
+inline __attribute__((always_inline)) IntOf<V> lane_index(int64_t v) {
+  IntOf<V> idx;
+  for (int l = 0; l < lanes_of<V>; ++l) idx[l] = static_cast<int32_t>(v * lanes_of<V> + l);
   return idx;
 }
 
-// Lanes of row jj, vector v, inside the band (all ones) or not (zeros).
-inline __attribute__((always_inline)) vi band_mask(const Tile& t, int64_t jj, vi lanes) {
-  const vi d = (static_cast<int32_t>(t.dbase + jj)) - lanes;
+// Lanes of row jj inside the band (all ones) or not (zeros).
+template <class V>
+inline __attribute__((always_inline)) IntOf<V> band_mask(const Tile& t, int64_t jj, IntOf<V> lanes) {
+  const IntOf<V> d = (static_cast<int32_t>(t.dbase + jj)) - lanes;
   return (d <= t.right) & (d >= -t.left);
 }
 
 // Lanes of row jj kept by dropout: hash(seed, bh, i, j) >= threshold.
-inline __attribute__((always_inline)) vi keep_mask(const Tile& t, uint32_t row_hash, vi lanes) {
-  const vu i = (vu)lanes + t.i0;
-  const vu x = lowbias32<vu>(lowbias32<vu>(row_hash ^ i) ^ t.bh_s1);
+template <class V>
+inline __attribute__((always_inline)) IntOf<V> keep_mask(const Tile& t, uint32_t row_hash, IntOf<V> lanes) {
+  using VU = UintOf<V>;
+  const VU i = (VU)lanes + t.i0;
+  const VU x = lowbias32<VU>(lowbias32<VU>(row_hash ^ i) ^ t.bh_s1);
   return x >= t.threshold;  // -1 where kept
 }
 
@@ -174,134 +183,158 @@ inline __attribute__((always_inline)) uint32_t row_hash(const Tile& t, int64_t j
 }
 
 // e(S - base) of one row vector, dropout applied (e), its value before dropout added to sum.
-template <bool kGeneral>
-inline __attribute__((always_inline)) vf softmax_entry(const Tile& t, const float* row, int v, vi lanes, vf base,
-                                                       uint32_t hash, vf& sum) {
-  vf e = exp2v((loadv(row + v * kLanes) - base) * kLog2e);
+template <class V, bool kGeneral>
+inline __attribute__((always_inline)) V softmax_entry(const Tile& t, const float* row, int v, IntOf<V> lanes, V base,
+                                                      uint32_t hash, V& sum) {
+  V e = exp2v((loadv<V>(row + v * lanes_of<V>) - base) * kLog2e);
   sum += e;
-  if (kGeneral && t.dropout) e = keep_mask(t, hash, lanes) ? e * t.keep_scale : vf{};
+  if (kGeneral && t.dropout) e = keep_mask<V>(t, hash, lanes) ? e * t.keep_scale : V{};
   return e;
 }
 
 // Forward, one tile of scores st (nk x kBQ): probabilities e(S - m) with dropout applied, as fp32
-// in st or (kPairs) as bf16 row pairs in `pairs`; updates the running max m (of S) and sum l and
+// in st or (kPairs, 16 lanes) as bf16 row pairs in `pairs`; updates the running max m (of S) and sum l and
 // writes alpha = e(m_old - m_new), the factor out^T is rescaled by.
-template <bool kPairs, bool kGeneral>
+template <class V, bool kPairs, bool kGeneral>
 inline __attribute__((always_inline)) void fwd_softmax_body(const Tile& t, float* __restrict st,
                                                             float* __restrict m, float* __restrict l,
                                                             float* __restrict alpha, uint32_t* __restrict pairs) {
-  const vf ninf = splat(-kInf);
-  vi lanes[kQV];
-  vf mx[kQV];
-  for (int v = 0; v < kQV; ++v) lanes[v] = lane_index(v), mx[v] = ninf;
+  constexpr int NV = kVecs<V>;
+  constexpr int64_t W = lanes_of<V>;
+  const V ninf = splat<V>(-kInf);
+  IntOf<V> lanes[NV];
+  V mx[NV];
+  for (int v = 0; v < NV; ++v) lanes[v] = lane_index<V>(v), mx[v] = ninf;
   // This pass only reads unless it must mask (masked scores are stored as -inf).
   const bool masked = kGeneral && t.masked;
   for (int64_t jj = 0; jj < t.nk; ++jj) {
     float* row = st + jj * kBQ;
-#pragma GCC unroll 4
-    for (int v = 0; v < kQV; ++v) {
-      vf s = loadv(row + v * kLanes);
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      V s = loadv<V>(row + v * W);
       if (masked) {
-        s = band_mask(t, jj, lanes[v]) ? s : ninf;
-        storev(row + v * kLanes, s);
+        s = band_mask<V>(t, jj, lanes[v]) ? s : ninf;
+        storev(row + v * W, s);
       }
       mx[v] = s > mx[v] ? s : mx[v];
     }
   }
-  vf base[kQV], sum[kQV];
-  for (int v = 0; v < kQV; ++v) {
-    const vf m_old = loadv(m + v * kLanes);
-    const vf m_new = mx[v] > m_old ? mx[v] : m_old;
-    base[v] = m_new == ninf ? vf{} : m_new;  // rows without keys so far: e(-inf - 0) = 0, no NaN
-    storev(alpha + v * kLanes, exp2v((m_old - base[v]) * kLog2e));
-    storev(m + v * kLanes, m_new);
-    sum[v] = vf{};
+  V base[NV], sum[NV];
+  for (int v = 0; v < NV; ++v) {
+    const V m_old = loadv<V>(m + v * W);
+    const V m_new = mx[v] > m_old ? mx[v] : m_old;
+    base[v] = m_new == ninf ? V{} : m_new;  // rows without keys so far: e(-inf - 0) = 0, no NaN
+    storev(alpha + v * W, exp2v((m_old - base[v]) * kLog2e));
+    storev(m + v * W, m_new);
+    sum[v] = V{};
   }
   for (int64_t jj = 0; jj < t.nk; jj += 2) {
     const bool two = jj + 1 < t.nk;
     const float* row0 = st + jj * kBQ;
     const float* row1 = row0 + kBQ;
     const uint32_t h0 = row_hash<kGeneral>(t, jj), h1 = row_hash<kGeneral>(t, jj + 1);
-#pragma GCC unroll 4
-    for (int v = 0; v < kQV; ++v) {
-      const vf e0 = softmax_entry<kGeneral>(t, row0, v, lanes[v], base[v], h0, sum[v]);
-      const vf e1 = two ? softmax_entry<kGeneral>(t, row1, v, lanes[v], base[v], h1, sum[v]) : vf{};
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      const V e0 = softmax_entry<V, kGeneral>(t, row0, v, lanes[v], base[v], h0, sum[v]);
+      const V e1 = two ? softmax_entry<V, kGeneral>(t, row1, v, lanes[v], base[v], h1, sum[v]) : V{};
       if constexpr (kPairs) {
-        store_pair(pairs + (jj / 2) * kBQ + v * kLanes, e0, e1);
+        store_pair(pairs + (jj / 2) * kBQ + v * W, e0, e1);
       } else {
-        storev(st + jj * kBQ + v * kLanes, e0);
-        if (two) storev(st + (jj + 1) * kBQ + v * kLanes, e1);
+        storev(st + jj * kBQ + v * W, e0);
+        if (two) storev(st + (jj + 1) * kBQ + v * W, e1);
       }
     }
   }
-  for (int v = 0; v < kQV; ++v) storev(l + v * kLanes, loadv(l + v * kLanes) * loadv(alpha + v * kLanes) + sum[v]);
+  for (int v = 0; v < NV; ++v) storev(l + v * W, loadv<V>(l + v * W) * loadv<V>(alpha + v * W) + sum[v]);
 }
 
 inline bool general_tile(const Tile& t) { return t.masked || t.dropout; }
 
-PYTRAIN_SIMD void fwd_softmax_f32(const Tile& t, float* st, float* m, float* l, float* alpha) {
+template <class V>
+inline __attribute__((always_inline)) void fwd_softmax_f32_of(const Tile& t, float* st, float* m, float* l,
+                                                              float* alpha) {
   if (general_tile(t)) {
-    fwd_softmax_body<false, true>(t, st, m, l, alpha, nullptr);
+    fwd_softmax_body<V, false, true>(t, st, m, l, alpha, nullptr);
   } else {
-    fwd_softmax_body<false, false>(t, st, m, l, alpha, nullptr);
+    fwd_softmax_body<V, false, false>(t, st, m, l, alpha, nullptr);
+  }
+}
+// lanes: the fp32 vector width (Problem::lanes).
+PYTRAIN_SIMD void fwd_softmax_f32(int lanes, const Tile& t, float* st, float* m, float* l, float* alpha) {
+  if (lanes == 16) {
+    fwd_softmax_f32_of<vf>(t, st, m, l, alpha);
+  } else {
+    fwd_softmax_f32_of<vf8>(t, st, m, l, alpha);
   }
 }
 PYTRAIN_SIMD void fwd_softmax_pairs(const Tile& t, float* st, float* m, float* l, float* alpha, uint32_t* pairs) {
   if (general_tile(t)) {
-    fwd_softmax_body<true, true>(t, st, m, l, alpha, pairs);
+    fwd_softmax_body<vf, true, true>(t, st, m, l, alpha, pairs);
   } else {
-    fwd_softmax_body<true, false>(t, st, m, l, alpha, pairs);
+    fwd_softmax_body<vf, true, false>(t, st, m, l, alpha, pairs);
   }
 }
 
 // Backward, one row vector: pd = P keep / (1 - p) (for dV) and ds = P (dP keep / (1 - p) - delta)
 // (for dQ and dK, which get the softmax scale when written), with P = e(S - lse).
-template <bool kGeneral>
+template <class V, bool kGeneral>
 inline __attribute__((always_inline)) void ds_entry(const Tile& t, const float* srow, const float* drow, int64_t jj,
-                                                    int v, vi lanes, vf lse, vf delta, uint32_t hash, vf& pd,
-                                                    vf& ds) {
-  vf x = loadv(srow + v * kLanes) - lse;
-  if (kGeneral && t.masked) x = band_mask(t, jj, lanes) ? x : splat(-kInf);
-  const vf pr = exp2v(x * kLog2e);
-  vf dp = loadv(drow + v * kLanes);
+                                                    int v, IntOf<V> lanes, V lse, V delta, uint32_t hash, V& pd,
+                                                    V& ds) {
+  constexpr int64_t W = lanes_of<V>;
+  V x = loadv<V>(srow + v * W) - lse;
+  if (kGeneral && t.masked) x = band_mask<V>(t, jj, lanes) ? x : splat<V>(-kInf);
+  const V pr = exp2v(x * kLog2e);
+  V dp = loadv<V>(drow + v * W);
   pd = pr;
   if (kGeneral && t.dropout) {
-    const vi keep = keep_mask(t, hash, lanes);
-    pd = keep ? pr * t.keep_scale : vf{};
-    dp = keep ? dp * t.keep_scale : vf{};
+    const IntOf<V> keep = keep_mask<V>(t, hash, lanes);
+    pd = keep ? pr * t.keep_scale : V{};
+    dp = keep ? dp * t.keep_scale : V{};
   }
   ds = pr * (dp - delta);
 }
 
 // fp32: st (scores) -> pd and dpt (dO v^T) -> ds, in place.
-template <bool kGeneral>
+template <class V, bool kGeneral>
 inline __attribute__((always_inline)) void bwd_ds_f32_body(const Tile& t, float* __restrict st,
                                                            float* __restrict dpt, const float* __restrict lse,
                                                            const float* __restrict delta) {
-  vi lanes[kQV];
-  vf ls[kQV], dl[kQV];
-  for (int v = 0; v < kQV; ++v) {
-    lanes[v] = lane_index(v), ls[v] = loadv(lse + v * kLanes), dl[v] = loadv(delta + v * kLanes);
+  constexpr int NV = kVecs<V>;
+  constexpr int64_t W = lanes_of<V>;
+  IntOf<V> lanes[NV];
+  V ls[NV], dl[NV];
+  for (int v = 0; v < NV; ++v) {
+    lanes[v] = lane_index<V>(v), ls[v] = loadv<V>(lse + v * W), dl[v] = loadv<V>(delta + v * W);
   }
   for (int64_t jj = 0; jj < t.nk; ++jj) {
     float* srow = st + jj * kBQ;
     float* drow = dpt + jj * kBQ;
     const uint32_t h = row_hash<kGeneral>(t, jj);
-#pragma GCC unroll 4
-    for (int v = 0; v < kQV; ++v) {
-      vf pd, ds;
-      ds_entry<kGeneral>(t, srow, drow, jj, v, lanes[v], ls[v], dl[v], h, pd, ds);
-      storev(srow + v * kLanes, pd);
-      storev(drow + v * kLanes, ds);
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      V pd, ds;
+      ds_entry<V, kGeneral>(t, srow, drow, jj, v, lanes[v], ls[v], dl[v], h, pd, ds);
+      storev(srow + v * W, pd);
+      storev(drow + v * W, ds);
     }
   }
 }
 
-PYTRAIN_SIMD void bwd_ds_f32(const Tile& t, float* st, float* dpt, const float* lse, const float* delta) {
-  if (t.masked || t.dropout) {
-    bwd_ds_f32_body<true>(t, st, dpt, lse, delta);
+template <class V>
+inline __attribute__((always_inline)) void bwd_ds_f32_of(const Tile& t, float* st, float* dpt, const float* lse,
+                                                         const float* delta) {
+  if (general_tile(t)) {
+    bwd_ds_f32_body<V, true>(t, st, dpt, lse, delta);
   } else {
-    bwd_ds_f32_body<false>(t, st, dpt, lse, delta);
+    bwd_ds_f32_body<V, false>(t, st, dpt, lse, delta);
+  }
+}
+PYTRAIN_SIMD void bwd_ds_f32(int lanes, const Tile& t, float* st, float* dpt, const float* lse, const float* delta) {
+  if (lanes == 16) {
+    bwd_ds_f32_of<vf>(t, st, dpt, lse, delta);
+  } else {
+    bwd_ds_f32_of<vf8>(t, st, dpt, lse, delta);
   }
 }
 
@@ -313,21 +346,22 @@ inline __attribute__((always_inline)) void bwd_ds_bf16_body(const Tile& t, const
                                                             const float* __restrict delta, uint16_t* __restrict p_rows,
                                                             uint16_t* __restrict ds_rows,
                                                             uint32_t* __restrict ds_pairs) {
-  vi lanes[kQV];
-  vf ls[kQV], dl[kQV];
-  for (int v = 0; v < kQV; ++v) {
-    lanes[v] = lane_index(v), ls[v] = loadv(lse + v * kLanes), dl[v] = loadv(delta + v * kLanes);
+  constexpr int NV = kVecs<vf>;
+  vi lanes[NV];
+  vf ls[NV], dl[NV];
+  for (int v = 0; v < NV; ++v) {
+    lanes[v] = lane_index<vf>(v), ls[v] = loadv(lse + v * kLanes), dl[v] = loadv(delta + v * kLanes);
   }
   for (int64_t jj = 0; jj < t.nk; jj += 2) {
     const bool two = jj + 1 < t.nk;
     const uint32_t h0 = row_hash<kGeneral>(t, jj), h1 = row_hash<kGeneral>(t, jj + 1);
 #pragma GCC unroll 4
-    for (int v = 0; v < kQV; ++v) {
+    for (int v = 0; v < NV; ++v) {
       vf pd0, ds0, pd1 = vf{}, ds1 = vf{};
-      ds_entry<kGeneral>(t, st + jj * kBQ, dpt + jj * kBQ, jj, v, lanes[v], ls[v], dl[v], h0, pd0, ds0);
+      ds_entry<vf, kGeneral>(t, st + jj * kBQ, dpt + jj * kBQ, jj, v, lanes[v], ls[v], dl[v], h0, pd0, ds0);
       if (two) {
-        ds_entry<kGeneral>(t, st + (jj + 1) * kBQ, dpt + (jj + 1) * kBQ, jj + 1, v, lanes[v], ls[v], dl[v], h1, pd1,
-                           ds1);
+        ds_entry<vf, kGeneral>(t, st + (jj + 1) * kBQ, dpt + (jj + 1) * kBQ, jj + 1, v, lanes[v], ls[v], dl[v], h1,
+                               pd1, ds1);
       }
       if constexpr (kRows) {
         store_bf16(p_rows + jj * kBQ + v * kLanes, pd0);
@@ -345,7 +379,7 @@ inline __attribute__((always_inline)) void bwd_ds_bf16_body(const Tile& t, const
 // rows / pairs: which outputs are needed (the general instance writes both).
 PYTRAIN_SIMD void bwd_ds_bf16(const Tile& t, const float* st, const float* dpt, const float* lse, const float* delta,
                               uint16_t* p_rows, uint16_t* ds_rows, uint32_t* ds_pairs, bool rows, bool pairs) {
-  if (t.masked || t.dropout) {
+  if (general_tile(t)) {
     bwd_ds_bf16_body<true, true, true>(t, st, dpt, lse, delta, p_rows, ds_rows, ds_pairs);
   } else if (rows && pairs) {
     bwd_ds_bf16_body<false, true, true>(t, st, dpt, lse, delta, p_rows, ds_rows, ds_pairs);
@@ -502,6 +536,7 @@ Problem make_problem(const char* op, const at::Tensor& q, const at::Tensor& k, d
   p.path = attention_path(op, q.scalar_type(), p.D);
   p.bf16dot = p.path != AttentionPath::kFp32;
   p.amx = p.path == AttentionPath::kAmx;
+  p.lanes = fp32_lanes(op);
   p.Lkp = p.nkb * kBK;
   return p;
 }
@@ -573,9 +608,9 @@ void fwd_block(const FwdArgs& a, int64_t bh, int64_t qb, float* ws) {
       fwd_softmax_pairs(t, st, m, l, alpha, pp);
       gemm_bf16_path(p.amx, D, kBQ, (nk + 1) / 2, a.vt + bkv * D * p.Lkp + j0, p.Lkp, pp, kBQ, ot, kBQ, alpha, true);
     } else {
-      gemm_f32(nk, kBQ, D, a.kf + kv_row * D, D, 1, qt, kBQ, st, kBQ, nullptr, false, p.scale);
-      fwd_softmax_f32(t, st, m, l, alpha);
-      gemm_f32(D, kBQ, nk, a.vf + kv_row * D, 1, D, st, kBQ, ot, kBQ, alpha, true);
+      gemm_f32(p.lanes, nk, kBQ, D, a.kf + kv_row * D, D, 1, qt, kBQ, st, kBQ, nullptr, false, p.scale);
+      fwd_softmax_f32(p.lanes, t, st, m, l, alpha);
+      gemm_f32(p.lanes, D, kBQ, nk, a.vf + kv_row * D, 1, D, st, kBQ, ot, kBQ, alpha, true);
     }
   }
   for (int64_t i = 0; i < nq; ++i) {
@@ -743,14 +778,14 @@ void bwd_tile(const BwdArgs& a, const QBlock& blk, int64_t bh, int64_t qb, int64
                      nullptr, true);
     }
   } else {
-    gemm_f32(nk, kBQ, D, a.kf + kv_row * D, D, 1, blk.qt, kBQ, st, kBQ, nullptr, false, p.scale);
-    gemm_f32(nk, kBQ, D, a.vf + kv_row * D, D, 1, blk.dot, kBQ, dpt, kBQ, nullptr, false);
-    bwd_ds_f32(t, st, dpt, blk.lse, blk.delta);
+    gemm_f32(p.lanes, nk, kBQ, D, a.kf + kv_row * D, D, 1, blk.qt, kBQ, st, kBQ, nullptr, false, p.scale);
+    gemm_f32(p.lanes, nk, kBQ, D, a.vf + kv_row * D, D, 1, blk.dot, kBQ, dpt, kBQ, nullptr, false);
+    bwd_ds_f32(p.lanes, t, st, dpt, blk.lse, blk.delta);
     if (do_kv) {
-      gemm_f32(nk, Dp, nq, st, kBQ, 1, blk.dor, Dp, dv_acc, Dp, nullptr, true);
-      gemm_f32(nk, Dp, nq, dpt, kBQ, 1, blk.qr, Dp, dk_acc, Dp, nullptr, true);
+      gemm_f32(p.lanes, nk, Dp, nq, st, kBQ, 1, blk.dor, Dp, dv_acc, Dp, nullptr, true);
+      gemm_f32(p.lanes, nk, Dp, nq, dpt, kBQ, 1, blk.qr, Dp, dk_acc, Dp, nullptr, true);
     }
-    if (do_q) gemm_f32(D, kBQ, nk, a.kf + kv_row * D, 1, D, dpt, kBQ, blk.dqt, kBQ, nullptr, true);
+    if (do_q) gemm_f32(p.lanes, D, kBQ, nk, a.kf + kv_row * D, 1, D, dpt, kBQ, blk.dqt, kBQ, nullptr, true);
   }
 }
 

@@ -8,6 +8,11 @@
 //                  compiled for AVX-512, AVX2 + FMA and baseline x86-64 (the loader picks the clone).
 // PYTRAIN_CPU_ATTENTION_PATH=amx|avx512_bf16|fp32 forces the path of bfloat16 inputs (tests use it to run every
 // path this CPU can run); a forced path the CPU cannot run is an error, never a silent fallback.
+//
+// The fp32 path's vectors: 16 lanes (zmm, 24-accumulator blocking) where the CPU has AVX-512, else 8 lanes (ymm,
+// 12 accumulators).  PYTRAIN_CPU_FP32_LANES=16|8 forces a width.  Both run on every x86-64 CPU (16 lanes without
+// AVX-512 only slowly, through the stack) and give the same bits: the width decides which registers hold the
+// sums, never their order.  Tests use it to compare the two on one machine.
 #pragma once
 
 #include <ATen/Context.h>
@@ -42,6 +47,28 @@ inline bool cpu_has_bf16dot() {
 #else
   return false;
 #endif
+}
+
+inline bool cpu_has_avx512f() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
+// The fp32 vector width (16 or 8 lanes) for op, read once per call.
+inline int fp32_lanes(const char* op) {
+  const char* forced = std::getenv("PYTRAIN_CPU_FP32_LANES");
+  if (forced == nullptr || *forced == '\0' || std::string(forced) == "auto") return cpu_has_avx512f() ? 16 : 8;
+  if (std::string(forced) == "16") return 16;
+  if (std::string(forced) == "8") return 8;
+  TORCH_CHECK(false, op, ": PYTRAIN_CPU_FP32_LANES must be one of auto, 16, 8; got '", forced, "'");
+  return 8;  // not reached: TORCH_CHECK(false) throws
 }
 
 // AMX through oneDNN: asked at each call (torch.backends.mkldnn can be switched off at run time).

@@ -107,9 +107,8 @@ struct F32DotOf {
   // scalar * vector: one vbroadcastss (a splat() of the scalar would not be)
   static inline __attribute__((always_inline)) V madd(V acc, float a, V b) { return acc + a * b; }
 };
-typedef float vf8 __attribute__((vector_size(32)));
-using F32Dot = F32DotOf<vf>;    // AVX-512
-using F32Dot8 = F32DotOf<vf8>;  // AVX2: GCC keeps 64-byte vectors on the stack when the ISA has no 512-bit registers
+using F32Dot = F32DotOf<vf>;    // 16 lanes: AVX-512
+using F32Dot8 = F32DotOf<vf8>;  // 8 lanes: AVX2 (cpu/simd.h)
 
 // The last `rest` (< R + 1) rows of a row-blocked loop, as one block of exactly `rest` rows.
 template <int R, class Block>
@@ -145,20 +144,6 @@ struct NarrowBlocking {
   static constexpr int rows(int nv) { return 12 / nv; }
 };
 
-// Whether this CPU has the 32 vector registers of the wide blocking (the fp32 micro-kernel's clone for it is the
-// AVX-512 one).
-inline bool wide_registers() {
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-  static const bool wide = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") != 0;
-  }();
-  return wide;
-#else
-  return false;
-#endif
-}
-
 // Columns [n0, n0 + NV vectors) of C, their rows in blocks of Blocking::rows(NV).
 template <class Blocking, int NV, class BlockFn>
 inline __attribute__((always_inline)) void column_chunk(int64_t M, int64_t n0, const BlockFn& fn) {
@@ -186,12 +171,14 @@ inline __attribute__((always_inline)) void gemm(int64_t M, int64_t N, int64_t K,
   }
 }
 
-// flatten: the driver's lambdas must be compiled inside each clone, not for the default target.
-PYTRAIN_SIMD __attribute__((flatten)) inline void gemm_f32(int64_t M, int64_t N, int64_t K, const float* A,
-                                                           int64_t sar, int64_t sak, const float* B, int64_t ldb,
-                                                           float* C, int64_t ldc, const float* cscale,
+// lanes: 16 (F32Dot, WideBlocking: the AVX-512 register file) or 8 (F32Dot8, NarrowBlocking: AVX2's); see
+// fp32_lanes in cpu/attention_isa.h.  flatten: the driver's lambdas must be compiled inside each clone, not for
+// the default target.
+PYTRAIN_SIMD __attribute__((flatten)) inline void gemm_f32(int lanes, int64_t M, int64_t N, int64_t K,
+                                                           const float* A, int64_t sar, int64_t sak, const float* B,
+                                                           int64_t ldb, float* C, int64_t ldc, const float* cscale,
                                                            bool accumulate, float out_scale = 1.0f) {
-  if (wide_registers()) {
+  if (lanes == 16) {
     gemm<F32Dot, WideBlocking>(M, N, K, A, sar, sak, B, ldb, C, ldc, cscale, accumulate, out_scale);
   } else {
     gemm<F32Dot8, NarrowBlocking>(M, N, K, A, sar, sak, B, ldb, C, ldc, cscale, accumulate, out_scale);

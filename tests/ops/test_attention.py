@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import pytrain
 from pytrain.ops import flash_attention
 from pytrain.ops.attention import _window_sides
 from pytrain.ops import attention as attention_op
@@ -305,4 +306,44 @@ def test_cpu_path_bad_value_is_rejected(monkeypatch):
     monkeypatch.setenv("PYTRAIN_CPU_ATTENTION_PATH", "sse9")
     (q, k, v), _ = _inputs((1, 1, 1, 4, 4, 16), torch.bfloat16)
     with pytest.raises(RuntimeError, match="PYTRAIN_CPU_ATTENTION_PATH must be one of"):
+        flash_attention(q, k, v, impl="cpu")
+
+
+# The fp32 path's vector width (PYTRAIN_CPU_FP32_LANES, cpu/attention_isa.h): 16 lanes run on any x86-64 CPU
+# (slowly without AVX-512), so both widths are compared on every machine.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", [
+    dict(shape=CPU_SHAPES[1], kwargs=dict(causal=True)),
+    dict(shape=CPU_SHAPES[2], kwargs=dict(causal=True, window=WINDOWS[1])),
+    dict(shape=CPU_SHAPES[6], kwargs=dict(causal=False, dropout_p=0.3, seed=7)),
+    dict(shape=(1, 2, 1, 130, 70, 72), kwargs=dict(causal=False, window=WINDOWS[2])),
+], ids=["causal", "window", "dropout", "odd-window"])
+def test_cpu_fp32_lanes_are_bit_identical(case, dtype, monkeypatch):
+    """16 and 8 lanes change which registers hold the sums, never their order: out, dq, dk, dv bit for bit."""
+    impl_or_skip("attention_fwd", "cpu")
+    from pytrain import _extension
+
+    ext, _ = _extension.load_extension()
+    qkv, grad = _inputs(case["shape"], dtype, seed=3)
+    results = {}
+    for lanes in ("16", "8"):
+        monkeypatch.setenv("PYTRAIN_CPU_FP32_LANES", lanes)
+        assert ext.cpu_fp32_lanes() == int(lanes)
+        results[lanes] = _run(lambda q, k, v: flash_attention(q, k, v, impl="cpu", **case["kwargs"]), qkv, grad)
+    for name, wide, narrow in zip(("out", "dq", "dk", "dv"), results["16"], results["8"]):
+        assert torch.equal(wide, narrow), f"{name}: 16 and 8 lanes differ by {(wide - narrow).abs().max().item():.3g}"
+
+
+def test_cpu_fp32_lanes_default_and_bad_value(monkeypatch):
+    impl_or_skip("attention_fwd", "cpu")
+    from pytrain import _extension
+
+    ext, _ = _extension.load_extension()
+    monkeypatch.delenv("PYTRAIN_CPU_FP32_LANES", raising=False)
+    lanes = 16 if ext.cpu_capabilities()["avx512f"] else 8
+    assert ext.cpu_fp32_lanes() == lanes
+    assert pytrain.info()["cpu_fp32_vectors"] == f"{lanes} lanes ({'zmm' if lanes == 16 else 'ymm'})"
+    monkeypatch.setenv("PYTRAIN_CPU_FP32_LANES", "4")
+    (q, k, v), _ = _inputs((1, 1, 1, 4, 4, 16), torch.float32)
+    with pytest.raises(RuntimeError, match="PYTRAIN_CPU_FP32_LANES must be one of auto, 16, 8; got '4'"):
         flash_attention(q, k, v, impl="cpu")
