@@ -157,8 +157,8 @@ PYTRAIN_SIMD void scaled_difference(const float* __restrict a, const float* __re
 
 // ------------------------------------------------------------------------------- sources
 // What a quantization job quantizes, as fp32 values of elements [begin, begin + n) of one group: first() is
-// called once per element (for the absmax), again() for the cast; tile(n) is the most elements one call
-// may ask for.  After the cast, feedback(begin, n, values, decoded) sees the values and their dequantized
+// called once per element (for the absmax), again() for the cast unless the group is one tile (its first()
+// values are then cast); tile(n) is the most elements one call may ask for.  After the cast, feedback(begin, n, values, decoded) sees the values and their dequantized
 // codes (sources with kFeedback only).
 
 // quantize(x): x in place (float32) or converted a tile at a time.
@@ -255,35 +255,37 @@ struct QuantizeJob {
     return m;
   }
 
+  // Codes of elements [first, first + k) from their fp32 values x (k <= src.tile()), then the feedback.
+  void cast_values(int64_t first, int64_t k, GroupScale s, const float* x) const {
+    void* q = codes + first;
+    if (s.inv == 0.0f) {
+      std::memset(q, 0, k);
+    } else {
+      switch (fmt) {
+        case quant::kInt8:
+          if (stochastic) {
+            cast_int8_stochastic(x, static_cast<int8_t*>(q), k, s.inv, first, s0, s1);
+          } else {
+            cast_int8(x, static_cast<int8_t*>(q), k, s.inv);
+          }
+          break;
+        case quant::kE4M3: cast_fp8<E4M3>(x, static_cast<uint8_t*>(q), k, s.inv); break;
+        case quant::kE5M2: cast_fp8<E5M2>(x, static_cast<uint8_t*>(q), k, s.inv); break;
+      }
+    }
+    if constexpr (Source::kFeedback) {
+      alignas(64) float decoded[kTile];
+      decode(fmt, q, k, s.scale, decoded);
+      src.feedback(first, k, x, decoded);
+    }
+  }
+
   void cast(int64_t begin, int64_t n, GroupScale s) const {
     alignas(64) float buf[kTile];
-    alignas(64) float decoded[Source::kFeedback ? kTile : 1];
     const int64_t step = src.tile(n);
     for (int64_t off = 0; off < n; off += step) {
-      const int64_t first = begin + off, k = std::min(step, n - off);
-      void* q = codes + first;
-      if (s.inv == 0.0f) {
-        std::memset(q, 0, k);
-        if (!Source::kFeedback) continue;
-      }
-      const float* x = src.again(first, k, buf);
-      if (s.inv != 0.0f) {
-        switch (fmt) {
-          case quant::kInt8:
-            if (stochastic) {
-              cast_int8_stochastic(x, static_cast<int8_t*>(q), k, s.inv, first, s0, s1);
-            } else {
-              cast_int8(x, static_cast<int8_t*>(q), k, s.inv);
-            }
-            break;
-          case quant::kE4M3: cast_fp8<E4M3>(x, static_cast<uint8_t*>(q), k, s.inv); break;
-          case quant::kE5M2: cast_fp8<E5M2>(x, static_cast<uint8_t*>(q), k, s.inv); break;
-        }
-      }
-      if constexpr (Source::kFeedback) {
-        decode(fmt, q, k, s.scale, decoded);
-        src.feedback(first, k, x, decoded);
-      }
+      const int64_t k = std::min(step, n - off);
+      cast_values(begin + off, k, s, src.again(begin + off, k, buf));
     }
   }
 
@@ -297,13 +299,22 @@ struct QuantizeJob {
     }
   }
 
-  // Groups of at most kChunk elements: absmax, scale and cast of each group in one visit.
+  // Groups of at most kChunk elements: absmax, scale and cast of each group in one visit (a group of one tile
+  // is read, or computed, once).
   void run_fused() const {
     const int64_t groups = quant::num_groups(numel, group);
     const float qmax = format_max(fmt);
     at::parallel_for(0, groups, std::max<int64_t>(1, kChunk / group), [&](int64_t g0, int64_t g1) {
+      alignas(64) float buf[kTile];
       for (int64_t g = g0; g < g1; ++g) {
         const int64_t begin = g * group, n = group_end(g) - begin;
+        if (n <= src.tile(n)) {  // one tile: its values serve the absmax and the cast
+          const float* x = src.first(begin, n, buf);
+          const GroupScale s = group_scale(absmax_bits(x, n), qmax);
+          scales[g] = s.scale;
+          cast_values(begin, n, s, x);
+          continue;
+        }
         const GroupScale s = group_scale(absmax(begin, n), qmax);
         scales[g] = s.scale;
         cast(begin, n, s);
