@@ -11,6 +11,11 @@ the fp8 casts are integer arithmetic (round to nearest even, saturating), as in 
 and the codes are stored through a uint8 view, so the interpreter and the GPU give the reference's
 codes bit for bit.  Divisions are IEEE-rounded (div_rn) and launches disable FMA fusion: y = x * inv
 is rounded before the stochastic-rounding difference y - rint(y).
+
+The codec ops of the quantized all-reduce hook reuse these kernels: ``quantize_into`` (HAS_RESIDUAL: y = x + r,
+and r := y - dequantized codes in the same program; phase one of large groups stores y into r), ``dequantize_into``
+(the dequantize kernel into a given tensor) and ``requantize_mean`` (the W rows' dequantized mean, computed
+again by each phase, quantized as above, with r += W (mean - dequantized) on the first m elements).
 """
 from __future__ import annotations
 
@@ -83,16 +88,34 @@ def _codes(x, inv, offs, s0, s1, FMT: tl.constexpr, STOCHASTIC: tl.constexpr):
     return code
 
 
+@triton.jit
+def _input(x, residual, offs, mask, HAS_RESIDUAL: tl.constexpr):
+    """fp32 values to quantize: x, or x + r (error feedback)."""
+    v = tl.load(x + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        v = v + tl.load(residual + offs, mask=mask, other=0.0)
+    return v
+
+
+@triton.jit
+def _feed_back(residual, offs, mask, y, code, scale, FMT: tl.constexpr):
+    """r := y - dequantized code."""
+    tl.store(residual + offs, y - _decode(code, FMT) * scale, mask=mask)
+
+
 @triton.jit(do_not_specialize=["s0", "s1"])  # a seed word of 1 would become a constexpr: no .to() on it
-def _fused_kernel(x, codes, scales, numel, group, s0, s1, FMT: tl.constexpr, QMAX: tl.constexpr,
-                  STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
+def _fused_kernel(x, residual, codes, scales, numel, group, s0, s1, FMT: tl.constexpr, QMAX: tl.constexpr,
+                  STOCHASTIC: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
     g = tl.program_id(0).to(tl.int64)
     offs = g * group + tl.arange(0, BLOCK)
     mask = (tl.arange(0, BLOCK) < group) & (offs < numel)
-    v = tl.load(x + offs, mask=mask, other=0.0).to(tl.float32)
+    v = _input(x, residual, offs, mask, HAS_RESIDUAL)
     scale, inv = _scale_inv(tl.max(_abs_bits(v), axis=0), QMAX)
     tl.store(scales + g, scale)
-    tl.store(codes + offs, _codes(v, inv, offs, s0, s1, FMT, STOCHASTIC), mask=mask)
+    code = _codes(v, inv, offs, s0, s1, FMT, STOCHASTIC)
+    tl.store(codes + offs, code, mask=mask)
+    if HAS_RESIDUAL:
+        _feed_back(residual, offs, mask, v, code, scale, FMT)
 
 
 @triton.jit
@@ -106,47 +129,65 @@ def _piece_offsets(group, per_group, numel, PIECE_: tl.constexpr):
 
 
 @triton.jit
-def _absmax_kernel(x, piece_max, numel, group, per_group, PIECE_: tl.constexpr):
+def _absmax_kernel(x, residual, piece_max, numel, group, per_group, HAS_RESIDUAL: tl.constexpr,
+                   PIECE_: tl.constexpr):
     g, offs, mask = _piece_offsets(group, per_group, numel, PIECE_)
-    v = tl.load(x + offs, mask=mask, other=0.0).to(tl.float32)
+    v = _input(x, residual, offs, mask, HAS_RESIDUAL)
+    if HAS_RESIDUAL:
+        tl.store(residual + offs, v, mask=mask)  # y, which the cast reads
     tl.store(piece_max + tl.program_id(0), tl.max(_abs_bits(v), axis=0))
 
 
 @triton.jit(do_not_specialize=["s0", "s1"])  # as _fused_kernel
-def _cast_kernel(x, codes, scales, group_max, numel, group, per_group, s0, s1, FMT: tl.constexpr,
-                 QMAX: tl.constexpr, STOCHASTIC: tl.constexpr, PIECE_: tl.constexpr):
+def _cast_kernel(x, residual, codes, scales, group_max, numel, group, per_group, s0, s1, FMT: tl.constexpr,
+                 QMAX: tl.constexpr, STOCHASTIC: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PIECE_: tl.constexpr):
     g, offs, mask = _piece_offsets(group, per_group, numel, PIECE_)
     scale, inv = _scale_inv(tl.load(group_max + g), QMAX)
     if tl.program_id(0) % per_group == 0:
         tl.store(scales + g, scale)
-    v = tl.load(x + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(codes + offs, _codes(v, inv, offs, s0, s1, FMT, STOCHASTIC), mask=mask)
+    if HAS_RESIDUAL:
+        v = tl.load(residual + offs, mask=mask, other=0.0)
+    else:
+        v = tl.load(x + offs, mask=mask, other=0.0).to(tl.float32)
+    code = _codes(v, inv, offs, s0, s1, FMT, STOCHASTIC)
+    tl.store(codes + offs, code, mask=mask)
+    if HAS_RESIDUAL:
+        _feed_back(residual, offs, mask, v, code, scale, FMT)
 
 
 def quantize(x: Tensor, spec, group_size: int, stochastic: bool, seed: int) -> Tuple[Tensor, Tensor]:
     """(codes shaped like x, (groups,) float32 scales) for contiguous x, in format ``spec``
     (a ``pytrain.ops.quantize.Format``: name, dtype, qmax); see ``quantize_reference``."""
-    numel, groups = x.numel(), triton.cdiv(x.numel(), group_size)
     codes = torch.empty(x.shape, dtype=spec.dtype, device=x.device)
-    scales = torch.empty(groups, dtype=torch.float32, device=x.device)
+    scales = torch.empty(triton.cdiv(x.numel(), group_size), dtype=torch.float32, device=x.device)
+    quantize_into(x, None, codes, scales, spec, group_size, stochastic, seed)
+    return codes, scales
+
+
+def quantize_into(x: Tensor, residual, codes: Tensor, scales: Tensor, spec, group_size: int, stochastic: bool,
+                  seed: int) -> None:
+    """quantize(x) into contiguous codes / scales; with ``residual`` (float32 like x) quantize x + r and leave
+    r := (x + r) - dequantized codes (see ``quantize_into_reference``)."""
+    numel, groups = x.numel(), triton.cdiv(x.numel(), group_size)
     if numel == 0:
-        return codes, scales
+        return
     flat, out = x.reshape(-1), codes.view(torch.uint8).reshape(-1)
+    r = flat if residual is None else residual.reshape(-1)  # a placeholder pointer when there is none
     s0, s1 = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
-    consts = dict(FMT=FMT_IDS[spec.name], QMAX=spec.qmax, STOCHASTIC=stochastic, num_warps=NUM_WARPS,
-                  enable_fp_fusion=False)
+    consts = dict(FMT=FMT_IDS[spec.name], QMAX=spec.qmax, STOCHASTIC=stochastic, HAS_RESIDUAL=residual is not None,
+                  num_warps=NUM_WARPS, enable_fp_fusion=False)
     if group_size <= FUSED_MAX:
-        _fused_kernel[(groups,)](flat, out, scales, numel, group_size, s0, s1,
+        _fused_kernel[(groups,)](flat, r, out, scales, numel, group_size, s0, s1,
                                  BLOCK=triton.next_power_of_2(group_size), **consts)
-        return codes, scales
+        return
     per_group = triton.cdiv(group_size, PIECE)
     piece_max = torch.empty(groups * per_group, dtype=torch.int32, device=x.device)
-    _absmax_kernel[(groups * per_group,)](flat, piece_max, numel, group_size, per_group, PIECE_=PIECE,
-                                          num_warps=NUM_WARPS)
+    _absmax_kernel[(groups * per_group,)](flat, r, piece_max, numel, group_size, per_group,
+                                          HAS_RESIDUAL=residual is not None, PIECE_=PIECE, num_warps=NUM_WARPS,
+                                          enable_fp_fusion=False)
     group_max = piece_max.view(groups, per_group).amax(dim=1)
-    _cast_kernel[(groups * per_group,)](flat, out, scales, group_max, numel, group_size, per_group, s0, s1,
+    _cast_kernel[(groups * per_group,)](flat, r, out, scales, group_max, numel, group_size, per_group, s0, s1,
                                         PIECE_=PIECE, **consts)
-    return codes, scales
 
 
 @triton.jit
@@ -165,16 +206,22 @@ def _fp8_decode(c, M: tl.constexpr, B: tl.constexpr, SPECIAL: tl.constexpr):
 
 
 @triton.jit
-def _dequantize_kernel(codes, scales, out, numel, group, FMT: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    c = tl.load(codes + offs, mask=mask, other=0)
+def _decode(c, FMT: tl.constexpr):
+    """fp32 value of code bytes c (uint8)."""
     if FMT == 0:
         v = c.to(tl.int8, bitcast=True).to(tl.float32)
     elif FMT == 1:
         v = _fp8_decode(c.to(tl.uint32), 3, 7, 0x7F)
     else:
         v = _fp8_decode(c.to(tl.uint32), 2, 15, 0x7C)
+    return v
+
+
+@triton.jit
+def _dequantize_kernel(codes, scales, out, numel, group, FMT: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    v = _decode(tl.load(codes + offs, mask=mask, other=0), FMT)
     scale = tl.load(scales + offs // group, mask=mask, other=0.0)
     tl.store(out + offs, (v * scale).to(out.dtype.element_ty), mask=mask)
 
@@ -183,9 +230,99 @@ def dequantize(data: Tensor, spec, scales: Tensor, group_size: int, dtype: torch
     """decode(data) * scale of each element's group, shaped like data, in ``dtype``; ``spec``: data's format
     (see ``dequantize_reference``)."""
     out = torch.empty(data.shape, dtype=dtype, device=data.device)
+    dequantize_into(data, spec, scales, group_size, out)
+    return out
+
+
+def dequantize_into(data: Tensor, spec, scales: Tensor, group_size: int, out: Tensor) -> None:
+    """out (contiguous, data's numel) := decode(data) * scale of each element's group, in out's dtype."""
     if data.numel() == 0:
-        return out
+        return
     _dequantize_kernel[(triton.cdiv(data.numel(), PIECE),)](
         data.view(torch.uint8).reshape(-1), scales, out.reshape(-1), data.numel(), group_size, FMT=FMT_IDS[spec.name],
         BLOCK=PIECE, num_warps=NUM_WARPS, enable_fp_fusion=False)
-    return out
+
+
+# ------------------------------------------------------------------------------------------ requantize_mean
+@triton.jit
+def _mean(data, scales, offs, mask, g, rows, row_stride, scale_stride, FMT: tl.constexpr):
+    """(sum over rows w of decode(data[w, offs]) * scales[w, g]) / rows, summed in row order."""
+    a = _decode(tl.load(data + offs, mask=mask, other=0), FMT) * tl.load(scales + g)
+    for w in range(1, rows):
+        c = tl.load(data + w * row_stride + offs, mask=mask, other=0)
+        a = a + _decode(c, FMT) * tl.load(scales + w * scale_stride + g)
+    return tl.div_rn(a, tl.zeros_like(a) + rows.to(tl.float32))
+
+
+@triton.jit
+def _mean_feed_back(residual, offs, m, a, code, scale, rows, FMT: tl.constexpr):
+    """r += rows * (a - dequantized code) on elements below m."""
+    keep = offs < m
+    r = tl.load(residual + offs, mask=keep, other=0.0)
+    tl.store(residual + offs, r + rows.to(tl.float32) * (a - _decode(code, FMT) * scale), mask=keep)
+
+
+@triton.jit(do_not_specialize=["rows"])  # rows = 1 would become a constexpr: no .to() on it
+def _mean_fused_kernel(data, scales, codes, out_scales, residual, n, m, group, rows, row_stride, scale_stride,
+                       FMT: tl.constexpr, QMAX: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    g = tl.program_id(0).to(tl.int64)
+    offs = g * group + tl.arange(0, BLOCK)
+    mask = (tl.arange(0, BLOCK) < group) & (offs < n)
+    a = _mean(data, scales, offs, mask, g, rows, row_stride, scale_stride, FMT)
+    scale, inv = _scale_inv(tl.max(_abs_bits(a), axis=0), QMAX)
+    tl.store(out_scales + g, scale)
+    code = _codes(a, inv, offs, 0, 0, FMT, False)
+    tl.store(codes + offs, code, mask=mask)
+    if HAS_RESIDUAL:
+        _mean_feed_back(residual, offs, m, a, code, scale, rows, FMT)
+
+
+@triton.jit(do_not_specialize=["rows"])  # as _mean_fused_kernel
+def _mean_absmax_kernel(data, scales, piece_max, n, group, per_group, rows, row_stride, scale_stride,
+                        FMT: tl.constexpr, PIECE_: tl.constexpr):
+    g, offs, mask = _piece_offsets(group, per_group, n, PIECE_)
+    a = _mean(data, scales, offs, mask, g, rows, row_stride, scale_stride, FMT)
+    tl.store(piece_max + tl.program_id(0), tl.max(_abs_bits(a), axis=0))
+
+
+@triton.jit(do_not_specialize=["rows"])  # as _mean_fused_kernel
+def _mean_cast_kernel(data, scales, codes, out_scales, residual, group_max, n, m, group, per_group, rows, row_stride,
+                      scale_stride, FMT: tl.constexpr, QMAX: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                      PIECE_: tl.constexpr):
+    g, offs, mask = _piece_offsets(group, per_group, n, PIECE_)
+    scale, inv = _scale_inv(tl.load(group_max + g), QMAX)
+    if tl.program_id(0) % per_group == 0:
+        tl.store(out_scales + g, scale)
+    a = _mean(data, scales, offs, mask, g, rows, row_stride, scale_stride, FMT)  # recomputed: same values
+    code = _codes(a, inv, offs, 0, 0, FMT, False)
+    tl.store(codes + offs, code, mask=mask)
+    if HAS_RESIDUAL:
+        _mean_feed_back(residual, offs, m, a, code, scale, rows, FMT)
+
+
+def requantize_mean(data: Tensor, scales: Tensor, out_data: Tensor, out_scales: Tensor, residual, spec,
+                    group_size: int) -> None:
+    """quantize((sum of the rows' dequantized values) / rows) into out_data / out_scales (data (W, n) and
+    scales (W, groups) with contiguous rows); residual (m <= n float32) += W * (mean - dequantized)."""
+    rows, n = data.shape
+    if n == 0:
+        return
+    groups = triton.cdiv(n, group_size)
+    codes, out = data.view(torch.uint8), out_data.view(torch.uint8)
+    r = out_scales if residual is None else residual  # a placeholder pointer when there is none
+    m = 0 if residual is None else residual.numel()
+    strides = (rows, codes.stride(0), scales.stride(0))
+    consts = dict(FMT=FMT_IDS[spec.name], num_warps=NUM_WARPS, enable_fp_fusion=False)
+    if group_size <= FUSED_MAX:
+        _mean_fused_kernel[(groups,)](codes, scales, out, out_scales, r, n, m, group_size, *strides, QMAX=spec.qmax,
+                                      HAS_RESIDUAL=residual is not None,
+                                      BLOCK=triton.next_power_of_2(group_size), **consts)
+        return
+    per_group = triton.cdiv(group_size, PIECE)
+    piece_max = torch.empty(groups * per_group, dtype=torch.int32, device=data.device)
+    _mean_absmax_kernel[(groups * per_group,)](codes, scales, piece_max, n, group_size, per_group, *strides,
+                                               PIECE_=PIECE, **consts)
+    group_max = piece_max.view(groups, per_group).amax(dim=1)
+    _mean_cast_kernel[(groups * per_group,)](codes, scales, out, out_scales, r, group_max, n, m, group_size,
+                                             per_group, *strides, QMAX=spec.qmax, HAS_RESIDUAL=residual is not None,
+                                             PIECE_=PIECE, **consts)

@@ -9,13 +9,18 @@
 // __fmul_rn / __fsub_rn become div.rn.ftz / mul.rn.ftz / sub.rn.ftz (subnormal inputs and results flushed to
 // zero): a subnormal float32 x of a live group would get code 0 where the reference gives 1 (int8, amax near
 // qmax * 2^-126) or a subnormal fp8 code, and dequantize would flush subnormal products and subnormal scales.
-// The arithmetic that decides codes and outputs is therefore inline PTX without .ftz (div_rn, mul_rn, sub_rn
-// below), and |d| clears the sign bit; what remains under -ftz (rint, min / max, adds and compares of
+// The arithmetic that decides codes and outputs is therefore inline PTX without .ftz (div_rn, mul_rn, add_rn,
+// sub_rn below), and |d| clears the sign bit; what remains under -ftz (rint, min / max, adds and compares of
 // integer-valued floats, the amax threshold test) gives the same result with or without flushing.
 //
 // Groups of up to kFusedMax elements: one block per group reads it, reduces the absmax and casts while the
 // group is in L1/L2 (one pass over memory).  Larger groups: blocks over pieces of kPiece elements fold their
 // absmax into the group's with atomicMax (a max: the result does not depend on the order), then cast.
+//
+// The kernels read their values from a source (below): x for quantize; x + r for quantize_into with error
+// feedback (y stored into r by the absmax pass, which the cast pass reads, then r := y - dequantized); the W
+// rows' dequantized mean for requantize_mean (recomputed by each pass; r += W (mean - dequantized) on the first
+// m elements).  Every sum, product and difference is the non-ftz PTX below: each rounds as the reference's.
 #include <torch/library.h>
 
 #include <ATen/cuda/CUDAContext.h>
@@ -24,6 +29,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_fp8.h>
 
+#include <optional>
 #include <string_view>
 
 #include "cuda/dtype_dispatch.cuh"
@@ -50,6 +56,11 @@ __device__ inline float div_rn(float a, float b) {
 __device__ inline float mul_rn(float a, float b) {
   float r;
   asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ inline float add_rn(float a, float b) {
+  float r;
+  asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
   return r;
 }
 __device__ inline float sub_rn(float a, float b) {
@@ -100,31 +111,87 @@ __device__ inline uint32_t block_max(uint32_t v) {
   return v;
 }
 
-template <class T>
-__device__ inline uint32_t range_absmax(const T* x, int64_t begin, int64_t end) {
-  uint32_t m = 0;
-  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
-    m = max(m, __float_as_uint(static_cast<float>(x[i])) & kAbsMask);
+template <int kFmt>
+__device__ inline float decode(uint8_t c) {
+  if constexpr (kFmt == kInt8) {
+    return static_cast<float>(static_cast<int8_t>(c));
+  } else {
+    return __half2float(__half(__nv_cvt_fp8_to_halfraw(c, kFmt == kE4M3 ? __NV_E4M3 : __NV_E5M2)));
   }
+}
+
+// ------------------------------------------------------------------------------- sources
+// first(i): the value of element i for the absmax pass (once per element); again(i): for the cast pass (the
+// same thread, after the absmax pass); feedback(i, value, dequantized) after the cast.
+template <class T>
+struct PlainSource {
+  const T* x;
+  __device__ float first(int64_t i) const { return static_cast<float>(x[i]); }
+  __device__ float again(int64_t i) const { return static_cast<float>(x[i]); }
+  __device__ void feedback(int64_t, float, float) const {}
+};
+
+template <class T>
+struct ResidualSource {
+  const T* x;
+  float* r;
+  __device__ float first(int64_t i) const {
+    const float y = add_rn(static_cast<float>(x[i]), r[i]);
+    r[i] = y;
+    return y;
+  }
+  __device__ float again(int64_t i) const { return r[i]; }
+  __device__ void feedback(int64_t i, float y, float dq) const { r[i] = sub_rn(y, dq); }
+};
+
+template <int kFmt>
+struct MeanSource {
+  const uint8_t* data;  // row w at data + w * row_stride
+  int64_t row_stride;
+  const float* scales;  // row w's group g at scales[w * scale_stride + g]
+  int64_t scale_stride, rows, group;
+  float* r;  // nullptr: no residual
+  int64_t m;
+  __device__ float first(int64_t i) const {
+    const int64_t g = i / group;
+    float a = mul_rn(decode<kFmt>(data[i]), scales[g]);
+    for (int64_t w = 1; w < rows; ++w) {
+      a = add_rn(a, mul_rn(decode<kFmt>(data[w * row_stride + i]), scales[w * scale_stride + g]));
+    }
+    return div_rn(a, static_cast<float>(rows));
+  }
+  __device__ float again(int64_t i) const { return first(i); }
+  __device__ void feedback(int64_t i, float a, float dq) const {
+    if (r != nullptr && i < m) r[i] = add_rn(r[i], mul_rn(static_cast<float>(rows), sub_rn(a, dq)));
+  }
+};
+
+template <class Src>
+__device__ inline uint32_t range_absmax(const Src& src, int64_t begin, int64_t end) {
+  uint32_t m = 0;
+  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) m = max(m, __float_as_uint(src.first(i)) & kAbsMask);
   return block_max(m);
 }
 
-template <class T, int kFmt>
-__device__ inline void range_cast(const T* x, uint8_t* codes, int64_t begin, int64_t end, float inv, uint32_t s0,
+template <class Src, int kFmt>
+__device__ inline void range_cast(const Src& src, uint8_t* codes, int64_t begin, int64_t end, GroupScale s, uint32_t s0,
                                   uint32_t s1, bool stochastic) {
   for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
-    codes[i] = encode<kFmt>(static_cast<float>(x[i]), inv, i, s0, s1, stochastic);
+    const float v = src.again(i);
+    const uint8_t c = encode<kFmt>(v, s.inv, i, s0, s1, stochastic);
+    codes[i] = c;
+    src.feedback(i, v, mul_rn(decode<kFmt>(c), s.scale));
   }
 }
 
-template <class T, int kFmt>
-__global__ void __launch_bounds__(kThreads) fused_kernel(const T* x, uint8_t* codes, float* scales, int64_t numel,
+template <class Src, int kFmt>
+__global__ void __launch_bounds__(kThreads) fused_kernel(Src src, uint8_t* codes, float* scales, int64_t numel,
                                                         int64_t group, uint32_t s0, uint32_t s1, bool stochastic) {
   const int64_t g = blockIdx.x, begin = g * group, end = min(numel, begin + group);
   const float qmax = quant::format_max(static_cast<quant::Format>(kFmt));
-  const GroupScale s = group_scale(range_absmax(x, begin, end), qmax);
+  const GroupScale s = group_scale(range_absmax(src, begin, end), qmax);
   if (threadIdx.x == 0) scales[g] = s.scale;
-  range_cast<T, kFmt>(x, codes, begin, end, s.inv, s0, s1, stochastic);
+  range_cast<Src, kFmt>(src, codes, begin, end, s, s0, s1, stochastic);
 }
 
 struct Piece {
@@ -136,23 +203,25 @@ __device__ inline Piece piece_of(int64_t p, int64_t per_group, int64_t group, in
   return {g, begin, min(min(numel, (g + 1) * group), begin + kPiece)};
 }
 
-template <class T>
-__global__ void __launch_bounds__(kThreads) absmax_kernel(const T* x, uint32_t* group_max, int64_t numel,
-                                                         int64_t group, int64_t per_group) {
+template <class Src>
+__global__ void __launch_bounds__(kThreads) absmax_kernel(Src src, uint32_t* group_max, int64_t numel, int64_t group,
+                                                         int64_t per_group) {
   const Piece pc = piece_of(blockIdx.x, per_group, group, numel);
-  const uint32_t m = range_absmax(x, pc.begin, pc.end);
+  const uint32_t m = range_absmax(src, pc.begin, pc.end);
   if (threadIdx.x == 0) atomicMax(group_max + pc.group_index, m);
 }
 
-template <class T, int kFmt>
-__global__ void __launch_bounds__(kThreads) cast_kernel(const T* x, uint8_t* codes, float* scales,
+// The same thread visits element i in absmax_kernel and here (same piece, same block size): a source's first()
+// writes (ResidualSource's y) are this thread's own.
+template <class Src, int kFmt>
+__global__ void __launch_bounds__(kThreads) cast_kernel(Src src, uint8_t* codes, float* scales,
                                                        const uint32_t* group_max, int64_t numel, int64_t group,
                                                        int64_t per_group, uint32_t s0, uint32_t s1, bool stochastic) {
   const Piece pc = piece_of(blockIdx.x, per_group, group, numel);
   const float qmax = quant::format_max(static_cast<quant::Format>(kFmt));
   const GroupScale s = group_scale(group_max[pc.group_index], qmax);
   if (threadIdx.x == 0 && blockIdx.x % per_group == 0) scales[pc.group_index] = s.scale;
-  range_cast<T, kFmt>(x, codes, pc.begin, pc.end, s.inv, s0, s1, stochastic);
+  range_cast<Src, kFmt>(src, codes, pc.begin, pc.end, s, s0, s1, stochastic);
 }
 
 template <class F>
@@ -164,49 +233,82 @@ void dispatch_format(int fmt, const F& f) {
   }
 }
 
+// Quantizes the source's numel values into codes / scales (groups of `group`) on the current stream.
+template <int kFmt, class Src>
+void launch(const Src& src, void* codes, float* scales, int64_t numel, int64_t group, int64_t seed, bool stochastic,
+            const at::TensorOptions& options) {
+  if (numel == 0) return;
+  const uint32_t s0 = static_cast<uint32_t>(seed), s1 = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
+  auto* out = static_cast<uint8_t*>(codes);
+  const int64_t groups = quant::num_groups(numel, group);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  if (group <= kFusedMax) {
+    fused_kernel<Src, kFmt><<<groups, kThreads, 0, stream>>>(src, out, scales, numel, group, s0, s1, stochastic);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  const int64_t per_group = quant::num_groups(group, kPiece);
+  const at::Tensor group_max = at::zeros({groups}, options.dtype(at::kInt));
+  auto* gmax = reinterpret_cast<uint32_t*>(group_max.data_ptr<int32_t>());
+  absmax_kernel<Src><<<groups * per_group, kThreads, 0, stream>>>(src, gmax, numel, group, per_group);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cast_kernel<Src, kFmt><<<groups * per_group, kThreads, 0, stream>>>(src, out, scales, gmax, numel, group, per_group,
+                                                                      s0, s1, stochastic);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 std::tuple<at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& x, c10::string_view fmt_name, int64_t group_size,
                                                  bool stochastic, int64_t seed) {
   const quant::Format fmt = quant::check_quantize_args(x, std::string_view(fmt_name.data(), fmt_name.size()),
                                                        group_size, stochastic, seed, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t numel = x.numel(), groups = quant::num_groups(numel, group_size);
   at::Tensor codes = at::empty(x.sizes(), x.options().dtype(quant::code_dtype(fmt)));
-  at::Tensor scales = at::empty({groups}, x.options().dtype(at::kFloat));
-  if (numel == 0) return {codes, scales};
-  const uint32_t s0 = static_cast<uint32_t>(seed), s1 = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
-  auto* out = static_cast<uint8_t*>(codes.data_ptr());
-  float* scale = scales.data_ptr<float>();
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor scales = at::empty({quant::num_groups(x.numel(), group_size)}, x.options().dtype(at::kFloat));
   dispatch_float_dtype(x.scalar_type(), "quantize", "x", [&](auto tag) {
     using T = decltype(tag);
-    const T* in = static_cast<const T*>(x.data_ptr());
     dispatch_format(fmt, [&](auto f) {
-      constexpr int kFmt = decltype(f)::value;
-      if (group_size <= kFusedMax) {
-        fused_kernel<T, kFmt><<<groups, kThreads, 0, stream>>>(in, out, scale, numel, group_size, s0, s1, stochastic);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        return;
-      }
-      const int64_t per_group = quant::num_groups(group_size, kPiece);
-      const at::Tensor group_max = at::zeros({groups}, x.options().dtype(at::kInt));
-      auto* gmax = reinterpret_cast<uint32_t*>(group_max.data_ptr<int32_t>());
-      absmax_kernel<T><<<groups * per_group, kThreads, 0, stream>>>(in, gmax, numel, group_size, per_group);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      cast_kernel<T, kFmt><<<groups * per_group, kThreads, 0, stream>>>(in, out, scale, gmax, numel, group_size,
-                                                                        per_group, s0, s1, stochastic);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch<decltype(f)::value>(PlainSource<T>{static_cast<const T*>(x.data_ptr())}, codes.data_ptr(),
+                                 scales.data_ptr<float>(), x.numel(), group_size, seed, stochastic, x.options());
     });
   });
   return {codes, scales};
 }
 
-template <int kFmt>
-__device__ inline float decode(uint8_t c) {
-  if constexpr (kFmt == kInt8) {
-    return static_cast<float>(static_cast<int8_t>(c));
-  } else {
-    return __half2float(__half(__nv_cvt_fp8_to_halfraw(c, kFmt == kE4M3 ? __NV_E4M3 : __NV_E5M2)));
-  }
+void quantize_into_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& data,
+                        const at::Tensor& scales, c10::string_view fmt_name, int64_t group_size) {
+  const quant::Format fmt = quant::check_quantize_into_args(
+      x, residual, data, scales, std::string_view(fmt_name.data(), fmt_name.size()), group_size, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(x.device());
+  dispatch_float_dtype(x.scalar_type(), "quantize_into", "x", [&](auto tag) {
+    using T = decltype(tag);
+    const T* in = static_cast<const T*>(x.data_ptr());
+    dispatch_format(fmt, [&](auto f) {
+      constexpr int kFmt = decltype(f)::value;
+      if (residual.has_value()) {
+        launch<kFmt>(ResidualSource<T>{in, residual->data_ptr<float>()}, data.data_ptr(), scales.data_ptr<float>(),
+                     x.numel(), group_size, 0, false, x.options());
+      } else {
+        launch<kFmt>(PlainSource<T>{in}, data.data_ptr(), scales.data_ptr<float>(), x.numel(), group_size, 0, false,
+                     x.options());
+      }
+    });
+  });
+}
+
+void requantize_mean_cuda(const at::Tensor& data, const at::Tensor& scales, const at::Tensor& out_data,
+                          const at::Tensor& out_scales, const std::optional<at::Tensor>& residual, int64_t group_size) {
+  const quant::Format fmt = quant::check_requantize_mean_args(data, scales, out_data, out_scales, residual, group_size,
+                                                              c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(data.device());
+  dispatch_format(fmt, [&](auto f) {
+    constexpr int kFmt = decltype(f)::value;
+    const MeanSource<kFmt> src{static_cast<const uint8_t*>(data.data_ptr()), data.stride(0), scales.data_ptr<float>(),
+                               scales.stride(0), data.size(0), group_size,
+                               residual.has_value() ? residual->data_ptr<float>() : nullptr,
+                               residual.has_value() ? residual->numel() : 0};
+    launch<kFmt>(src, out_data.data_ptr(), out_scales.data_ptr<float>(), data.size(1), group_size, 0, false,
+                 data.options());
+  });
 }
 
 template <class T, int kFmt>
@@ -218,14 +320,13 @@ __global__ void __launch_bounds__(kThreads) dequantize_kernel(const uint8_t* cod
   }
 }
 
-at::Tensor dequantize_cuda(const at::Tensor& data, const at::Tensor& scales, int64_t group_size, at::ScalarType dtype) {
-  const quant::Format fmt = quant::check_dequantize_args(data, scales, group_size, dtype, c10::DeviceType::CUDA);
+// out (data's numel, a float dtype; checked) := dequantize(data, scales).
+void dequantize_to(const at::Tensor& data, const at::Tensor& scales, int64_t group_size, quant::Format fmt,
+                   const at::Tensor& out) {
   const int64_t numel = data.numel();
-  const c10::cuda::CUDAGuard guard(data.device());
-  at::Tensor out = at::empty(data.sizes(), data.options().dtype(dtype));
-  if (numel == 0) return out;
+  if (numel == 0) return;
   const int64_t blocks = std::min<int64_t>((numel + kThreads - 1) / kThreads, int64_t{1} << 20);
-  dispatch_float_dtype(dtype, "dequantize", "outputs", [&](auto tag) {
+  dispatch_float_dtype(out.scalar_type(), "dequantize", "outputs", [&](auto tag) {
     using T = decltype(tag);
     dispatch_format(fmt, [&](auto f) {
       dequantize_kernel<T, decltype(f)::value><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
@@ -234,7 +335,22 @@ at::Tensor dequantize_cuda(const at::Tensor& data, const at::Tensor& scales, int
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
+}
+
+at::Tensor dequantize_cuda(const at::Tensor& data, const at::Tensor& scales, int64_t group_size, at::ScalarType dtype) {
+  const quant::Format fmt = quant::check_dequantize_args(data, scales, group_size, dtype, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(data.device());
+  at::Tensor out = at::empty(data.sizes(), data.options().dtype(dtype));
+  dequantize_to(data, scales, group_size, fmt, out);
   return out;
+}
+
+void dequantize_into_cuda(const at::Tensor& data, const at::Tensor& scales, int64_t group_size, const at::Tensor& out) {
+  const quant::Format fmt =
+      quant::check_dequantize_args(data, scales, group_size, out.scalar_type(), c10::DeviceType::CUDA);
+  quant::check_written("dequantize_into", "out", out, data.numel(), out.scalar_type(), data.device());
+  const c10::cuda::CUDAGuard guard(data.device());
+  dequantize_to(data, scales, group_size, fmt, out);
 }
 
 }  // namespace
@@ -242,6 +358,9 @@ at::Tensor dequantize_cuda(const at::Tensor& data, const at::Tensor& scales, int
 TORCH_LIBRARY_IMPL(pytrain, CUDA, m) {
   m.impl("quantize", &quantize_cuda);
   m.impl("dequantize", &dequantize_cuda);
+  m.impl("quantize_into", &quantize_into_cuda);
+  m.impl("requantize_mean", &requantize_mean_cuda);
+  m.impl("dequantize_into", &dequantize_into_cuda);
 }
 
 }  // namespace pytrain::cuda

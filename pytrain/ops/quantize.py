@@ -8,6 +8,25 @@ Ops (namespace ``pytrain``):
   (ceil(n / group_size),) float32, one per group of ``group_size`` consecutive elements.
 * ``dequantize(data, scales, group_size, dtype) -> out``: out shaped like data, in ``dtype``.
 
+Codec ops of the quantized all-reduce hook (pytrain/comm/hooks/_quant.py), each one pass over memory
+where the composition of the two ops above takes several; they write into given tensors (views of the
+hook's send / receive buffers, or the gradient bucket), and their results are those compositions bit for
+bit (float32 throughout, every product and sum IEEE-rounded, none fused):
+
+* ``quantize_into(x, residual, data, scales, fmt, group_size)``: x (n,) contiguous float32 / bfloat16 /
+  float16; data (n,) codes of ``fmt``, scales (ceil(n / group_size),) float32, both contiguous, written.
+  Without residual: ``data, scales = quantize(x)``.  With residual r ((n,) float32, contiguous),
+  error feedback:  y = float32(x) + r;  data, scales = quantize(y);  r := y - dequantize(data, scales).
+* ``requantize_mean(data, scales, out_data, out_scales, residual, group_size)``: W rows of codes
+  data (W, C) and their scales (W, G), G = ceil(C / group_size), each row grouped on its own (rows may
+  have any stride, their elements are contiguous, e.g. rows of a packed receive buffer):
+      a = (dequantize(row 0) + ... + dequantize(row W-1)) / W      summed in row order, one division
+      out_data (C,), out_scales (G,) = quantize(a)                   in data's format
+      residual (m <= C elements, float32), if given:  r := r + W * (a - dequantize(out))   on a[:m]
+  (the second quantization's error, times W: the mean's owner carries it for all W ranks).
+* ``dequantize_into(data, scales, group_size, out)``: out (contiguous, data.numel() elements, float32 /
+  bfloat16 / float16) := dequantize(data, scales) in out's dtype.
+
 Backends: ``csrc/cpu/quantize.cpp``, ``csrc/cuda/quantize.cu``, ``kernels/quantize.py``, bit-exact against
 the reference below.  ``pytrain.quant`` builds per-tensor, per-block and per-axis quantization on these.
 
@@ -51,6 +70,11 @@ from .registry import FLOAT_DTYPES, registry
 
 QUANTIZE_SCHEMA = "(Tensor x, str fmt, int group_size, bool stochastic, int seed) -> (Tensor, Tensor)"
 DEQUANTIZE_SCHEMA = "(Tensor data, Tensor scales, int group_size, ScalarType dtype) -> Tensor"
+QUANTIZE_INTO_SCHEMA = ("(Tensor x, Tensor(a!)? residual, Tensor(b!) data, Tensor(c!) scales, str fmt, "
+                        "int group_size) -> ()")
+REQUANTIZE_MEAN_SCHEMA = ("(Tensor data, Tensor scales, Tensor(a!) out_data, Tensor(b!) out_scales, "
+                          "Tensor(c!)? residual, int group_size) -> ()")
+DEQUANTIZE_INTO_SCHEMA = "(Tensor data, Tensor scales, int group_size, Tensor(a!) out) -> ()"
 SEED_LIMIT = 2**63  # seeds are int64 in the schema; the hash uses their low and high 32 bits
 
 
@@ -133,6 +157,37 @@ def dequantize_reference(data: Tensor, scales: Tensor, group_size: int, dtype: t
     return out.reshape(-1)[: data.numel()].view(data.shape).to(dtype)
 
 
+def quantize_into_reference(x: Tensor, residual: Optional[Tensor], data: Tensor, scales: Tensor, fmt: str,
+                            group_size: int) -> None:
+    """quantize(x) into data / scales; with a residual r: quantize(x + r), r := (x + r) - dequantize."""
+    y = x if residual is None else x.to(torch.float32) + residual
+    codes, s = quantize_reference(y, fmt, group_size, False, 0)
+    if residual is not None:
+        residual.copy_(y - dequantize_reference(codes, s, group_size, torch.float32))
+    data.copy_(codes)
+    scales.copy_(s)
+
+
+def requantize_mean_reference(data: Tensor, scales: Tensor, out_data: Tensor, out_scales: Tensor,
+                              residual: Optional[Tensor], group_size: int) -> None:
+    """quantize(mean of the rows' dequantized values) into out_data / out_scales; residual += W * error."""
+    rows = data.shape[0]
+    a = dequantize_reference(data[0].contiguous(), scales[0].contiguous(), group_size, torch.float32)
+    for w in range(1, rows):
+        a = a + dequantize_reference(data[w].contiguous(), scales[w].contiguous(), group_size, torch.float32)
+    a = a / rows
+    codes, s = quantize_reference(a, FORMAT_OF_DTYPE[data.dtype].name, group_size, False, 0)
+    if residual is not None:
+        error = a - dequantize_reference(codes, s, group_size, torch.float32)
+        residual.add_((error * rows)[:residual.numel()])
+    out_data.copy_(codes)
+    out_scales.copy_(s)
+
+
+def dequantize_into_reference(data: Tensor, scales: Tensor, group_size: int, out: Tensor) -> None:
+    out.copy_(dequantize_reference(data, scales, group_size, out.dtype).view(out.shape))
+
+
 # ------------------------------------------------------------------------------------------ contract
 Problems = List[Tuple[type, str]]  # (exception type of the raising path, reason)
 
@@ -175,6 +230,73 @@ def _dequantize_problems(data: Tensor, scales: Tensor, group_size: int, dtype: t
     return out
 
 
+def _written(name: str, t: Tensor, numel: int, dtype: torch.dtype, device: torch.device) -> Problems:
+    """An output / in-out tensor of an ``*_into`` op: ``numel`` elements of ``dtype`` on ``device``, contiguous."""
+    if not isinstance(t, Tensor):
+        return [(TypeError, f"{name} must be a tensor, got {type(t).__name__}")]
+    if t.dtype != dtype:
+        return [(TypeError, f"{name} has dtype {t.dtype}; expected {dtype}")]
+    if t.numel() != numel or t.device != device:
+        return [(ValueError, f"{name} must hold {numel} elements on {device}, got {tuple(t.shape)} on {t.device}")]
+    if not t.is_contiguous() or t.layout != torch.strided:
+        return [(ValueError, f"{name} must be a dense contiguous tensor (strides {t.stride()})")]
+    return []
+
+
+def _quantize_into_problems(x: Tensor, residual: Optional[Tensor], data: Tensor, scales: Tensor, fmt: str,
+                            group_size: int) -> Problems:
+    out = _quantize_problems(x, fmt, group_size, False, 0)
+    if out:
+        return out
+    if x.dtype == torch.float64:
+        return [(TypeError, "dtype torch.float64 not supported (float32, bfloat16, float16)")]
+    if residual is not None:
+        out += _written("residual", residual, x.numel(), torch.float32, x.device)
+    out += _written("data", data, x.numel(), FORMATS[fmt].dtype, x.device)
+    return out + _written("scales", scales, num_groups(x.numel(), group_size), torch.float32, x.device)
+
+
+def _rows(name: str, t: Tensor, dtypes: Tuple[torch.dtype, ...]) -> Problems:
+    if not isinstance(t, Tensor):
+        return [(TypeError, f"{name} must be a tensor, got {type(t).__name__}")]
+    if t.dtype not in dtypes:
+        return [(TypeError, f"{name} has dtype {t.dtype}; expected {' or '.join(str(d) for d in dtypes)}")]
+    if t.dim() != 2 or t.shape[0] < 1 or (t.shape[1] > 1 and t.stride(1) != 1) or t.layout != torch.strided:
+        return [(ValueError, f"{name} must be (rows >= 1, n) with contiguous rows, got shape {tuple(t.shape)} "
+                             f"strides {t.stride() if t.layout == torch.strided else t.layout}")]
+    return []
+
+
+def _requantize_mean_problems(data: Tensor, scales: Tensor, out_data: Tensor, out_scales: Tensor,
+                              residual: Optional[Tensor], group_size: int) -> Problems:
+    out = _group_size_problems(group_size) + _rows("data", data, tuple(FORMAT_OF_DTYPE))
+    out += _rows("scales", scales, (torch.float32,))
+    if out:
+        return out
+    (rows, n), groups = data.shape, num_groups(data.shape[1], group_size)
+    if scales.shape != (rows, groups) or scales.device != data.device:
+        return [(ValueError, f"scales must be ({rows}, {groups}) float32 on {data.device} for data "
+                             f"{tuple(data.shape)} in groups of {group_size}, got {tuple(scales.shape)} on "
+                             f"{scales.device}")]
+    out += _written("out_data", out_data, n, data.dtype, data.device)
+    out += _written("out_scales", out_scales, groups, torch.float32, data.device)
+    if isinstance(residual, Tensor) and residual.numel() > n:
+        return out + [(ValueError, f"residual has {residual.numel()} elements, more than a row's {n}")]
+    if residual is not None:
+        out += _written("residual", residual, residual.numel() if isinstance(residual, Tensor) else 0, torch.float32,
+                        data.device)
+    return out
+
+
+def _dequantize_into_problems(data: Tensor, scales: Tensor, group_size: int, out: Tensor) -> Problems:
+    if not isinstance(out, Tensor):
+        return [(TypeError, f"out must be a tensor, got {type(out).__name__}")]
+    problems = _dequantize_problems(data, scales, group_size, out.dtype)
+    if not problems and out.dtype == torch.float64:
+        problems.append((TypeError, "output dtype torch.float64 not supported (float32, bfloat16, float16)"))
+    return problems or _written("out", out, data.numel(), out.dtype, data.device)
+
+
 def unsupported(x: Tensor, fmt: str, group_size: int, *, stochastic: bool = False, seed: int = 0) -> List[str]:
     """Why ``quantize_groups(x, fmt, group_size, ...)`` cannot run (empty when it can); the raising path
     and callers that choose another route (``pytrain.quant``) share these rules."""
@@ -212,9 +334,34 @@ def _triton_dequantize(data, scales, group_size, dtype):
     return dequantize(data, FORMAT_OF_DTYPE[data.dtype], scales, group_size, dtype)
 
 
+def _written_fake(*args):
+    return None
+
+
+def _triton_quantize_into(x, residual, data, scales, fmt, group_size):
+    from ..kernels.quantize import quantize_into
+    quantize_into(x, residual, data, scales, FORMATS[fmt], group_size, False, 0)
+
+
+def _triton_requantize_mean(data, scales, out_data, out_scales, residual, group_size):
+    from ..kernels.quantize import requantize_mean
+    requantize_mean(data, scales, out_data, out_scales, residual, FORMAT_OF_DTYPE[data.dtype], group_size)
+
+
+def _triton_dequantize_into(data, scales, group_size, out):
+    from ..kernels.quantize import dequantize_into
+    dequantize_into(data, FORMAT_OF_DTYPE[data.dtype], scales, group_size, out)
+
+
 define_op("quantize", QUANTIZE_SCHEMA, reference=quantize_reference, fake=_quantize_fake, triton=_triton_quantize)
 define_op("dequantize", DEQUANTIZE_SCHEMA, reference=dequantize_reference, fake=_dequantize_fake,
           triton=_triton_dequantize)
+define_op("quantize_into", QUANTIZE_INTO_SCHEMA, reference=quantize_into_reference, fake=_written_fake,
+          triton=_triton_quantize_into)
+define_op("requantize_mean", REQUANTIZE_MEAN_SCHEMA, reference=requantize_mean_reference, fake=_written_fake,
+          triton=_triton_requantize_mean)
+define_op("dequantize_into", DEQUANTIZE_INTO_SCHEMA, reference=dequantize_into_reference, fake=_written_fake,
+          triton=_triton_dequantize_into)
 
 
 def quantize_groups(x: Tensor, fmt: str, group_size: int, *, stochastic: bool = False, seed: int = 0,
@@ -236,3 +383,30 @@ def dequantize_groups(data: Tensor, scales: Tensor, group_size: int, dtype: torc
     if data.numel() == 0:
         return _dequantize_fake(data, scales, group_size, dtype)
     return registry("dequantize").select(data.device, dtype, impl).fn(data, scales, group_size, dtype)
+
+
+def quantize_into(x: Tensor, residual: Optional[Tensor], data: Tensor, scales: Tensor, fmt: str, group_size: int, *,
+                  impl: Optional[str] = None) -> None:
+    """Quantize ``x`` ((n,) contiguous) into ``data`` ((n,) codes) and ``scales`` ((ceil(n / group_size),) float32);
+    with ``residual`` ((n,) float32), quantize x + residual and leave the error in residual (module docstring)."""
+    _raise_first("quantize_into", _quantize_into_problems(x, residual, data, scales, fmt, group_size))
+    if x.numel():
+        registry("quantize_into").select(x.device, x.dtype, impl).fn(x, residual, data, scales, fmt, group_size)
+
+
+def requantize_mean(data: Tensor, scales: Tensor, out_data: Tensor, out_scales: Tensor, residual: Optional[Tensor],
+                    group_size: int, *, impl: Optional[str] = None) -> None:
+    """Quantize the float32 mean of the rows of ``data`` ((W, C) codes, (W, G) ``scales``) into ``out_data`` (C,)
+    and ``out_scales`` (G,); ``residual`` (m <= C float32 elements), if given, gains W times the requantization
+    error (module docstring)."""
+    _raise_first("requantize_mean", _requantize_mean_problems(data, scales, out_data, out_scales, residual, group_size))
+    if data.shape[1]:
+        registry("requantize_mean").select(data.device, torch.float32, impl).fn(data, scales, out_data, out_scales,
+                                                                                residual, group_size)
+
+
+def dequantize_into(data: Tensor, scales: Tensor, group_size: int, out: Tensor, *, impl: Optional[str] = None) -> None:
+    """``out := decode(data) * scale`` per element, in out's dtype (out: contiguous, data.numel() elements)."""
+    _raise_first("dequantize_into", _dequantize_into_problems(data, scales, group_size, out))
+    if data.numel():
+        registry("dequantize_into").select(data.device, out.dtype, impl).fn(data, scales, group_size, out)

@@ -2,6 +2,9 @@
 the CPU, bit for bit (codes, scales and dequantized values: the contract in pytrain/ops/quantize.py fixes every
 rounding).
 
+Also the codec ops of the quantized all-reduce hook (quantize_into with and without error feedback,
+requantize_mean over 1-3 strided rows with residuals of every length, dequantize_into) against their references.
+
 Covered: every format (int8, fp8_e4m3, fp8_e5m2) and granularity (per tensor, per block with a partial last
 block, per axis through pytrain.quant), float32 / bfloat16 / float16 inputs, odd sizes, groups larger than one
 program (the two-phase path), stochastic int8 with seeds whose low / high 32-bit words are 1 (1, 2**32 + 1),
@@ -14,7 +17,8 @@ import math
 import pytest
 import torch
 
-from pytrain.ops.quantize import FORMATS, dequantize_groups, quantize_groups
+from pytrain.ops.quantize import (FORMATS, dequantize_groups, dequantize_into, quantize_groups, quantize_into,
+                                  requantize_mean)
 from pytrain.quant import dequantize, quantize
 from pytrain.testing import gpu
 from pytrain.testing.backends import impl_or_skip
@@ -224,3 +228,88 @@ def test_poisoned_outputs(impl, fmt):
             assert_same(got[0], got[1], want[0], want[1], msg)
             assert_same_values(out, dequantize_groups(want[0], want[1], group, torch.float16, impl="reference"),
                                msg + " dequantized")
+
+
+# ------------------------------------------------------------------------------------ codec ops of the hook
+def _codec_sample(n, seed):
+    """Gradient-like float32 values over several magnitudes, a zero run, a subnormal and a NaN-free tail."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=gen) * torch.exp2(torch.randint(-12, 4, (n,), generator=gen).float())
+    x[3:10] = 0.0
+    x[11] = FLT_MIN / 4
+    return x
+
+
+def _packed(rows, n, fmt, group, seed):
+    """(data (rows, n), scales (rows, groups)): strided rows of one uint8 buffer (codes, 4-byte pad, scales)."""
+    at = -(-(n + 3) // 4) * 4
+    buf = torch.zeros((rows, at + 4 * (-(-n // group))), dtype=torch.uint8)
+    data, scales = buf[:, :n].view(FORMATS[fmt].dtype), buf[:, at:].view(torch.float32)
+    for w in range(rows):
+        codes, s = quantize_groups(_codec_sample(n, seed + w) * (w + 1), fmt, group, impl="reference")
+        data[w].copy_(codes)
+        scales[w].copy_(s)
+    return buf, data, scales
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("group", [7, 256, 8193, 100_003])
+def test_quantize_into_matches_reference(impl, fmt, dtype, group):
+    impl_or_skip("quantize_into", impl, gpu.DEVICE)
+    n = 300_007
+    x = _codec_sample(n, 1).to(DTYPES[dtype])
+    x[n // 2] = math.nan
+    r = _codec_sample(n, 2) * 1e-2
+    for residual in (None, r):
+        want_data, want_scales = torch.empty(n, dtype=FORMATS[fmt].dtype), torch.empty(-(-n // group))
+        want_r = None if residual is None else residual.clone()
+        quantize_into(x, want_r, want_data, want_scales, fmt, group, impl="reference")
+        got_data = torch.empty(n, dtype=FORMATS[fmt].dtype, device=gpu.DEVICE)
+        got_scales = torch.full((-(-n // group),), 7.0, device=gpu.DEVICE)
+        got_r = None if residual is None else residual.to(gpu.DEVICE)
+        quantize_into(x.to(gpu.DEVICE), got_r, got_data, got_scales, fmt, group, impl=impl)
+        msg = f"quantize_into {impl} {fmt} {dtype} group {group} residual {residual is not None}"
+        assert_same(got_data, got_scales, want_data, want_scales, msg)
+        if residual is not None:
+            assert_same_values(got_r, want_r, f"{msg}: residual")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("rows", [1, 2, 3])
+@pytest.mark.parametrize("group", [7, 256, 8193])
+def test_requantize_mean_matches_reference(impl, fmt, rows, group):
+    impl_or_skip("requantize_mean", impl, gpu.DEVICE)
+    n = 100_003
+    buf, data, scales = _packed(rows, n, fmt, group, seed=3)
+    scales[0, 2] = math.nan
+    for m in (None, 0, n // 2, n):
+        residual = None if m is None else _codec_sample(m, 4) * 1e-2
+        want = torch.empty(n, dtype=data.dtype), torch.empty(-(-n // group))
+        want_r = None if residual is None else residual.clone()
+        requantize_mean(data, scales, *want, want_r, group, impl="reference")
+        gbuf = buf.to(gpu.DEVICE)
+        gdata, gscales = gbuf[:, :n].view(data.dtype), gbuf[:, -scales.shape[1] * 4:].view(torch.float32)
+        got = torch.empty(n, dtype=data.dtype, device=gpu.DEVICE), torch.full((-(-n // group),), 7.0, device=gpu.DEVICE)
+        got_r = None if residual is None else residual.to(gpu.DEVICE)
+        requantize_mean(gdata, gscales, *got, got_r, group, impl=impl)
+        msg = f"requantize_mean {impl} {fmt} rows {rows} group {group} m {m}"
+        assert_same(got[0], got[1], want[0], want[1], msg)
+        if residual is not None:
+            assert_same_values(got_r, want_r, f"{msg}: residual")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_dequantize_into_matches_reference(impl, fmt, dtype):
+    impl_or_skip("dequantize_into", impl, gpu.DEVICE)
+    n, group = 100_003, 256
+    _, data, scales = _packed(1, n, fmt, group, seed=5)
+    want = torch.empty(n, dtype=DTYPES[dtype])
+    dequantize_into(data[0], scales[0], group, want, impl="reference")
+    got = torch.full((n,), 7.0, dtype=DTYPES[dtype], device=gpu.DEVICE)
+    dequantize_into(data[0].to(gpu.DEVICE), scales[0].to(gpu.DEVICE), group, got, impl=impl)
+    assert_same_values(got, want, f"dequantize_into {impl} {fmt} {dtype}")

@@ -35,6 +35,11 @@ def _cases():
         "lamb_step": ([torch.randn(s) for s in SHAPES], [torch.randn(s) for s in SHAPES], _like(), _like(), 1e-3,
                       0.9, 0.999, 0.1, 1e-6, 0.01, 0.1, 0.001, 0.7, True, True),
         "global_norm": ([torch.randn(s) for s in SHAPES],),
+        "quantize_into": (torch.randn(300), torch.randn(300), torch.empty(300, dtype=torch.int8), torch.empty(2),
+                          "int8", 256),
+        "requantize_mean": (torch.randint(-127, 128, (2, 304), dtype=torch.int8)[:, :300], torch.rand(2, 3)[:, 1:],
+                            torch.empty(300, dtype=torch.int8), torch.empty(2), torch.randn(150), 256),
+        "dequantize_into": (torch.randint(-127, 128, (300,), dtype=torch.int8), torch.rand(2), 256, torch.empty(300)),
     }
 
 

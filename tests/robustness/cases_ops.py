@@ -924,6 +924,90 @@ def linear_distillation_loss_cases() -> List[Case]:
     return out
 
 
+# ================================================================ codec ops of the quantized all-reduce hook
+def _codec_args(op, n=70, group=32, fmt="int8"):
+    """Fresh good arguments of pytrain.ops.quantize.<op> (a dict of keywords)."""
+    from pytrain.ops.quantize import FORMATS, num_groups, quantize_groups
+    g, code = num_groups(n, group), FORMATS[fmt].dtype
+    if op == "quantize_into":
+        return dict(x=rand(n), residual=rand(n, seed=1) * 1e-2, data=torch.empty(n, dtype=code),
+                    scales=torch.empty(g), fmt=fmt, group_size=group)
+    rows = [quantize_groups(rand(n, seed=s), fmt, group) for s in (2, 3)]
+    data, scales = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+    if op == "requantize_mean":
+        return dict(data=data, scales=scales, out_data=torch.empty(n, dtype=code), out_scales=torch.empty(g),
+                    residual=rand(n // 2, seed=4) * 1e-2, group_size=group)
+    return dict(data=data[0], scales=scales[0], group_size=group, out=torch.empty(n))
+
+
+def codec_call(op, **change):
+    def run():
+        import pytrain.ops.quantize as q
+        return getattr(q, op)(**{**_codec_args(op), **change})
+    return run
+
+
+CODEC_WRITES = {"quantize_into": ("residual", "data", "scales"),
+                "requantize_mean": ("out_data", "out_scales", "residual"), "dequantize_into": ("out",)}
+
+
+def codec_vs_reference(op, poke, fmt="int8"):
+    """The CPU kernel's written tensors against the reference's (bit-exact by contract), after ``poke(args)``."""
+    def run():
+        import pytrain.ops.quantize as q
+        args = _codec_args(op, fmt=fmt)
+        poke(args)
+        outs = []
+        for impl in ("cpu", "reference"):
+            mine = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+            getattr(q, op)(**mine, impl=impl)
+            outs.append([mine[k].view(torch.uint8) if mine[k].element_size() == 1 else mine[k]
+                         for k in CODEC_WRITES[op]])
+        return outs[0], outs[1]
+    return run
+
+
+def codec_cases() -> List[Case]:
+    out = []
+    fam = "ops.quantize_into"
+    out.append(Case(fam, "residual_short", codec_call("quantize_into", residual=rand(69)),
+                    Raises(ValueError, "residual")))
+    out.append(Case(fam, "residual_bf16", codec_call("quantize_into", residual=rand(70, dtype=torch.bfloat16)),
+                    Raises(TypeError, "residual")))
+    out.append(Case(fam, "data_strided", codec_call("quantize_into", data=torch.empty(140, dtype=torch.int8)[::2]),
+                    Raises(ValueError, "contiguous")))
+    out.append(Case(fam, "scales_wrong_count", codec_call("quantize_into", scales=torch.empty(2)),
+                    Raises(ValueError, "scales")))
+    for dname, dt in BAD_DTYPES.items():
+        out.append(Case(fam, f"x_{dname}", codec_call("quantize_into", x=retype(rand(70), dt)),
+                        Raises(TypeError, "dtype")))
+    fam = "ops.requantize_mean"
+    out.append(Case(fam, "rows_transposed",
+                    codec_call("requantize_mean", data=torch.zeros(70, 2, dtype=torch.int8).t()),
+                    Raises(ValueError, "rows")))
+    out.append(Case(fam, "residual_long", codec_call("requantize_mean", residual=rand(71)),
+                    Raises(ValueError, "residual")))
+    out.append(Case(fam, "scales_rows", codec_call("requantize_mean", scales=torch.rand(3, 3)),
+                    Raises(ValueError, "scales")))
+    fam = "ops.dequantize_into"
+    out.append(Case(fam, "out_short", codec_call("dequantize_into", out=torch.empty(69)), Raises(ValueError, "out")))
+    out.append(Case(fam, "out_int32", codec_call("dequantize_into", out=torch.empty(70, dtype=torch.int32)),
+                    Raises(TypeError, "dtype")))
+    for fmt in ("int8", "fp8_e4m3", "fp8_e5m2"):
+        for vname, value in (("nan", math.nan), ("inf", math.inf), ("huge", 3e38), ("subnormal", 1e-40)):
+            def poke_x(args, value=value):
+                args["x"][5] = value
+                args["residual"][6] = value
+
+            def poke_scale(args, value=value):
+                args["scales"][1, 1] = value
+            out.append(Case("ops.quantize_into", f"{fmt}_{vname}",
+                            codec_vs_reference("quantize_into", poke_x, fmt), Correct(0, 0)))
+            out.append(Case("ops.requantize_mean", f"{fmt}_scale_{vname}",
+                            codec_vs_reference("requantize_mean", poke_scale, fmt), Correct(0, 0)))
+    return out
+
+
 def warmup() -> None:
     """One good call of each op family (first-call set-up outside the cases' time limits)."""
     import pytrain.comm as comm
@@ -933,6 +1017,7 @@ def warmup() -> None:
     ops.global_norm([rand(3)])
     ops.flash_attention(*qkv()).sum()
     quantize_groups(rand(64), "int8", 32)
+    codec_call("requantize_mean")()
     comm.topk(rand(40000), 0.01)
     comm.powersgd_compress(rand(8, 6), rand(6, 2))
     ops.linear_cross_entropy(*lce_inputs())
@@ -940,5 +1025,5 @@ def warmup() -> None:
 
 
 def cases() -> List[Case]:
-    return step_cases() + global_norm_cases() + attention_cases() + quantize_group_cases() + topk_cases() + \
-        powersgd_cases() + linear_cross_entropy_cases() + linear_distillation_loss_cases()
+    return step_cases() + global_norm_cases() + attention_cases() + quantize_group_cases() + codec_cases() + \
+        topk_cases() + powersgd_cases() + linear_cross_entropy_cases() + linear_distillation_loss_cases()

@@ -18,6 +18,12 @@ the second quantization (the average of the ranks' residuals is then exactly wha
 Without it each step's result carries the two rounding errors (about 2^-8 of each block's absmax for int8).
 The first iteration runs a plain all-reduce (DDP rebuilds its buckets after it).  A NaN / inf gives its
 block a NaN scale (see pytrain.quant), so the block's average is NaN on every rank; the residual is then zeroed.
+
+Codec (pytrain/ops/quantize.py), one pass over memory each: ``quantize_into`` quantizes x + r per rank's chunk
+straight into that rank's row of the send buffer and leaves r = (x + r) - dequantize(q) in the same pass;
+``requantize_mean`` dequantizes the W received chunks, averages and requantizes them into the all-gather's row
+and adds the owner's W (a_j - dequantize(quantize(a_j))) to r; ``dequantize_into`` writes the gathered rows
+straight into the bucket.  A row is the chunk's codes, padded to 4 bytes, then its float32 scales.
 """
 
 from typing import Iterator, Tuple
@@ -26,12 +32,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ...quant import FORMATS, QTensor, dequantize, quantize
+from ...ops.quantize import dequantize_into, quantize_into, requantize_mean
+from ...quant import FORMATS
 from ...cost.collectives import bytes_sent
 from ._common import HookState, all_gather_single, submit
-
-SLICE = 1 << 20  # elements dequantized at a time: 4 MB of float32 temporaries, cache-sized and reused by the
-# allocator (whole-bucket temporaries are fresh pages every step, which costs more than the dequantization)
 
 
 class QuantState(HookState):
@@ -55,50 +59,32 @@ class QuantState(HookState):
 
     def compress(self, bucket: dist.GradBucket, x: Tensor) -> None:
         world, n, rank, idx = self.world_size, x.numel(), dist.get_rank(self.process_group), bucket.index()
-        chunk = -(-n // (world * self.block_size)) * self.block_size
-        padded = self.buffer(idx, "padded", (world * chunk,), torch.float32, x.device)  # zero past n, kept so
+        bs = self.block_size
+        chunk = -(-n // (world * bs)) * bs
         res = self.residual(idx, x, torch.float32) if self.error_feedback else None
-        if res is not None:
-            torch.add(x, res, out=padded[:n])
-        else:
-            padded[:n].copy_(x)
-        q = quantize(padded, self.fmt, block_size=self.block_size)
-
-        send = self.pack(q, world, self.buffer(idx, "send", (world, self.row_bytes(chunk)), torch.uint8, x.device))
+        # rank j's part of the bucket, x[j C : (j + 1) C] (shorter or empty at the end), quantized straight into
+        # row j of the send buffer; what lies past n stays zero (codes 0, scales 0: the zero padding's)
+        send = self.buffer(idx, "send", (world, self.row_bytes(chunk)), torch.uint8, x.device)
+        for j, part in self.parts(n, chunk):
+            quantize_into(x[part], None if res is None else res[part],
+                          *self.fields(send[j], chunk, part.stop - part.start), self.fmt, bs)
         recv = self.buffer(idx, "recv", send.shape, torch.uint8, x.device)
         dist.all_to_all_single(recv, send, group=self.process_group, async_op=True).wait()
-        received, mine = self.unpack(recv, chunk), self.buffer(idx, "mine", (chunk,), torch.float32, x.device)
-        for src in range(world):  # slice by slice, cache-resident: mine = (1/W) sum_src dequantize(chunk of src)
-            for lo, part in self.slices(received, src * chunk, (src + 1) * chunk):
-                dst = mine[lo - src * chunk:][:part.numel()]
-                dst.copy_(part) if src == 0 else dst.add_(part)
-                if src == world - 1:
-                    dst.div_(world)
 
-        one = self.pack(quantize(mine, self.fmt, block_size=self.block_size), 1,
-                        self.buffer(idx, "one", (1, self.row_bytes(chunk)), torch.uint8, x.device))
+        # a = (1/W) sum_src dequantize(chunk of src), requantized into the gathered row; the error feedback of
+        # the requantization goes to this rank's own part of the residual
+        own = slice(min(rank * chunk, n), min((rank + 1) * chunk, n))
+        one = self.buffer(idx, "one", (1, self.row_bytes(chunk)), torch.uint8, x.device)
+        requantize_mean(*self.fields(recv, chunk, chunk), *self.fields(one[0], chunk, chunk),
+                        None if res is None else res[own], bs)
         gathered = self.buffer(idx, "gathered", (world, one.shape[1]), torch.uint8, x.device)
         all_gather_single(gathered, one, group=self.process_group, async_op=True).wait()
-        final = self.unpack(gathered, chunk)
-        for lo, part in self.slices(final, 0, n):
-            x[lo:lo + part.numel()].copy_(part)
-        if res is not None:
-            self.feed_back(res, padded, q, mine, x, rank * chunk, bool(torch.isfinite(final.scales).all()))
+        for j, part in self.parts(n, chunk):
+            dequantize_into(*self.fields(gathered[j], chunk, part.stop - part.start), bs, x[part])
+        if res is not None and not bool(torch.isfinite(self.fields(gathered, chunk, chunk)[1]).all()):
+            res.zero_()
         self.count(bytes_sent("all_to_all", send.nbytes, world) + bytes_sent("all_gather", one.nbytes * world, world),
                    bytes_sent("all_reduce", x.nbytes, world))
-
-    def feed_back(self, res: Tensor, padded: Tensor, q: QTensor, mine: Tensor, x: Tensor, start: int,
-                  finite: bool) -> None:
-        """r = input - dequantize(q), plus W times the requantization error (mine - delivered) on the chunk
-        this rank owns, which starts at ``start``; zeros after a non-finite result."""
-        if not finite:
-            res.zero_()
-            return
-        for lo, part in self.slices(q, 0, res.numel()):
-            torch.sub(padded[lo:lo + part.numel()], part, out=res[lo:lo + part.numel()])
-        own = slice(start, min(start + mine.numel(), res.numel()))
-        if own.start < own.stop:
-            res[own].add_(mine[:own.stop - own.start], alpha=self.world_size).sub_(x[own], alpha=self.world_size)
 
     def buffer(self, bucket_index: int, name: str, shape: Tuple[int, ...], dtype: torch.dtype,
                device: torch.device) -> Tensor:
@@ -110,27 +96,22 @@ class QuantState(HookState):
             buf = bufs[name] = torch.zeros(shape, dtype=dtype, device=device)
         return buf
 
+    @staticmethod
+    def parts(n: int, chunk: int) -> Iterator[Tuple[int, slice]]:
+        """(j, slice of x) of the ranks j whose chunk holds elements of x (the last ones may hold none)."""
+        for j, lo in enumerate(range(0, n, chunk)):
+            yield j, slice(lo, min(lo + chunk, n))
+
     def row_bytes(self, chunk: int) -> int:
-        """Bytes of one packed chunk: its codes and its float32 scales."""
-        return chunk + 4 * (chunk // self.block_size)
+        """Bytes of one packed chunk: its codes, padded to 4 bytes, then its float32 scales."""
+        return -(-chunk // 4) * 4 + 4 * (chunk // self.block_size)
 
-    def slices(self, q: QTensor, lo: int, hi: int) -> Iterator[Tuple[int, Tensor]]:
-        """(start, float32 values) of q's elements lo..hi (lo a block boundary), SLICE elements at a time."""
-        bs = self.block_size
-        step = max(1, SLICE // bs) * bs
-        for a in range(lo, hi, step):
-            b = min(a + step, hi)
-            yield a, dequantize(QTensor(q.data[a:b], q.scales[a // bs:-(-b // bs)], self.fmt, bs))
-
-    def pack(self, q: QTensor, rows: int, out: Tensor) -> Tensor:
-        """(rows, codes + scale bytes of one chunk) uint8 into ``out``: row j is what goes to rank j."""
-        return torch.cat([q.data.view(torch.uint8).view(rows, -1), q.scales.view(torch.uint8).view(rows, -1)], dim=1,
-                         out=out)
-
-    def unpack(self, buf: Tensor, chunk: int) -> QTensor:
-        """The QTensor of the rows' chunks laid end to end (each chunk a whole number of blocks)."""
-        return QTensor(buf[:, :chunk].reshape(-1), buf[:, chunk:].reshape(-1).view(torch.float32), self.fmt,
-                       self.block_size)
+    def fields(self, row: Tensor, chunk: int, m: int) -> Tuple[Tensor, Tensor]:
+        """(codes, scales) of the first m elements of the packed chunk(s) ``row`` (one row, or (rows, bytes)):
+        views in the format's dtype and float32."""
+        codes = row[..., :m].view(FORMATS[self.fmt].dtype)
+        at = -(-chunk // 4) * 4
+        return codes, row[..., at:].view(torch.float32)[..., :-(-m // self.block_size)]
 
 
 def quantized_allreduce_hook(state: QuantState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
