@@ -153,7 +153,7 @@ def _hook_table(args, cluster: Cluster) -> str:
     plain = next(e for e in estimates if e.hook == "plain")
     lines = [f"data parallel on {world} ranks over a {collectives.format_rate(rate)} link ({link}); "
              f"{args.params:g} params, square weights of width {args.hidden}; compute {compute:.4g} s per step",
-             "codec times: pytrain.cost.hooks.CODEC_S_PER_PARAM (measured on a loaded 2-core CPU, one thread "
+             "codec times: pytrain.cost.hooks.CODEC_S_PER_PARAM (measured on an idle 2-core CPU, one thread "
              "per rank: a GPU codes far faster)", "",
              "| hook | predicted step s | x plain | comm s | codec s | bytes vs fp32 |", "|---|---|---|---|---|---|"]
     lines += [f"| {e.hook} | {e.step_s:.4g} | {e.step_s / plain.step_s:.2f}x | {e.comm_s:.4g} | {e.codec_s:.4g} | "

@@ -9,9 +9,9 @@ r_h: bytes on the wire / bytes of the fp32 all-reduce (``compression_ratio``: Po
 square width x width weights, top-k 2 x ratio (values and indices), int8 / fp8 (1 + 4 / block) / 4);
 k_h: the codec's seconds per parameter per step (compress + decompress + error feedback), measured by
 ``bench/bench_links.py`` on loopback as the step time the link does not explain.  ``CODEC_S_PER_PARAM`` holds
-those of the 2-core Xeon of ``bench/results/links.md`` (CPU, one thread per rank, loaded machine): rerun the
+those of the 2-core AVX2 EPYC of ``bench/results/links-2026-12-07-cpu-avx2.md`` (CPU, one thread per rank, idle): rerun the
 bench on your own machine before trusting them there (a GPU codes orders of magnitude faster).  ``LINK_EFFICIENCY`` and
-``LINK_ALPHA_S`` come from calibrating the emulated links there (``pytrain.cost.calibrate`` over tbf-limited
+``LINK_ALPHA_S`` come from calibrating the emulated links (the Xeon run of 2026-12-06; the EPYC run gave 95-96%, ``pytrain.cost.calibrate`` over tbf-limited
 veth pairs): the all-reduce reaches ``efficiency`` of the nominal rate.
 """
 from __future__ import annotations
@@ -23,10 +23,10 @@ from ._checks import count, real
 from .collectives import Link
 from .ddp import ddp_step
 
-#: hook -> codec seconds per parameter per step: bench/results/links-2026-12-06-cpu-loaded.md (25.2M params,
-#: 2 ranks, one thread each, on a 2-core Xeon at load ~10-14: noisy to +-30%), codec ms / 25.2M
-CODEC_S_PER_PARAM: Dict[str, float] = {"powersgd_r1": 1.41e-8, "powersgd_r4": 1.03e-8, "powersgd_r8": 1.50e-8,
-                                       "topk_0.1%": 1.79e-8, "topk_1%": 2.11e-8, "int8": 7.09e-8, "fp8": 6.75e-8}
+#: hook -> codec seconds per parameter per step: bench/results/links-2026-12-07-cpu-avx2.md (25.2M params,
+#: 2 ranks, one thread each, on an idle 2-core AVX2 EPYC; the 8-bit hooks on their fused codec ops), codec ms / 25.2M
+CODEC_S_PER_PARAM: Dict[str, float] = {"powersgd_r1": 2.88e-9, "powersgd_r4": 3.67e-9, "powersgd_r8": 4.26e-9,
+                                       "topk_0.1%": 3.03e-9, "topk_1%": 4.16e-9, "int8": 6.16e-9, "fp8": 8.15e-9}
 LINK_EFFICIENCY = 0.97  # all-reduce bandwidth / tbf rate at 0.5 and 1 Gbit/s (10 Gbit/s: 37%, CPU-bound there)
 LINK_ALPHA_S = 1e-3  # the calibrated alphas scatter from 0 to 2.5 ms on the loaded machine
 QUANT_BLOCK = 256
