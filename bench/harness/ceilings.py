@@ -39,7 +39,7 @@ def measure_ceilings(device: torch.device) -> Dict[str, float]:
     """Copy GB/s (read + written) and matmul TFLOP/s on random data, best of several runs.
 
     Sizes are far beyond the last-level cache (256 MiB copies on the CPU, 1 GiB on CUDA) and big
-    enough to fill the machine (2048^3 fp32 product on the CPU, 8192^3 on CUDA)."""
+    enough to fill the machine (2048^3 fp32 product on the CPU, 8192^3 on CUDA; see ``matmul_size``)."""
     cuda = device.type == "cuda"
     src = torch.randn((1 << 28) if cuda else (1 << 26), device=device)
     dst = torch.empty_like(src)
@@ -47,8 +47,28 @@ def measure_ceilings(device: torch.device) -> Dict[str, float]:
            # read + write of the same lines (what an optimizer step does): no write-allocate reads
            "update_GBps": 2 * src.nbytes / best_seconds(lambda: src.add_(1.0), device, 20) / 1e9}
     del src, dst
-    n = 8192 if cuda else 2048
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        n = matmul_size(device, dtype)
         a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
         out[f"{name}_matmul_TFLOPs"] = 2 * n**3 / best_seconds(lambda: torch.mm(a, b), device, 5) / 1e12
     return out
+
+
+def matmul_size(device: torch.device, dtype: torch.dtype) -> int:
+    """n of the n^3 ceiling product: 8192 on CUDA, 2048 on the CPU.  Where a 256^3 probe shows a
+    reduced-precision dtype has no fast GEMM (a 2048^3 product would take over 2 s: bf16 without AVX512_BF16 /
+    AMX runs at 0.3 GFLOP/s there, a minute per product), the largest power of two whose product takes at most
+    0.5 s at the probe's rate.  Such a GEMM is far from the machine's peak at any n (it reaches ~1.2 GFLOP/s at
+    512^3, more than at 2048^3), and the suite need not wait minutes for its ceiling."""
+    if device.type == "cuda":
+        return 8192
+    if dtype == torch.float32:  # every CPU build of torch has a fast fp32 GEMM
+        return 2048
+    a = torch.randn(256, 256, dtype=dtype)
+    rate = 2 * 256**3 / best_seconds(lambda: torch.mm(a, a), device, 3)
+    n = 2048
+    if 2 * n**3 / rate <= 2.0:
+        return n
+    while n > 256 and 2 * n**3 / rate > 0.5:
+        n //= 2
+    return n
