@@ -205,6 +205,33 @@ def dequantize(fmt: str, dtype: str) -> Driver:
     return f"dequantize {fmt} -> {dtype}", run
 
 
+def quantize_into(dtype: str, fmt: str, group: int) -> Driver:
+    """quantize of x + r with error feedback (the quantized all-reduce's first pass)."""
+    def run():
+        from pytrain.kernels.quantize import quantize_into as launch
+        from pytrain.ops.quantize import FORMATS
+
+        spec, n = FORMATS[fmt], group * 3 + 5
+        launch(torch.empty(n, dtype=FLOATS[dtype]), torch.empty(n), torch.empty(n, dtype=spec.dtype),
+               torch.empty(-(-n // group)), spec, group, False, 0)
+
+    return f"quantize_into {dtype} {fmt} group={group} residual", run
+
+
+def requantize_mean(fmt: str, group: int, feedback: bool = True) -> Driver:
+    """The mean of 2 rows of codes requantized (the quantized all-reduce's reduce step)."""
+    def run():
+        from pytrain.kernels.quantize import requantize_mean as launch
+        from pytrain.ops.quantize import FORMATS
+
+        spec, n = FORMATS[fmt], group * 3 + 5
+        groups = -(-n // group)
+        launch(torch.empty(2, n, dtype=spec.dtype), torch.empty(2, groups), torch.empty(n, dtype=spec.dtype),
+               torch.empty(groups), torch.empty(n - 7) if feedback else None, spec, group)
+
+    return f"requantize_mean {fmt} group={group}{' residual' if feedback else ''}", run
+
+
 def topk(dtype: str) -> Driver:
     def run():
         from pytrain.kernels.topk import topk_filter
@@ -303,7 +330,11 @@ def full() -> Iterator[Driver]:
             yield quantize(dtype, "fp8_e5m2", group)
         for fmt in ("int8", "fp8_e4m3", "fp8_e5m2"):
             yield dequantize(fmt, dtype)
+            yield quantize_into(dtype, fmt, 256)
+            yield quantize_into(dtype, fmt, 16384)
         yield topk(dtype)
+    for fmt, group, feedback in itertools.product(("int8", "fp8_e4m3", "fp8_e5m2"), (256, 16384), (False, True)):
+        yield requantize_mean(fmt, group, feedback)
     for rank in (4, 32, 64):
         yield powersgd(rank)
     for dtype, d, (mask, dropout) in itertools.product(FLOATS, HEAD_DIMS, ATTN_FULL_FLAGS):
@@ -334,6 +365,9 @@ def quick() -> Iterator[Driver]:
     yield quantize("fp32", "fp8_e5m2", 16384)
     for fmt in ("int8", "fp8_e4m3", "fp8_e5m2"):
         yield dequantize(fmt, "bf16")
+    yield quantize_into("fp32", "int8", 256)
+    yield requantize_mean("fp8_e4m3", 256)
+    yield requantize_mean("int8", 16384, False)
     yield topk("fp16")
     yield powersgd(4)
     yield linear_cross_entropy("bf16", False, True, True)
@@ -358,6 +392,8 @@ def smoke() -> Iterator[Driver]:
     yield quantize("bf16", "int8", 128, True, seed=1)  # fused
     yield quantize("fp32", "int8", 16384, True, seed=1)  # absmax + cast
     yield dequantize("fp8_e4m3", "fp32")
+    yield requantize_mean("int8", 256)  # fused
+    yield requantize_mean("int8", 16384)  # absmax + cast
     yield topk("bf16")
     yield powersgd(4)
     yield linear_cross_entropy("bf16", False, True, True)
