@@ -3,6 +3,8 @@
 // ops whose schemas pytrain/ops declares.  pybind11 serves only the helpers that are not ops.
 #include <torch/extension.h>
 
+#include <string>
+
 #include "cpu/attention_isa.h"
 
 namespace {
@@ -30,6 +32,19 @@ py::dict cpu_attention_paths() {
   return paths;
 }
 
+// The clone of the PYTRAIN_SIMD kernels (optimizers, quantization, norms, the attention's element-wise code:
+// GCC target_clones, see cpu/multi_tensor.h) that the loader picks on this CPU.
+std::string cpu_simd_clone() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return "x86-64-v4 (AVX-512)";
+  if (__builtin_cpu_supports("x86-64-v3")) return "x86-64-v3 (AVX2 + FMA)";
+  return "default (x86-64)";
+#else
+  return "default";
+#endif
+}
+
 int cpu_fp32_lanes() { return pytrain::cpu::fp32_lanes("attention"); }
 
 bool built_with_cuda() {
@@ -47,6 +62,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_capabilities", &cpu_capabilities, "SIMD features of this CPU: avx2, fma, avx512f, avx512bw, avx512bf16, amx_bf16");
   m.def("cpu_attention_paths", &cpu_attention_paths,
         "GEMM path of the CPU attention kernels per dtype: amx, avx512_bf16 or fp32 (csrc/cpu/attention_isa.h)");
+  m.def("cpu_simd_clone", &cpu_simd_clone,
+        "which target_clones clone of the PYTRAIN_SIMD CPU kernels runs here: x86-64-v4, x86-64-v3 or default");
   m.def("cpu_fp32_lanes", &cpu_fp32_lanes,
         "fp32 vector width of the CPU attention kernels: 16 (AVX-512) or 8 lanes (csrc/cpu/attention_isa.h)");
   m.def("built_with_cuda", &built_with_cuda, "True when the CUDA kernels were compiled into this extension");

@@ -33,6 +33,12 @@ def _cpu_attention_paths() -> Dict[str, str]:
         return {"all": f"unavailable: {err}"}
 
 
+def _cpu_simd_clone() -> str:
+    """The clone of the SIMD CPU kernels (GCC target_clones: x86-64-v4, x86-64-v3 or default) this CPU runs."""
+    ext, why = _extension.load_extension()
+    return ext.cpu_simd_clone() if ext is not None else f"unavailable: {why}"
+
+
 def _cpu_fp32_lanes() -> str:
     """The fp32 vector width of the CPU attention kernels (16 lanes with AVX-512, else 8; csrc/cpu/attention_isa.h)."""
     ext, why = _extension.load_extension()
@@ -82,6 +88,7 @@ def info() -> Dict[str, Any]:
         "cpu_threads": torch.get_num_threads(),
         "cpu_capabilities": _cpu_capabilities(),
         "cpu_attention_paths": _cpu_attention_paths(),
+        "cpu_simd_clone": _cpu_simd_clone(),
         "cpu_fp32_vectors": _cpu_fp32_lanes(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "triton_interpret": _extension.triton_interpreted(),

@@ -8,6 +8,7 @@ import torch
 
 import pytrain
 from pytrain import ops
+from pytrain.info import format_info
 from pytrain.ops.registry import NoImplementationError
 
 
@@ -103,6 +104,21 @@ def test_info_reports_every_op_and_backend():
         assert set(impls) == expected, name
         assert impls["reference"] == "available"
     assert data["torch"] == torch.__version__
+
+
+def test_info_names_the_cpu_simd_clone():
+    """The target_clones clone info names agrees with the CPU's features (x86-64-v4 needs AVX-512, v3 AVX2 + FMA)."""
+    data = pytrain.info()
+    if not data["extension"].startswith("loaded"):
+        pytest.skip(f"extension not built: {data['extension']}")
+    caps, clone = data["cpu_capabilities"], data["cpu_simd_clone"]
+    if caps["avx512f"] and caps["avx512bw"]:
+        assert clone == "x86-64-v4 (AVX-512)"
+    elif caps["avx2"] and caps["fma"]:
+        assert clone == "x86-64-v3 (AVX2 + FMA)"
+    else:
+        assert clone.startswith("default")
+    assert f"cpu_simd_clone     {clone}" in format_info(data)
 
 
 def test_import_without_extension_falls_back_to_reference():
