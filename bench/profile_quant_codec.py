@@ -88,7 +88,8 @@ def main():
                 for i, (g, b) in enumerate(zip(grads, bufs)):
                     with _Outside("bucket refill"):
                         b.copy_(g)  # the bucket as backward leaves it
-                    state.compress(_Bucket(i), b)
+                    for _ in state.compress(_Bucket(i), b):  # a generator: one stage per collective
+                        pass
 
             step()
             step()

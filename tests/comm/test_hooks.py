@@ -4,7 +4,8 @@ Checked: each hook trains the worker's MLP (see ddp_worker.py for model and data
 final loss with several buckets in flight (a hang fails on the gloo timeout / the launch timeout), every rank ends
 with identical parameters, allreduce_hook equals DDP's default, the PowerSGD hook's averaged gradients equal
 torch's powerSGD_hook's (same settings and seed, one bucket), NaN gradients stay non-finite, state save / load
-round trips bitwise, and bad states / inputs raise clear errors.
+round trips bitwise, and bad states / inputs raise clear errors.  On one rank: the ordered worker's pipelined
+schedule (which stage of which bucket runs when, when futures complete) and its failure path.
 """
 import math
 import re
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from pytrain.comm import HOOK_NAMES, PowerSGDState, QuantState, TopKState, make_hook
+from pytrain.comm.hooks._common import HookState
 from pytrain.testing.processes import launch_ranks
 from pytrain.testing.tolerances import tolerance
 
@@ -198,3 +200,81 @@ def test_resume_into_another_model_is_a_clear_error(resumed):
     for rank in range(2):
         assert "parameter 0 has shape (64, 32), the state was saved with (128, 32)" in \
             resumed[1][rank]["resume_load"]["wrong_model"]
+
+
+class _Recording(HookState):
+    """A state whose compress has three stages (two collectives' yields) and records (bucket, stage) as they run;
+    it raises in ``fail``'s stage."""
+
+    start_iter = 0
+
+    def __init__(self, fail=None):
+        super().__init__(None)
+        self.events, self.fail = [], fail
+
+    def compress(self, bucket, x):
+        for stage in range(3):
+            self.events.append((bucket.index(), stage))
+            if (bucket.index(), stage) == self.fail:
+                raise RuntimeError("stage failed")
+            if stage < 2:
+                yield
+
+
+class _Bucket:
+    def __init__(self, index, last):
+        self._index, self._last = index, last
+        self._param = torch.zeros(index + 1)
+
+    def index(self):
+        return self._index
+
+    def is_last(self):
+        return self._last
+
+    def parameters(self):
+        return [self._param]
+
+    def buffer(self):
+        return self._param
+
+    def gradients(self):
+        return [self._param]
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def test_pipelined_schedule(one_rank):
+    """Each new bucket starts, then every older one moves on one stage (oldest first); the last drains; a bucket's
+    future completes after its last stage, and the backward's end has counted ``iter``."""
+    state = _Recording()
+    buckets = [_Bucket(i, i == 3) for i in range(4)]
+    futures = [torch.futures.Future() for _ in buckets]
+    done_after = []
+    for bucket, fut in zip(buckets, futures):
+        state.step(bucket, fut)
+        done_after.append([f.done() for f in futures])
+    assert state.events == [(0, 0), (1, 0), (0, 1), (2, 0), (0, 2), (1, 1),
+                            (3, 0), (1, 2), (2, 1), (2, 2), (3, 1), (3, 2)]
+    assert done_after == [[False] * 4, [False] * 4, [True, False, False, False], [True] * 4]
+    assert state.iter == 1 and all(f.value() is b.buffer() for f, b in zip(futures, buckets))
+
+
+def test_pipelined_failure_fails_every_future(one_rank):
+    """A stage that raises fails the job, the buckets in flight and those completed in the same job."""
+    state = _Recording(fail=(1, 1))  # runs in bucket 2's job, after bucket 0 has completed in it
+    buckets = [_Bucket(i, i == 3) for i in range(3)]
+    futures = [torch.futures.Future() for _ in buckets]
+    state.step(buckets[0], futures[0])
+    state.step(buckets[1], futures[1])
+    with pytest.raises(RuntimeError, match="stage failed"):
+        state.step(buckets[2], futures[2])
+    for fut in futures[:2]:
+        with pytest.raises(RuntimeError, match="stage failed"):
+            fut.wait()
+    assert not state._flight and state.iter == 0

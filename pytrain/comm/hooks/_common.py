@@ -8,10 +8,17 @@ and bucket 0's second can then reach the ranks in different orders (the deadlock
 2.14.1).  pytrain's multi-step hooks therefore hand each bucket's whole job (compute and blocking collectives) to
 one process-wide FIFO worker thread (``_ORDERED``): jobs run one at a time in hook-call order, so the sequence of
 collectives is the same on every rank.  The hook returns at once, so backward keeps running while the worker
-compresses and communicates (overlap is kept; what is lost is overlap *between* buckets' collectives, which
-share one link anyway).  The alternative, blocking inside the hook, would stall backward for every bucket's
+compresses and communicates.  The alternative, blocking inside the hook, would stall backward for every bucket's
 round trips.  Single-collective hooks (``allreduce_hook``) issue their collective directly in the hook, which
 is ordered already.
+
+Pipelining.  A state's ``compress`` is a generator: it issues each collective asynchronously and yields, and
+waits for it after the yield.  The worker keeps the buckets in flight in a FIFO and, for each new bucket, runs
+the new one up to its first collective and then moves every older one on by one stage, oldest first; the last
+bucket of a backward drains the FIFO (oldest first, one stage each in turn).  So bucket i's codec (quantizing,
+P = M Q, top-k selection) runs while the bytes of buckets i - 1 and i - 2 are on the wire, instead of after them.
+The schedule depends only on the sequence of buckets, which is the same on every rank, so the collectives are
+issued in the same order everywhere.  A bucket's future completes when its last stage has run.
 
 Bucket layouts and resuming.  DDP puts the gradients into buckets in parameter order for a fresh model's first
 backward and rebuilds them in gradient-ready order after it, so the memories a state keeps per bucket (error
@@ -32,10 +39,11 @@ so ``compression_ratio`` is 1 for ``allreduce_hook``.
 """
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional, Set, Tuple
+from typing import Callable, Deque, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 import torch.distributed as dist
@@ -66,28 +74,22 @@ class CommStats:
         return self.bytes_uncompressed / self.bytes_sent if self.bytes_sent else float("nan")
 
 
-def wait_allreduce(x: Tensor, group) -> Tensor:
-    """Blocking sum all-reduce of ``x`` in place (for jobs running on the ordered worker)."""
-    dist.all_reduce(x, group=group, async_op=True).wait()
-    return x
-
-
 # ------------------------------------------------------------------------------------------ ordering
 class _OrderedWorker:
     """One daemon thread running submitted jobs one at a time, in submission order.
 
-    A job gets its future: it returns the result (set on the future here), or None when it has kept the future
-    to complete it from a later job (``HookState`` regrouping buckets).  Each job runs with the submitting
+    A job gets its future and completes it, then or from a later job (``HookState``: pipelined and regrouped
+    buckets); if the job raises, its future gets the exception.  Each job runs with the submitting
     thread's intra-op thread count: with OpenMP that setting is per thread, and a fresh thread would use every
     core (oversubscribing, e.g. with one thread per rank set by the user)."""
 
     def __init__(self) -> None:
-        self._jobs: "queue.SimpleQueue[Tuple[Callable[[torch.futures.Future], Optional[Tensor]], torch.futures.Future, int]]" = queue.SimpleQueue()
+        self._jobs: "queue.SimpleQueue[Tuple[Callable[[torch.futures.Future], None], torch.futures.Future, int]]" = queue.SimpleQueue()
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
 
-    def submit(self, job: Callable[[torch.futures.Future], Optional[Tensor]]) -> torch.futures.Future:
-        """Queue ``job``; the returned future gets its result (or its exception)."""
+    def submit(self, job: Callable[[torch.futures.Future], None]) -> torch.futures.Future:
+        """Queue ``job``; it completes the returned future (or the future gets its exception)."""
         fut: torch.futures.Future = torch.futures.Future()
         with self._lock:
             if self._thread is None or not self._thread.is_alive():  # first use, or in a forked child
@@ -102,13 +104,10 @@ class _OrderedWorker:
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
             try:
-                result = job(fut)
+                job(fut)
             except BaseException as exc:  # noqa: BLE001 (handed to the waiting backward)
                 if not fut.done():
                     fut.set_exception(exc)
-                continue
-            if result is not None:
-                fut.set_result(result)
 
 
 _ORDERED = _OrderedWorker()
@@ -205,6 +204,7 @@ class HookState:
         self._regroup: Optional[_Regroup] = None
         self._finished: Set[int] = set()  # bucket indices processed in this backward
         self._adopt = False  # this backward's buckets become the layout
+        self._flight: Deque[Tuple[Iterator[None], Tensor, torch.futures.Future]] = collections.deque()  # pipelining
 
     def config(self) -> dict:
         return {}
@@ -222,7 +222,7 @@ class HookState:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_process_group"] = None
-        for key in ("_positions", "_params", "_named", "_regroup", "_finished", "_adopt"):
+        for key in ("_positions", "_params", "_named", "_regroup", "_finished", "_adopt", "_flight"):
             del state[key]
         return state
 
@@ -266,7 +266,8 @@ class HookState:
         """Plain blocking averaged all-reduce of ``x`` in place, counted (ordered worker only)."""
         nbytes = bytes_sent("all_reduce", x.nbytes, self.world_size)
         self.count(nbytes, nbytes)
-        return wait_allreduce(x, self.process_group).div_(self.world_size)
+        dist.all_reduce(x, group=self.process_group, async_op=True).wait()
+        return x.div_(self.world_size)
 
     # -------------------------------------------------------------------------------------- one bucket
     def positions(self, bucket: dist.GradBucket) -> Tuple[int, ...]:
@@ -294,23 +295,31 @@ class HookState:
             self.param_shapes = shapes
         return tuple(out)
 
-    def step(self, bucket: dist.GradBucket, fut: torch.futures.Future) -> Optional[Tensor]:
-        """One bucket's job (on the ordered worker): its averaged buffer, or None when it completes ``fut`` later
-        (regrouping: see the module docstring)."""
+    def step(self, bucket: dist.GradBucket, fut: torch.futures.Future) -> None:
+        """One bucket's job (on the ordered worker).  It completes the futures of the buckets done by now (this
+        one's, or later: see the module docstring) after its bookkeeping, so that a backward's end, where DDP has
+        every future, finds ``iter`` counted."""
+        done: List[Tuple[torch.futures.Future, Tensor]] = []  # (future, averaged buffer) of the buckets completed
         try:
-            x = self._step(bucket, fut)
+            self._step(bucket, fut, done)
         except BaseException as exc:  # the backward fails: every future of it gets the error, the next starts clean
-            for _, _, waiting in self._regroup.waiting if self._regroup is not None else ():
-                if waiting is not fut:
-                    waiting.set_exception(exc)
+            waiting = [w for w, _ in done] + [w for _, _, w in self._flight]
+            waiting += [w for _, _, w in self._regroup.waiting] if self._regroup is not None else []
+            for w in waiting:
+                if w is not fut and not w.done():
+                    w.set_exception(exc)
             self._regroup, self._finished = None, set()
+            self._flight.clear()
             raise
         if bucket.is_last():
             self.iter += 1
             self._finished = set()
-        return x
+        for waiting, x in done:
+            waiting.set_result(x)
 
-    def _step(self, bucket: dist.GradBucket, fut: torch.futures.Future) -> Optional[Tensor]:
+    def _step(self, bucket: dist.GradBucket, fut: torch.futures.Future,
+              done: List[Tuple[torch.futures.Future, Tensor]]) -> None:
+        """Start the bucket (or gather it for regrouping), adding (future, buffer) of completed buckets to ``done``."""
         where = self.positions(bucket)
         index = bucket.index()
         if not self._finished and self._regroup is None:  # a backward's first bucket
@@ -321,24 +330,45 @@ class HookState:
             if self._adopt:
                 self.layout[index] = where
             x = bucket.buffer()
-            self.run(bucket, x)
+            self._flight.append((self.stages(bucket, x), x, fut))
             self._finished.add(index)
-            return x
-        self.regroup(bucket, where, fut)
-        return None
+            self.advance(bucket.is_last(), done)
+        else:
+            self.advance(True, done)  # the pipelined buckets first: the regrouped ones run one at a time
+            self.regroup(bucket, where, fut, done)
 
-    def run(self, bucket, x: Tensor) -> None:
-        """Plain average before ``start_iter``, then ``compress``; waits for the device before DDP reads x."""
+    def advance(self, drain: bool, done: List[Tuple[torch.futures.Future, Tensor]]) -> None:
+        """Run the newest bucket in flight up to its first collective, then every older one by one stage, oldest
+        first (the module docstring's pipelining); with ``drain``, go on until every bucket has completed.
+        Adds (future, buffer) of the buckets completed to ``done``."""
+        order = list(self._flight)
+        if order:
+            order.insert(0, order.pop())  # the newest starts first
+        while order:
+            for entry in order:
+                stages, x, fut = entry
+                if next(stages, StopIteration) is StopIteration:
+                    self._flight.remove(entry)
+                    done.append((fut, x))
+            if not drain:
+                break
+            order = list(self._flight)
+
+    def stages(self, bucket, x: Tensor) -> Iterator[None]:
+        """The bucket's job as a generator (see ``advance``): plain average before ``start_iter``, then ``compress``;
+        waits for the device before DDP reads x."""
         if self.iter < self.start_iter:
             self.average(x)
         else:
-            self.compress(bucket, x)
             self.binding = True
+            yield from self.compress(bucket, x)
         if x.is_cuda:  # the future carries no CUDA events: finish the worker's kernels before DDP reads x
             torch.cuda.current_stream(x.device).synchronize()
 
-    def regroup(self, bucket: dist.GradBucket, where: Tuple[int, ...], fut: torch.futures.Future) -> None:
-        """Gather a live bucket into the saved layout; process every saved bucket that is complete, in order."""
+    def regroup(self, bucket: dist.GradBucket, where: Tuple[int, ...], fut: torch.futures.Future,
+                done: List[Tuple[torch.futures.Future, Tensor]]) -> None:
+        """Gather a live bucket into the saved layout; process every saved bucket that is complete, in order.
+        Adds (future, buffer) of the live buckets whose gradients are all done to ``done``."""
         rg = self._regroup = self._regroup or _Regroup(done=set(self._finished))
         known = {pos for ps in self.layout.values() for pos in ps}
         for pos, grad in zip(where, bucket.gradients()):
@@ -354,7 +384,8 @@ class HookState:
             if not all(pos in rg.grads for pos in members):
                 break  # saved buckets run in their order, as in the saved run
             saved = _SavedBucket(index, [rg.grads[pos] for pos in members])
-            self.run(saved, saved.buffer())
+            for _ in self.stages(saved, saved.buffer()):
+                pass
             for pos, grad in zip(members, saved.gradients()):
                 rg.grads[pos].copy_(grad)
             rg.done.add(index)
@@ -365,12 +396,14 @@ class HookState:
                              "did not all arrive in this backward: the state belongs to another model")
         for entry in [w for w in rg.waiting if not w[0]]:
             rg.waiting.remove(entry)
-            entry[2].set_result(entry[1])
+            done.append((entry[2], entry[1]))
         if bucket.is_last():
             self._regroup = None
 
-    def compress(self, bucket: dist.GradBucket, x: Tensor) -> None:
-        """Replace ``x`` (the flat bucket) in place by its average over the ranks, compressed on the wire.
+    def compress(self, bucket: dist.GradBucket, x: Tensor) -> Iterator[None]:
+        """Replace ``x`` (the flat bucket) in place by its average over the ranks, compressed on the wire: a
+        generator that yields after issuing each collective asynchronously and waits for it after the yield
+        (pipelining: see the module docstring).  Run to its end, it has done the whole bucket.
 
         Each compressing state (PowerSGD, top-k, quantized) defines it; ``AllReduceState`` has no
         compressed path and its hook never calls it."""

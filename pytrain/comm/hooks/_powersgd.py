@@ -30,7 +30,7 @@ step that GradScaler skips does not poison later steps.  Collectives run on the 
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ from torch import Tensor
 
 from ..powersgd import orthogonalize_, powersgd_p, powersgd_q
 from ...cost.collectives import bytes_sent
-from ._common import HookState, submit, wait_allreduce
+from ._common import HookState, submit
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,7 @@ class PowerSGDState(HookState):
                     M[j].copy_(grads[i].view(g.shape))
         return mats
 
-    def compress(self, bucket: dist.GradBucket, x: Tensor) -> None:
+    def compress(self, bucket: dist.GradBucket, x: Tensor) -> Iterator[None]:
         grads, index = bucket.gradients(), bucket.index()
         plan = self.plan(index, grads)
         mats = self.matrices(index, plan, grads)
@@ -189,13 +189,18 @@ class PowerSGDState(HookState):
             torch.cat([t.reshape(-1).float() for t in plain], out=plain_part)
         for M, q, p in zip(mats, qs, ps):
             p.copy_(powersgd_p(M, q))
-        wait_allreduce(flat_p, self.process_group)
+        work = dist.all_reduce(flat_p, group=self.process_group, async_op=True)
+        yield
+        work.wait()
         _unflatten(plain_part.div_(self.world_size), plain)
 
         flat_q, qs = _flat([g.q_shape for g in plan.groups], x.device)
         for M, p, q in zip(mats, ps, qs):
             q.copy_(powersgd_q(M, orthogonalize_(p)))
-        wait_allreduce(flat_q, self.process_group).div_(self.world_size)
+        work = dist.all_reduce(flat_q, group=self.process_group, async_op=True)
+        yield
+        work.wait()
+        flat_q.div_(self.world_size)
 
         if self.decompress(grads, plan, mats, ps, qs) and self.warm_start:
             self.memories["q"][index] = qs

@@ -57,7 +57,7 @@ class QuantState(HookState):
     def config(self) -> dict:
         return {"fmt": self.fmt, "block_size": self.block_size, "error_feedback": self.error_feedback}
 
-    def compress(self, bucket: dist.GradBucket, x: Tensor) -> None:
+    def compress(self, bucket: dist.GradBucket, x: Tensor) -> Iterator[None]:
         world, n, rank, idx = self.world_size, x.numel(), dist.get_rank(self.process_group), bucket.index()
         bs = self.block_size
         chunk = -(-n // (world * bs)) * bs
@@ -69,7 +69,9 @@ class QuantState(HookState):
             quantize_into(x[part], None if res is None else res[part],
                           *self.fields(send[j], chunk, part.stop - part.start), self.fmt, bs)
         recv = self.buffer(idx, "recv", send.shape, torch.uint8, x.device)
-        dist.all_to_all_single(recv, send, group=self.process_group, async_op=True).wait()
+        work = dist.all_to_all_single(recv, send, group=self.process_group, async_op=True)
+        yield
+        work.wait()
 
         # a = (1/W) sum_src dequantize(chunk of src), requantized into the gathered row; the error feedback of
         # the requantization goes to this rank's own part of the residual
@@ -78,7 +80,9 @@ class QuantState(HookState):
         requantize_mean(*self.fields(recv, chunk, chunk), *self.fields(one[0], chunk, chunk),
                         None if res is None else res[own], bs)
         gathered = self.buffer(idx, "gathered", (world, one.shape[1]), torch.uint8, x.device)
-        all_gather_single(gathered, one, group=self.process_group, async_op=True).wait()
+        work = all_gather_single(gathered, one, group=self.process_group, async_op=True)
+        yield
+        work.wait()
         for j, part in self.parts(n, chunk):
             dequantize_into(*self.fields(gathered[j], chunk, part.stop - part.start), bs, x[part])
         if res is not None and not bool(torch.isfinite(self.fields(gathered, chunk, chunk)[1]).all()):

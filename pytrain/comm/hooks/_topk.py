@@ -16,7 +16,7 @@ uninterrupted one would.  Non-finite entries sort above every number in ``topk``
 and lands in the average; the residual is zeroed after such a step.  Buckets need fewer than 2^31 elements.
 """
 
-from typing import Dict
+from typing import Dict, Iterator
 
 import torch
 import torch.distributed as dist
@@ -60,34 +60,36 @@ class TopKState(HookState):
         for key, rng in extra["generators"].items():
             self.generator(torch.device(key)).set_state(rng)
 
-    def compress(self, bucket: dist.GradBucket, x: Tensor) -> None:
+    def compress(self, bucket: dist.GradBucket, x: Tensor) -> Iterator[None]:
         if x.numel() >= INDEX_LIMIT:
             raise ValueError(f"topk_hook: a bucket of {x.numel()} elements is too large (< 2^31; lower bucket_cap_mb)")
+        world, group = self.world_size, self.process_group
         res = self.residual(bucket.index(), x, x.dtype) if self.error_feedback else None
         if res is not None:
             x.add_(res)
         values, indices = topk(x, self.ratio, exact=self.exact, generator=self.generator(x.device))
-        vals, idx, sent = self.gather(values, indices)
-        if res is not None:
-            res.copy_(x).index_fill_(0, indices, 0)
-            if not bool(torch.isfinite(vals).all()):
-                res.zero_()
-        x.zero_().index_add_(0, idx, vals.div_(self.world_size).to(x.dtype))
-        self.count(sent, bytes_sent("all_reduce", x.nbytes, self.world_size))
-
-    def gather(self, values: Tensor, indices: Tensor):
-        """All ranks' (values float32, indices int64), padded with zeros at index 0; and the bytes sent."""
-        world, group = self.world_size, self.process_group
-        counts = torch.empty(world, dtype=torch.int64, device=values.device)
-        count = torch.full((1,), values.numel(), dtype=torch.int64, device=values.device)
-        all_gather_single(counts, count, group=group, async_op=True).wait()
-        send = torch.zeros(2, int(counts.max()), dtype=torch.int32, device=values.device)
+        # every rank's count, then every rank's (value bits, index) pairs padded to the largest count with zeros
+        # at index 0, in one int32 buffer
+        counts = torch.empty(world, dtype=torch.int64, device=x.device)
+        count = torch.full((1,), values.numel(), dtype=torch.int64, device=x.device)
+        work = all_gather_single(counts, count, group=group, async_op=True)
+        yield
+        work.wait()
+        send = torch.zeros(2, int(counts.max()), dtype=torch.int32, device=x.device)
         send[0, :values.numel()] = values.float().view(torch.int32)
         send[1, :values.numel()] = indices
-        recv = torch.empty((world * 2, send.shape[1]), dtype=torch.int32, device=values.device)
-        all_gather_single(recv, send, group=group, async_op=True).wait()
-        sent = bytes_sent("all_gather", (count.nbytes + send.nbytes) * world, world)
-        return recv[0::2].reshape(-1).view(torch.float32), recv[1::2].reshape(-1).long(), sent
+        recv = torch.empty((world * 2, send.shape[1]), dtype=torch.int32, device=x.device)
+        work = all_gather_single(recv, send, group=group, async_op=True)
+        if res is not None:  # while the pairs are on the wire
+            res.copy_(x).index_fill_(0, indices, 0)
+        yield
+        work.wait()
+        vals, idx = recv[0::2].reshape(-1).view(torch.float32), recv[1::2].reshape(-1).long()
+        if res is not None and not bool(torch.isfinite(vals).all()):
+            res.zero_()
+        x.zero_().index_add_(0, idx, vals.div_(world).to(x.dtype))
+        self.count(bytes_sent("all_gather", (count.nbytes + send.nbytes) * world, world),
+                   bytes_sent("all_reduce", x.nbytes, world))
 
 
 def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
