@@ -6,9 +6,10 @@
 
 Needs root, ip and tc (``pytrain.trainers.emulated_link``; the loopback row runs anywhere).  Per rate, one job of
 2 ranks (one torch thread each): every case below gets its own DDP model (same seed, same data), and the cases'
-steps are interleaved (warm-up rounds, then STEPS rounds of one step per case), so a change of the shared
+steps are interleaved (WARMUP rounds, then ``--rounds`` rounds of one step per case), so a change of the shared
 machine's load hits every case alike; the step time is each case's median.  Then the link itself is calibrated
-(``pytrain.cost.calibrate``: all-reduce of 1, 8 and 32 MiB, alpha and beta), for the cost model.
+(``pytrain.cost.calibrate``: all-reduce of 1, 8 and 32 MiB, alpha, beta and the ranks' CPU seconds per byte
+sent), for the cost model.
 
 Model: bench_hooks' MLP (1024 -> 2048 -> 5 x 2048 x 2048 -> 1024, 25.2M params; "100m": width 4096, 92.3M),
 batch 16 per rank, MSE, SGD, DDP's default 25 MB buckets.  Cases: plain (DDP's own all-reduce), powersgd rank
@@ -36,7 +37,7 @@ from pytrain.trainers import spawn_on_link
 
 from harness.ddp_mlp import mlp, no_communication_hook, timed_step  # bench/harness/ (this script's folder is on sys.path)
 
-WARMUP, STEPS = 3, 5
+WARMUP, ROUNDS = 3, 5
 BATCH = 16
 MODELS = {"25m": (2048, 5), "100m": (4096, 5)}  # name -> (width, depth) of the MLP
 CAL_SIZES = (2**20, 8 * 2**20, 32 * 2**20)  # bandwidth-dominated, around the 25 MB buckets
@@ -61,7 +62,7 @@ def cases() -> Dict[str, Optional[tuple]]:
     return out
 
 
-def measure(model_name: str, only: Optional[list]) -> dict:
+def measure(model_name: str, only: Optional[list], rounds: int = ROUNDS) -> dict:
     """One rank's part of a rate's job; every rank returns the same dict (rank 0's times)."""
     torch.set_num_threads(1)
     world = dist.get_world_size()
@@ -79,7 +80,7 @@ def measure(model_name: str, only: Optional[list]) -> dict:
         runs[name] = (ddp, torch.optim.SGD(ddp.parameters(), lr=1e-3), state, [])
     n_params = sum(p.numel() for p in next(iter(runs.values()))[0].parameters())
     sent0 = {}
-    for step in range(WARMUP + STEPS):
+    for step in range(WARMUP + rounds):
         if step == WARMUP:
             sent0 = {k: r[2].stats.bytes_sent for k, r in runs.items() if hasattr(r[2], "stats")}
         for name, (ddp, opt, state, times) in runs.items():
@@ -88,7 +89,7 @@ def measure(model_name: str, only: Optional[list]) -> dict:
     for name, (ddp, opt, state, times) in runs.items():
         timed = torch.tensor(times[WARMUP:], dtype=torch.float64)
         dist.all_reduce(timed, op=dist.ReduceOp.MAX)  # a step ends when its slowest rank does
-        wire = ((state.stats.bytes_sent - sent0[name]) / STEPS if name in sent0 else
+        wire = ((state.stats.bytes_sent - sent0[name]) / rounds if name in sent0 else
                 0.0 if name == "none" else bytes_sent("all_reduce", 4.0 * n_params, world))
         out["cases"][name] = {"median_s": statistics.median(timed.tolist()), "min_s": float(timed.min()),
                               "max_s": float(timed.max()), "wire_bytes_per_step": wire}
@@ -96,15 +97,15 @@ def measure(model_name: str, only: Optional[list]) -> dict:
     if world > 1:
         cal = calibrate(sizes=CAL_SIZES, repeats=5, warmup=2)
         out["link"] = {"alpha_s": cal.link.alpha, "beta_s_per_byte": cal.link.beta,
-                       "measured": {str(k): v for k, v in cal.measured.items()}}
+                       "host_s_per_byte": cal.host_s_per_byte, "measured": {str(k): v for k, v in cal.measured.items()}}
     return out
 
 
-def run(rates, model_name: str, nproc: int = 2, only: Optional[list] = None) -> list:
+def run(rates, model_name: str, nproc: int = 2, only: Optional[list] = None, rounds: int = ROUNDS) -> list:
     records = []
     for rate in rates:
         start = time.time()
-        result = spawn_on_link(measure, nproc, None if rate == "loopback" else rate, model_name, only,
+        result = spawn_on_link(measure, nproc, None if rate == "loopback" else rate, model_name, only, rounds,
                                timeout_s=TIMEOUT_S)[0]
         result.update(rate=rate, model=model_name, wall_s=time.time() - start)
         records.append(result)
@@ -119,10 +120,11 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="25m", choices=sorted(MODELS))
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--cases", default="", help="comma-separated subset of the cases (default: all)")
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help="timed rounds (one step per case each)")
     parser.add_argument("--out", default=None, help="append the records to this JSON file (a list)")
     args = parser.parse_args(argv)
     records = run([r.strip() for r in args.rates.split(",") if r.strip()], args.model, args.nproc,
-                  [c for c in args.cases.split(",") if c] or None)
+                  [c for c in args.cases.split(",") if c] or None, args.rounds)
     if args.out:
         path = Path(args.out)
         old = json.loads(path.read_text()) if path.exists() else []

@@ -3,12 +3,13 @@
     python bench/plot_links.py bench/results/links.json --md bench/results/links.md --png bench/results/links.png
 
 The cost model (``pytrain.cost.ddp.ddp_step`` per hook, as ``pytrain.cost.hooks`` uses it): per record (one
-rate), compute = that job's no-communication step, link = that job's calibrated alpha/beta, compression ratio =
+rate), compute = that job's no-communication step, link = that job's calibrated alpha/beta and host seconds per
+byte (the ranks' CPU work per byte sent), compression ratio =
 the hook's measured wire bytes / plain all-reduce's; codec seconds = what a hook's step
 has beyond the model without codec, the median over the rates (on loopback and fast links that remainder is
 mostly the codec's work; the median keeps one noisy job from setting it).  The
 plot: step time against link rate, one colour per hook, measured points and the predicted curve (link of the
-mean calibrated efficiency and alpha, compute of the mean floor).
+mean calibrated efficiency, alpha and host seconds per byte, compute of the first rated record's floor).
 """
 import argparse
 import json
@@ -30,7 +31,8 @@ def predict(rec: dict, hook: str, codec_s: float) -> float:
     cases = rec["cases"]
     ratio = cases[hook]["wire_bytes_per_step"] / cases["plain"]["wire_bytes_per_step"]
     return ddp_step(rec["n_params"], compute_s=cases["none"]["median_s"], world_size=rec["world_size"],
-                    link=_link(rec), compression_ratio=ratio, codec_s=codec_s).step_s
+                    link=_link(rec), compression_ratio=ratio, codec_s=codec_s,
+                    host_s_per_byte=rec["link"].get("host_s_per_byte", 0.0)).step_s
 
 
 def codecs(records: List[dict]) -> Dict[str, float]:
@@ -92,13 +94,14 @@ def plot(records: List[dict], path: str) -> None:
     effs = [8 / _link(r).beta / parse_rate(r["rate"]) for r in rated]
     alpha = statistics.mean(_link(r).alpha for r in rated)
     eff = statistics.mean(effs)
+    host = statistics.mean(r["link"].get("host_s_per_byte", 0.0) for r in rated)
     grid = [0.3e9 * (40 / 0.3) ** (i / 60) for i in range(61)]
     for i, hook in enumerate(sorted({r["hook"] for r in table})):
         pts = sorted((parse_rate(r["rate"]), r["measured_s"]) for r in table if r["hook"] == hook)
         colour = f"C{i % 10}"
         ax.plot([p[0] / 1e9 for p in pts], [p[1] for p in pts], "o", color=colour, label=f"{hook} measured")
         base = rated[0]
-        fake = dict(base, link={"alpha_s": alpha, "beta_s_per_byte": 0.0})
+        fake = dict(base, link={"alpha_s": alpha, "beta_s_per_byte": 0.0, "host_s_per_byte": host})
         codec = codecs(records).get(hook, 0.0)
         curve = []
         for rate in grid:

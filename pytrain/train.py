@@ -410,11 +410,12 @@ def _predicted_step(trainer, summary: dict) -> dict:
     dist.all_reduce(compute, op=dist.ReduceOp.MAX)  # the step waits for the slowest rank
     ratio = _steady_compression(trainer.history)
     estimate = ddp_step(n_params, compute_s=float(compute), optimizer_s=summary["median_opt_s"],
-                        world_size=trainer.world_size, link=calibration.link, compression_ratio=ratio)
+                        world_size=trainer.world_size, link=calibration.link, compression_ratio=ratio,
+                        host_s_per_byte=calibration.host_s_per_byte)
     return {"predicted_step_s": estimate.step_s, "predicted_compute_s": estimate.compute_s,
             "predicted_comm_s": estimate.comm_s, "predicted_exposed_comm_s": estimate.exposed_comm_s,
             "steady_compression": ratio, "link_alpha_s": calibration.link.alpha,
-            "link_beta_s_per_byte": calibration.link.beta}
+            "link_beta_s_per_byte": calibration.link.beta, "link_host_s_per_byte": calibration.host_s_per_byte}
 
 
 def _warn_once_per_job(rank: int) -> None:

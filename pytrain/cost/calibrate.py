@@ -15,6 +15,13 @@ alpha and beta come from a straight line through the per-size medians, weighted 
 error: sizes span decades of time) and made robust with Huber's loss by iteratively reweighted least squares
 (Huber 1964; scale from the median absolute deviation).  A negative fitted intercept or slope is clamped to 0
 and the other coefficient refitted alone.
+
+Host work: the same timed calls also read the process's CPU time (``time.process_time``: every thread, user
+and kernel), and the slope of its per-size medians against the bytes each rank sends (``bytes_sent``) is
+``host_s_per_byte``, the rank's own compute spent per byte on the wire (TCP stack, copies, the reduction).
+Where the link is slower than the host (a real network) it is a small part of beta; on loopback or a fast
+link driven by CPUs it is all of it, and it cannot overlap with a backward pass on the same cores
+(``pytrain.cost.ddp``).
 """
 from __future__ import annotations
 
@@ -28,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from ._checks import count, real
-from .collectives import COLLECTIVES, Link, coefficients
+from .collectives import COLLECTIVES, Link, bytes_sent, coefficients
 
 DEFAULT_SIZES = (16 * 2**10, 512 * 2**10, 8 * 2**20)  # bytes: latency-, mixed- and bandwidth-dominated
 HUBER_K = 1.345  # Huber's constant: 95% efficiency for Gaussian residuals
@@ -38,13 +45,15 @@ HUBER_K = 1.345  # Huber's constant: 95% efficiency for Gaussian residuals
 class Calibration:
     """A fitted link.  ``link``: alpha (s), beta (s/byte); ``op`` and ``world_size`` it was measured with;
     ``measured``: {n_bytes: median seconds} that the fit used; ``validation``: {n_bytes: median seconds} of
-    held-out sizes timed in the same interleaved rounds but not fitted."""
+    held-out sizes timed in the same interleaved rounds but not fitted; ``host_s_per_byte``: CPU seconds of a
+    rank per byte it sends (module docstring; 0 when not measured)."""
 
     link: Link
     op: str
     world_size: int
     measured: Dict[int, float] = field(default_factory=dict)
     validation: Dict[int, float] = field(default_factory=dict)
+    host_s_per_byte: float = 0.0
 
     def predict(self, n_bytes: float, op: Optional[str] = None) -> float:
         """Predicted seconds of collective ``op`` (default: the calibrated one) on ``n_bytes``."""
@@ -86,6 +95,12 @@ def measure_collective(sizes: Sequence[int], group=None, *, repeats: int = 20, w
     """Median seconds of ``op`` for each message size in ``sizes`` (bytes) on ``group`` (default: WORLD),
     the same on every rank (max over ranks of each rank's median).  ``dtype``: the elements sent (the
     reduction's arithmetic, e.g. fp16 on a CPU, costs per byte too).  Every rank of the group must call it."""
+    return _measure(sizes, group, repeats, warmup, op, dtype)[0]
+
+
+def _measure(sizes: Sequence[int], group, repeats: int, warmup: int, op: str,
+             dtype: torch.dtype) -> Tuple[List[float], List[float]]:
+    """``measure_collective``'s medians, and those of the process CPU seconds of the same calls (max over ranks)."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("measure_collective needs an initialized torch.distributed process group")
     if not sizes:
@@ -95,17 +110,20 @@ def measure_collective(sizes: Sequence[int], group=None, *, repeats: int = 20, w
     p = dist.get_world_size(group)
     runs = [_collective(op, n, p, group, dtype) for n in sizes]
     samples: List[List[float]] = [[] for _ in sizes]
+    cpu: List[List[float]] = [[] for _ in sizes]
     for round_ in range(warmup + repeats):
         order = random.Random(round_).sample(range(len(sizes)), len(sizes))  # the same on every rank
-        for run, times in ((runs[i], samples[i]) for i in order):
-            run()  # re-aligns the ranks: its time holds the skew of the previous size
-            start = time.perf_counter()
-            run()
+        for i in order:
+            runs[i]()  # re-aligns the ranks: its time holds the skew of the previous size
+            start, start_cpu = time.perf_counter(), time.process_time()
+            runs[i]()
             if round_ >= warmup:
-                times.append(time.perf_counter() - start)
-    medians = torch.tensor([statistics.median(t) for t in samples], dtype=torch.float64)
+                samples[i].append(time.perf_counter() - start)
+                cpu[i].append(time.process_time() - start_cpu)
+    medians = torch.tensor([[statistics.median(t) for t in samples], [statistics.median(t) for t in cpu]],
+                           dtype=torch.float64)
     dist.all_reduce(medians, op=dist.ReduceOp.MAX, group=group)
-    return medians.tolist()
+    return medians[0].tolist(), medians[1].tolist()
 
 
 def _weighted_line(x: Sequence[float], y: Sequence[float], w: Sequence[float]) -> Tuple[float, float]:
@@ -171,7 +189,11 @@ def calibrate(group=None, sizes: Sequence[int] = DEFAULT_SIZES, repeats: int = 2
     if p < 2:
         raise ValueError(f"calibration needs a group of >= 2 ranks (one rank communicates nothing), got {p}")
     every = list(sizes) + [n for n in validate_sizes if n not in sizes]
-    seconds = dict(zip(every, measure_collective(every, group, repeats=repeats, warmup=warmup, op=op, dtype=dtype)))
+    wall, cpu = _measure(every, group, repeats, warmup, op, dtype)
+    seconds = dict(zip(every, wall))
     cal = fit_link(list(sizes), [seconds[n] for n in sizes], p, op)
     cal.validation = {n: seconds[n] for n in every[len(sizes):]}
+    sent = [bytes_sent(op, n, p) for n in every]
+    if len(set(sent)) >= 2 and all(t > 0 for t in cpu):
+        cal.host_s_per_byte = fit_line(sent, cpu)[1]
     return cal

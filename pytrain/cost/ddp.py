@@ -4,12 +4,16 @@ PyTorch DDP (Li et al. 2020, "PyTorch Distributed: Experiences on Accelerating D
 packs gradients in reverse parameter order into buckets (the first 1 MiB, then ``bucket_cap_mb`` = 25 MiB)
 and all-reduces each bucket as soon as all its gradients are ready, while the backward pass continues.
 Model: forward takes ``(1 - f) c`` and backward ``f c`` of the compute time c (f = 2/3: backward ~ 2x
-forward FLOPs, Kaplan et al. 2020); bucket i, holding a fraction of the gradient bytes, is ready when that
-fraction of the backward is done; buckets go out one at a time in order on one channel:
+forward FLOPs, Kaplan et al. 2020).  The rank's own compute (its cores, or its GPU's SMs) also runs the
+hook's codec (``codec_s`` per step) and the host side of the collectives (``host_s_per_byte`` per byte sent:
+on CPU ranks the TCP stack and copies, see ``calibrate``); that work shares the compute with the backward,
+so it cannot hide behind it: h = codec_s + host_s_per_byte * (bytes sent).  Bucket i, holding a fraction of
+the gradient bytes, is ready when that fraction of the backward and of h is done; buckets go out one at a
+time in order on one channel (the wire):
 
-    ready_i = (1 - f) c + f c * (bytes of buckets 0..i) / (all bytes)
-    start_i = max(ready_i, end_{i-1});   end_i = start_i + codec_i + T_allreduce(r * bucket_i)
-    step    = max(c, end_last) + copy_s + optimizer_s     (overlap=False: c + sum of comm + copy_s + optimizer_s)
+    ready_i = (1 - f) c + (f c + h) * (bytes of buckets 0..i) / (all bytes)
+    start_i = max(ready_i, end_{i-1});   end_i = start_i + T_allreduce(r * bucket_i)
+    step    = max(c + h, end_last) + copy_s + optimizer_s     (overlap=False: c + h + sum of T + copy_s + optimizer_s)
 
 The buckets come in at most three sizes (the first, a run of k equal full ones, the remainder), so the
 recurrence is solved per run, not per bucket: over a run of k buckets of cost C each, unrolled,
@@ -21,7 +25,7 @@ j, so its maximum is at j = 1 or j = k.  A step costs the same to predict for 1 
 
 ``r`` is the compression ratio (bytes sent / bytes of the fp32 gradient: fp16 0.5, int8 ~0.25, top-k
 2k/n with indices, PowerSGD rank-r (m + n) r / (m n)); ``codec_s`` is the per-step time to compress and
-decompress, spread over the buckets by size.  comm/compute ratio = comm_s / compute_s.
+decompress.  ``comm_s`` = h + sum of T; comm/compute ratio = comm_s / compute_s.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from dataclasses import dataclass
 from typing import Callable, List, Tuple
 
 from ._checks import count, real
-from .collectives import Link, ring_allreduce
+from .collectives import Link, bytes_sent, ring_allreduce
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20
 FIRST_BUCKET_BYTES = 2**20
@@ -87,16 +91,18 @@ def _bucket_runs(n_bytes: float, bucket_bytes: float, first_bucket_bytes: float)
 def ddp_step(n_params: int, *, compute_s: float, world_size: int, link: Link,
              bucket_bytes: float = DEFAULT_BUCKET_BYTES, bytes_per_element: int = 4, compression_ratio: float = 1.0,
              overlap: bool = True, codec_s: float = 0.0, optimizer_s: float = 0.0, copy_s: float = 0.0,
-             first_bucket_bytes: float = FIRST_BUCKET_BYTES, backward_fraction: float = BACKWARD_FRACTION,
+             host_s_per_byte: float = 0.0, first_bucket_bytes: float = FIRST_BUCKET_BYTES,
+             backward_fraction: float = BACKWARD_FRACTION,
              allreduce: Callable[[float, int, Link], float] = ring_allreduce) -> DDPStepEstimate:
     """Predicted DDP step (module docstring).  ``compute_s``: forward + backward seconds of one rank (measured,
     or FLOPs / rate); ``optimizer_s``: the optimizer step after the last bucket; ``codec_s``: compression work
-    per step; ``copy_s``: gradient copies into and out of the buckets; ``allreduce(n_bytes, p, link)``: the
-    collective's cost model (ring by default)."""
+    per step; ``copy_s``: gradient copies into and out of the buckets; ``host_s_per_byte``: the rank's compute
+    per byte it sends (``Calibration.host_s_per_byte``; 0 where a NIC or NCCL moves the bytes);
+    ``allreduce(n_bytes, p, link)``: the collective's cost model (ring by default)."""
     n_params, bytes_per_element = count("n_params", n_params, 0), count("bytes_per_element", bytes_per_element)
     world_size = count("world_size", world_size)
     for name, seconds in (("compute_s", compute_s), ("codec_s", codec_s), ("optimizer_s", optimizer_s),
-                          ("copy_s", copy_s)):
+                          ("copy_s", copy_s), ("host_s_per_byte", host_s_per_byte)):
         real(name, seconds, unit="s")
     real("compression_ratio (bytes sent / gradient bytes)", compression_ratio, strict=True, maximum=1.0)
     real("backward_fraction", backward_fraction, maximum=1.0)
@@ -106,17 +112,20 @@ def ddp_step(n_params: int, *, compute_s: float, world_size: int, link: Link,
         raise TypeError(f"allreduce must be a cost function (n_bytes, p, link) -> seconds, got {allreduce!r}")
     total = n_params * bytes_per_element
     runs = _bucket_runs(total, bucket_bytes, first_bucket_bytes)
-    forward, backward = (1 - backward_fraction) * compute_s, backward_fraction * compute_s
-    done = end = comm = 0.0
+    host = codec_s + host_s_per_byte * sum(n * bytes_sent("all_reduce", size * compression_ratio, world_size)
+                                           for size, n in runs)
+    forward, backward = (1 - backward_fraction) * compute_s, backward_fraction * compute_s + host
+    done = end = wire = 0.0
     sent: List[float] = []  # bytes each bucket sends
     for size, n in runs:  # n buckets of `size` bytes, each ready when its bytes' share of the backward is done
-        cost = codec_s * size / total + allreduce(size * compression_ratio, world_size, link)
+        cost = allreduce(size * compression_ratio, world_size, link)
         ready_first, ready_last = (forward + backward * (done + j * size) / total for j in (1, n))
         end = max(end + n * cost, ready_first + n * cost, ready_last + cost)  # the module docstring's end_k
-        comm += n * cost
+        wire += n * cost
         done += n * size
         sent += [size * compression_ratio] * n
-    exposed = max(0.0, end - compute_s) if overlap else comm
+    comm = host + wire
+    exposed = max(host, end - compute_s) if overlap else comm
     full_compute = compute_s + optimizer_s + copy_s
     return DDPStepEstimate(full_compute, comm, exposed, full_compute + exposed,
                            comm / full_compute if full_compute > 0 else (float("inf") if comm else 0.0),

@@ -2,7 +2,7 @@
 
 Per hook h on W ranks, for a model of N fp32 parameters whose step computes for c seconds:
 
-    step(h) = ddp_step(N, compute_s=c, link, compression_ratio=r_h, codec_s=k_h N)       (see ``ddp``)
+    step(h) = ddp_step(N, compute_s=c, link, compression_ratio=r_h, codec_s=k_h N, host_s_per_byte=kappa)
     link    = Link(alpha, 8 / (rate * efficiency))                                       (bytes/s on the wire)
 
 r_h: bytes on the wire / bytes of the fp32 all-reduce (``compression_ratio``: PowerSGD rank r ~ 2 r / width for
@@ -29,6 +29,9 @@ CODEC_S_PER_PARAM: Dict[str, float] = {"powersgd_r1": 2.88e-9, "powersgd_r4": 3.
                                        "topk_0.1%": 3.03e-9, "topk_1%": 4.16e-9, "int8": 6.16e-9, "fp8": 8.15e-9}
 LINK_EFFICIENCY = 0.97  # all-reduce bandwidth / tbf rate at 0.5 and 1 Gbit/s (10 Gbit/s: 37%, CPU-bound there)
 LINK_ALPHA_S = 1e-3  # the calibrated alphas scatter from 0 to 2.5 ms on the loaded machine
+#: kappa: CPU seconds a rank spends per byte it sends over TCP (``Calibration.host_s_per_byte``), the median of
+#: the emulated links' calibrations in bench/results/links-2026-12-07-cpu-avx2.md (0 for NCCL on GPUs)
+LINK_HOST_S_PER_BYTE = 0.0
 QUANT_BLOCK = 256
 
 
@@ -61,15 +64,16 @@ def link_for_rate(rate_bits: float, efficiency: float = LINK_EFFICIENCY, alpha_s
 
 
 def hook_steps(n_params: int, width: int, compute_s: float, link: Link, world_size: int = 2,
-               codec_s_per_param: Dict[str, float] = None) -> List[HookEstimate]:
+               codec_s_per_param: Dict[str, float] = None,
+               host_s_per_byte: float = LINK_HOST_S_PER_BYTE) -> List[HookEstimate]:
     """Predicted step of every hook of ``codec_s_per_param`` (default ``CODEC_S_PER_PARAM``, and plain),
-    fastest first."""
+    fastest first; ``host_s_per_byte``: the ranks' compute per byte sent (see ``pytrain.cost.ddp``)."""
     codecs = dict(CODEC_S_PER_PARAM if codec_s_per_param is None else codec_s_per_param)
     codecs.setdefault("plain", 0.0)
     out = []
     for hook, k in codecs.items():
         r = compression_ratio(hook, width)
         est = ddp_step(count("n_params", n_params), compute_s=compute_s, world_size=world_size, link=link,
-                       compression_ratio=r, codec_s=k * n_params)
+                       compression_ratio=r, codec_s=k * n_params, host_s_per_byte=host_s_per_byte)
         out.append(HookEstimate(hook, est.step_s, est.comm_s, k * n_params, r))
     return sorted(out, key=lambda e: e.step_s)

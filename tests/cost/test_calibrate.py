@@ -1,6 +1,6 @@
 """calibrate: the fit recovers a known link exactly from synthetic timings (every collective, several group
-sizes), and a calibration on a real gloo group (2 processes) returns a finite, non-negative link that every rank
-agrees on, fitted on the sizes asked for.
+sizes), and a calibration on a real gloo group (2 processes) returns a finite, non-negative link and a positive
+host CPU cost per byte that every rank agrees on, fitted on the sizes asked for.
 
 No timing assertion here: how well a calibration on a shared machine predicts other message sizes depends on the
 machine's load (held-out errors moved by 60 points between two runs on an idle 2-core VM, and failed a 3x bound on a
@@ -45,6 +45,8 @@ def test_calibrates_a_real_group(calibrated):
     assert all(math.isfinite(t) and t > 0 for t in times)
     assert all(math.isfinite(e) for e in cal.relative_errors(held_out=True).values())
     assert all(cal.predict(n) > 0 for n in HELD_OUT_SIZES)
+    # on loopback the ranks' own CPUs move the bytes: the CPU time grows with the bytes sent
+    assert math.isfinite(cal.host_s_per_byte) and cal.host_s_per_byte > 0
 
 
 @pytest.mark.parametrize("op", sorted(COLLECTIVES))

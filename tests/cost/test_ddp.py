@@ -88,6 +88,7 @@ def test_monotonic():
     (dict(backward_fraction=2.0), "backward_fraction"),
     (dict(bucket_bytes=0), "bucket"),
     (dict(bucket_bytes=math.nan), "bucket_bytes"),
+    (dict(host_s_per_byte=-1e-9), "host_s_per_byte"),
 ])
 def test_bad_input(kwargs, match):
     args = {**dict(compute_s=0.1, world_size=2, link=LINK), **kwargs}
@@ -95,31 +96,45 @@ def test_bad_input(kwargs, match):
         ddp_step(10**6, **args)
 
 
-def _per_bucket(n_params, compute_s, world_size, link, bucket_bytes, backward_fraction, codec_s, ratio):
-    """(end of the last all-reduce, total comm) of the module docstring's recurrence, one bucket at a time."""
+def _per_bucket(n_params, compute_s, world_size, link, bucket_bytes, backward_fraction, codec_s, ratio, host):
+    """(end of the last all-reduce, total comm, host work) of the module docstring's recurrence, one bucket at a
+    time, with ``host`` seconds of the rank's compute per byte sent."""
     total = 4 * n_params
+    sizes = bucket_sizes(total, bucket_bytes)
+    h = codec_s + host * sum(2 * (world_size - 1) / world_size * size * ratio for size in sizes)
     done = end = comm = 0.0
-    for size in bucket_sizes(total, bucket_bytes):
+    for size in sizes:
         done += size
-        cost = codec_s * size / total + ring_allreduce(size * ratio, world_size, link)
+        cost = ring_allreduce(size * ratio, world_size, link)
         comm += cost
-        end = max((1 - backward_fraction) * compute_s + backward_fraction * compute_s * done / total, end) + cost
-    return end, comm
+        ready = (1 - backward_fraction) * compute_s + (backward_fraction * compute_s + h) * done / total
+        end = max(ready, end) + cost
+    return end, comm + h, h
 
 
 @pytest.mark.parametrize("compute_s", [1e-4, 0.05, 0.3, 10.0])  # all-reduce bound ... hidden behind backward
 @pytest.mark.parametrize("n_params, bucket_bytes", [(123_456_789, 25 * MiB), (10**7, 3e6), (10**6 // 3, 25 * MiB),
                                                     (25 * MiB // 4, 25 * MiB)])
-@pytest.mark.parametrize("backward_fraction, codec_s, ratio", [(2 / 3, 0.0, 1.0), (0.3, 0.01, 0.25), (1.0, 0.0, 0.5)])
+@pytest.mark.parametrize("backward_fraction, codec_s, ratio, host", [(2 / 3, 0.0, 1.0, 0.0), (0.3, 0.01, 0.25, 0.0),
+                                                                     (1.0, 0.0, 0.5, 0.0), (2 / 3, 0.02, 0.3, 1e-9)])
 def test_runs_of_equal_buckets_match_the_per_bucket_recurrence(compute_s, n_params, bucket_bytes, backward_fraction,
-                                                                codec_s, ratio):
+                                                                codec_s, ratio, host):
     """ddp_step solves the recurrence once per run of equal buckets; the answer is the bucket-by-bucket one."""
     est = ddp_step(n_params, compute_s=compute_s, world_size=8, link=LINK, bucket_bytes=bucket_bytes,
-                   backward_fraction=backward_fraction, codec_s=codec_s, compression_ratio=ratio)
-    end, comm = _per_bucket(n_params, compute_s, 8, LINK, bucket_bytes, backward_fraction, codec_s, ratio)
+                   backward_fraction=backward_fraction, codec_s=codec_s, compression_ratio=ratio,
+                   host_s_per_byte=host)
+    end, comm, h = _per_bucket(n_params, compute_s, 8, LINK, bucket_bytes, backward_fraction, codec_s, ratio, host)
     assert est.comm_s == pytest.approx(comm, rel=1e-12)
-    assert est.exposed_comm_s == pytest.approx(max(0.0, end - compute_s), rel=1e-9, abs=1e-15)
+    assert est.exposed_comm_s == pytest.approx(max(h, end - compute_s), rel=1e-9, abs=1e-15)
     assert list(est.buckets) == pytest.approx([b * ratio for b in bucket_sizes(4 * n_params, bucket_bytes)])
+
+
+def test_host_work_does_not_hide_behind_the_backward():
+    """Codec and host work share the rank's compute: on a link far faster than the backward, the step is the
+    compute plus all of that work."""
+    fast = Link(0.0, 1e-15)
+    est = ddp_step(10**7, compute_s=1.0, world_size=2, link=fast, codec_s=0.05, host_s_per_byte=1e-9)
+    assert est.step_s == pytest.approx(1.0 + 0.05 + 1e-9 * 4e7, rel=1e-6)
 
 
 def test_cost_does_not_grow_with_the_bucket_count():
