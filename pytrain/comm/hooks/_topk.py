@@ -2,11 +2,11 @@
 
 Per bucket x (flattened) on each of W ranks, with r the residual of the previous step:
 
-    x <- x + r                                     (error feedback)
-    (v, i) = topk(x, ratio)                        pytrain.comm.topk: exact, or approximate (k to 1.25 k entries)
+    r <- r + x                                     (error feedback, built in the residual's own memory)
+    (v, i) = topk(r, ratio)                        pytrain.comm.topk: exact, or approximate (k to 1.25 k entries)
     all-gather the counts, then the (v, i) pairs padded to the largest count (one int32 buffer: value bits, index)
     x_hat = (1/W) sum_ranks scatter_add(i, v)      the same on every rank (same gather order)
-    r <- x with the sent entries zeroed
+    r[i] <- 0                                      what was sent leaves the residual
 
 Bytes per rank: (W - 1) * 8 * max count (+ 8 for the count), against 2 (W - 1) / W * 4 * numel for a plain
 all-reduce: ratio 0.01 on 2 ranks sends ~50x less.  The first iteration runs a plain all-reduce (DDP rebuilds
@@ -65,9 +65,8 @@ class TopKState(HookState):
             raise ValueError(f"topk_hook: a bucket of {x.numel()} elements is too large (< 2^31; lower bucket_cap_mb)")
         world, group = self.world_size, self.process_group
         res = self.residual(bucket.index(), x, x.dtype) if self.error_feedback else None
-        if res is not None:
-            x.add_(res)
-        values, indices = topk(x, self.ratio, exact=self.exact, generator=self.generator(x.device))
+        acc = x if res is None else res.add_(x)  # x + r, built in the residual: it is what stays unsent
+        values, indices = topk(acc, self.ratio, exact=self.exact, generator=self.generator(x.device))
         # every rank's count, then every rank's (value bits, index) pairs padded to the largest count with zeros
         # at index 0, in one int32 buffer
         counts = torch.empty(world, dtype=torch.int64, device=x.device)
@@ -81,7 +80,7 @@ class TopKState(HookState):
         recv = torch.empty((world * 2, send.shape[1]), dtype=torch.int32, device=x.device)
         work = all_gather_single(recv, send, group=group, async_op=True)
         if res is not None:  # while the pairs are on the wire
-            res.copy_(x).index_fill_(0, indices, 0)
+            res.index_fill_(0, indices, 0)
         yield
         work.wait()
         vals, idx = recv[0::2].reshape(-1).view(torch.float32), recv[1::2].reshape(-1).long()
