@@ -45,29 +45,39 @@ def codecs(records: List[dict]) -> Dict[str, float]:
     return out
 
 
-def rows(records: List[dict]) -> List[dict]:
+def codec_per_param(records: List[dict]) -> Dict[str, float]:
+    """hook -> codec seconds per parameter per step, from ``codecs`` of each model's records (the median over models)."""
+    fits = [{h: c / recs[0]["n_params"] for h, c in codecs(recs).items()}
+            for recs in ([r for r in records if r["model"] == m] for m in sorted({r["model"] for r in records}))]
+    return {h: statistics.median(f[h] for f in fits if h in f) for h in fits[0]}
+
+
+def rows(records: List[dict], per_param: Dict[str, float] = None) -> List[dict]:
+    """Table rows; codec seconds fitted on ``records`` themselves, or ``per_param`` x the model's parameters
+    (codecs fitted on other records: an out-of-sample check of the model)."""
     out = []
     for model in sorted({r["model"] for r in records}):
         recs = [r for r in records if r["model"] == model]
-        codec = codecs(recs)
+        codec = codecs(recs) if per_param is None else {h: k * recs[0]["n_params"] for h, k in per_param.items()}
         for rec in recs:
             plain = rec["cases"]["plain"]["median_s"]
             for hook, c in rec["cases"].items():
                 if hook == "none":
                     continue
                 pred = predict(rec, hook, codec.get(hook, 0.0)) if hook in codec else float("nan")
-                out.append(dict(model=model, rate=rec["rate"], hook=hook, measured_s=c["median_s"],
+                out.append(dict(model=model, world_size=rec["world_size"], rate=rec["rate"], hook=hook,
+                                measured_s=c["median_s"],
                                 min_s=c["min_s"], max_s=c["max_s"], vs_plain=c["median_s"] / plain,
                                 predicted_s=pred, error=pred / c["median_s"] - 1, wire_mb=c["wire_bytes_per_step"] / 1e6,
                                 codec_s=codec.get(hook, float("nan")), floor_s=rec["cases"]["none"]["median_s"]))
     return out
 
 
-def markdown(records: List[dict]) -> str:
-    lines = ["| model | link | hook | measured ms (min-max) | x plain | predicted ms | error | codec ms | wire MB/step |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows(records):
-        lines.append(f"| {r['model']} | {r['rate']} | {r['hook']} | {r['measured_s'] * 1e3:.0f} "
+def markdown(records: List[dict], per_param: Dict[str, float] = None) -> str:
+    lines = ["| model | ranks | link | hook | measured ms (min-max) | x plain | predicted ms | error | codec ms | wire MB/step |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows(records, per_param):
+        lines.append(f"| {r['model']} | {r['world_size']} | {r['rate']} | {r['hook']} | {r['measured_s'] * 1e3:.0f} "
                      f"({r['min_s'] * 1e3:.0f}-{r['max_s'] * 1e3:.0f}) | {r['vs_plain']:.2f}x | "
                      f"{r['predicted_s'] * 1e3:.0f} | {r['error']:+.0%} | {r['codec_s'] * 1e3:.0f} | {r['wire_mb']:.2f} |")
     notes = []
@@ -124,9 +134,12 @@ def main(argv=None) -> int:
     ap.add_argument("records")
     ap.add_argument("--md", default=None)
     ap.add_argument("--png", default=None)
+    ap.add_argument("--codec-from", default=None,
+                    help="records to fit the codec seconds per parameter on (default: the records themselves)")
     args = ap.parse_args(argv)
     records = json.loads(Path(args.records).read_text())
-    text = markdown(records)
+    per_param = codec_per_param(json.loads(Path(args.codec_from).read_text())) if args.codec_from else None
+    text = markdown(records, per_param)
     print(text)
     if args.md:
         Path(args.md).write_text(text + "\n")
