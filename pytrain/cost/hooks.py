@@ -8,8 +8,8 @@ Per hook h on W ranks, for a model of N fp32 parameters whose step computes for 
 r_h: bytes on the wire / bytes of the fp32 all-reduce (``compression_ratio``: PowerSGD rank r ~ 2 r / width for
 square width x width weights, top-k 2 x ratio (values and indices), int8 / fp8 (1 + 4 / block) / 4);
 k_h: the codec's seconds per parameter per step (compress + decompress + error feedback), measured by
-``bench/bench_links.py`` on loopback as the step time the link does not explain.  ``CODEC_S_PER_PARAM`` holds
-those of the 2-core AVX2 EPYC of ``bench/results/links-2026-12-07-cpu-avx2.md`` (CPU, one thread per rank, idle): rerun the
+``bench/bench_links.py`` as the step time the model without codec does not explain.  ``CODEC_S_PER_PARAM`` holds
+those of the 2-core AVX2 EPYC of ``bench/results/links-2026-12-07-pipelined-cpu-avx2.md`` (CPU, one thread per rank): rerun the
 bench on your own machine before trusting them there (a GPU codes orders of magnitude faster).  ``LINK_EFFICIENCY`` and
 ``LINK_ALPHA_S`` come from calibrating the emulated links (the Xeon run of 2026-12-06; the EPYC run gave 95-96%, ``pytrain.cost.calibrate`` over tbf-limited
 veth pairs): the all-reduce reaches ``efficiency`` of the nominal rate.
@@ -23,15 +23,17 @@ from ._checks import count, real
 from .collectives import Link
 from .ddp import ddp_step
 
-#: hook -> codec seconds per parameter per step: bench/results/links-2026-12-07-cpu-avx2.md (25.2M params,
-#: 2 ranks, one thread each, on an idle 2-core AVX2 EPYC; the 8-bit hooks on their fused codec ops), codec ms / 25.2M
-CODEC_S_PER_PARAM: Dict[str, float] = {"powersgd_r1": 2.88e-9, "powersgd_r4": 3.67e-9, "powersgd_r8": 4.26e-9,
-                                       "topk_0.1%": 3.03e-9, "topk_1%": 4.16e-9, "int8": 6.16e-9, "fp8": 8.15e-9}
+#: hook -> codec seconds per parameter per step: bench/results/links-2026-12-07-pipelined-cpu-avx2.md (25.2M params,
+#: 2 ranks, one thread each, on a 2-core AVX2 EPYC; pipelined hooks, the 8-bit ones on their fused codec ops),
+#: codec ms / 25.2M, fitted with the host work below
+CODEC_S_PER_PARAM: Dict[str, float] = {"powersgd_r1": 3.65e-9, "powersgd_r4": 4.51e-9, "powersgd_r8": 5.18e-9,
+                                       "topk_0.1%": 2.57e-9, "topk_1%": 4.16e-9, "int8": 4.30e-9, "fp8": 6.36e-9}
 LINK_EFFICIENCY = 0.97  # all-reduce bandwidth / tbf rate at 0.5 and 1 Gbit/s (10 Gbit/s: 37%, CPU-bound there)
 LINK_ALPHA_S = 1e-3  # the calibrated alphas scatter from 0 to 2.5 ms on the loaded machine
 #: kappa: CPU seconds a rank spends per byte it sends over TCP (``Calibration.host_s_per_byte``), the median of
-#: the emulated links' calibrations in bench/results/links-2026-12-07-cpu-avx2.md (0 for NCCL on GPUs)
-LINK_HOST_S_PER_BYTE = 0.0
+#: the emulated links' calibrations in bench/results/links-2026-12-07-pipelined-cpu-avx2.md (0.78-1.02 ns/byte at
+#: 0.5-10 Gbit/s; 0 for NCCL on GPUs)
+LINK_HOST_S_PER_BYTE = 1.01e-9
 QUANT_BLOCK = 256
 
 

@@ -3,7 +3,7 @@ import pytest
 
 from pytrain.cost.collectives import Link, format_rate, parse_rate
 from pytrain.cost.ddp import ddp_step
-from pytrain.cost.hooks import CODEC_S_PER_PARAM, compression_ratio, hook_steps, link_for_rate
+from pytrain.cost.hooks import CODEC_S_PER_PARAM, LINK_HOST_S_PER_BYTE, compression_ratio, hook_steps, link_for_rate
 from pytrain.cost.cli import main
 
 
@@ -33,11 +33,12 @@ def test_hook_steps_follow_ddp_step_and_rank_fastest_first():
     assert set(by) == {"plain", *codecs}
     for hook, e in by.items():
         want = ddp_step(25_000_000, compute_s=0.1, world_size=2, link=link,
-                        compression_ratio=compression_ratio(hook, 2048), codec_s=codecs.get(hook, 0.0) * 25e6)
+                        compression_ratio=compression_ratio(hook, 2048), codec_s=codecs.get(hook, 0.0) * 25e6,
+                        host_s_per_byte=LINK_HOST_S_PER_BYTE)
         assert e.step_s == pytest.approx(want.step_s)
     assert est[0].hook == "powersgd_r4"  # slow link, cheap codec: the most compressed wins
-    fast = hook_steps(25_000_000, 2048, 0.1, Link(1e-6, 1e-12), 2, codecs)
-    assert fast[0].hook == "plain"  # nearly free link: any codec time loses
+    fast = hook_steps(25_000_000, 2048, 0.1, Link(1e-6, 1e-12), 2, codecs, host_s_per_byte=0.0)
+    assert fast[0].hook == "plain"  # nearly free link, moved by a NIC: any codec time loses
 
 
 def test_rates_round_trip():
