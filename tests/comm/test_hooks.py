@@ -250,8 +250,9 @@ def one_rank(tmp_path):
 
 
 def test_pipelined_schedule(one_rank):
-    """Each new bucket starts, then every older one moves on one stage (oldest first); the last drains; a bucket's
-    future completes after its last stage, and the backward's end has counted ``iter``."""
+    """Each new bucket starts, then every older one moves on one stage, in the order their awaited collectives
+    were issued; the last drains in that order; a bucket's future completes after its last stage, and the
+    backward's end has counted ``iter``."""
     state = _Recording()
     buckets = [_Bucket(i, i == 3) for i in range(4)]
     futures = [torch.futures.Future() for _ in buckets]
@@ -259,22 +260,24 @@ def test_pipelined_schedule(one_rank):
     for bucket, fut in zip(buckets, futures):
         state.step(bucket, fut)
         done_after.append([f.done() for f in futures])
-    assert state.events == [(0, 0), (1, 0), (0, 1), (2, 0), (0, 2), (1, 1),
-                            (3, 0), (1, 2), (2, 1), (2, 2), (3, 1), (3, 2)]
+    # issues: (0,0)->1, (1,0)->2, (0,1)->3, (2,0)->4, (1,1)->5, (3,0)->6, (2,1)->7, (3,1)->8
+    assert state.events == [(0, 0), (1, 0), (0, 1), (2, 0), (1, 1), (0, 2),
+                            (3, 0), (2, 1), (1, 2), (3, 1), (2, 2), (3, 2)]
     assert done_after == [[False] * 4, [False] * 4, [True, False, False, False], [True] * 4]
     assert state.iter == 1 and all(f.value() is b.buffer() for f, b in zip(futures, buckets))
 
 
 def test_pipelined_failure_fails_every_future(one_rank):
-    """A stage that raises fails the job, the buckets in flight and those completed in the same job."""
-    state = _Recording(fail=(1, 1))  # runs in bucket 2's job, after bucket 0 has completed in it
-    buckets = [_Bucket(i, i == 3) for i in range(3)]
+    """A stage that raises fails the job, the buckets in flight and those completed earlier in the same job."""
+    state = _Recording(fail=(3, 1))  # in the last bucket's drain, after bucket 1 has completed in that job
+    buckets = [_Bucket(i, i == 3) for i in range(4)]
     futures = [torch.futures.Future() for _ in buckets]
-    state.step(buckets[0], futures[0])
-    state.step(buckets[1], futures[1])
+    for bucket, fut in zip(buckets[:3], futures):
+        state.step(bucket, fut)
     with pytest.raises(RuntimeError, match="stage failed"):
-        state.step(buckets[2], futures[2])
-    for fut in futures[:2]:
+        state.step(buckets[3], futures[3])
+    assert futures[0].value() is buckets[0].buffer()  # completed in an earlier job
+    for fut in futures[1:3]:
         with pytest.raises(RuntimeError, match="stage failed"):
             fut.wait()
     assert not state._flight and state.iter == 0

@@ -13,12 +13,13 @@ round trips.  Single-collective hooks (``allreduce_hook``) issue their collectiv
 is ordered already.
 
 Pipelining.  A state's ``compress`` is a generator: it issues each collective asynchronously and yields, and
-waits for it after the yield.  The worker keeps the buckets in flight in a FIFO and, for each new bucket, runs
-the new one up to its first collective and then moves every older one on by one stage, oldest first; the last
-bucket of a backward drains the FIFO (oldest first, one stage each in turn).  So bucket i's codec (quantizing,
-P = M Q, top-k selection) runs while the bytes of buckets i - 1 and i - 2 are on the wire, instead of after them.
-The schedule depends only on the sequence of buckets, which is the same on every rank, so the collectives are
-issued in the same order everywhere.  A bucket's future completes when its last stage has run.
+waits for it after the yield.  The worker keeps the buckets in flight; for each new bucket it runs the new one up
+to its first collective, then moves every older one on by one stage, and the last bucket of a backward drains
+them.  Older buckets move in the order their awaited collectives were issued (the wire delivers roughly in that
+order, so the worker waits first for what is most likely done).  So bucket i's codec (quantizing, P = M Q, top-k
+selection) runs while the bytes of earlier buckets are on the wire, instead of after them.  The schedule depends
+only on the sequence of buckets and on its own past issues, which are the same on every rank, so the collectives
+are issued in the same order everywhere.  A bucket's future completes when its last stage has run.
 
 Bucket layouts and resuming.  DDP puts the gradients into buckets in parameter order for a fresh model's first
 backward and rebuilds them in gradient-ready order after it, so the memories a state keeps per bucket (error
@@ -39,11 +40,10 @@ so ``compression_ratio`` is 1 for ``allreduce_hook``.
 """
 from __future__ import annotations
 
-import collections
 import queue
 import threading
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Deque, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 import torch.distributed as dist
@@ -165,6 +165,16 @@ class _Regroup:
     waiting: List[Tuple[Set[int], Tensor, torch.futures.Future]] = field(default_factory=list)
 
 
+@dataclass(eq=False)
+class _Flight:
+    """A pipelined bucket: its remaining stages, buffer, future, and when its awaited collective was issued."""
+
+    stages: Iterator[None]
+    x: Tensor
+    fut: torch.futures.Future
+    issued: int = 0
+
+
 class HookState:
     """Base of the hook states: process group, statistics, iteration count, per-bucket memories, bucket layout.
 
@@ -204,7 +214,8 @@ class HookState:
         self._regroup: Optional[_Regroup] = None
         self._finished: Set[int] = set()  # bucket indices processed in this backward
         self._adopt = False  # this backward's buckets become the layout
-        self._flight: Deque[Tuple[Iterator[None], Tensor, torch.futures.Future]] = collections.deque()  # pipelining
+        self._flight: List[_Flight] = []  # pipelining: the buckets in flight
+        self._issued = 0  # collectives issued by pipelined stages (orders the buckets in flight)
 
     def config(self) -> dict:
         return {}
@@ -222,7 +233,7 @@ class HookState:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_process_group"] = None
-        for key in ("_positions", "_params", "_named", "_regroup", "_finished", "_adopt", "_flight"):
+        for key in ("_positions", "_params", "_named", "_regroup", "_finished", "_adopt", "_flight", "_issued"):
             del state[key]
         return state
 
@@ -303,7 +314,7 @@ class HookState:
         try:
             self._step(bucket, fut, done)
         except BaseException as exc:  # the backward fails: every future of it gets the error, the next starts clean
-            waiting = [w for w, _ in done] + [w for _, _, w in self._flight]
+            waiting = [w for w, _ in done] + [f.fut for f in self._flight]
             waiting += [w for _, _, w in self._regroup.waiting] if self._regroup is not None else []
             for w in waiting:
                 if w is not fut and not w.done():
@@ -330,33 +341,36 @@ class HookState:
             if self._adopt:
                 self.layout[index] = where
             x = bucket.buffer()
-            self._flight.append((self.stages(bucket, x), x, fut))
+            new = _Flight(self.stages(bucket, x), x, fut)
+            older = sorted(self._flight, key=lambda f: f.issued)
+            self._flight.append(new)
             self._finished.add(index)
-            self.advance(bucket.is_last(), done)
+            for entry in [new] + older:  # the new bucket up to its first collective, every older one by a stage
+                self.stage(entry, done)
+            if bucket.is_last():
+                self.drain(done)
         else:
-            self.advance(True, done)  # the pipelined buckets first: the regrouped ones run one at a time
+            self.drain(done)  # the pipelined buckets first: the regrouped ones run one at a time
             self.regroup(bucket, where, fut, done)
 
-    def advance(self, drain: bool, done: List[Tuple[torch.futures.Future, Tensor]]) -> None:
-        """Run the newest bucket in flight up to its first collective, then every older one by one stage, oldest
-        first (the module docstring's pipelining); with ``drain``, go on until every bucket has completed.
-        Adds (future, buffer) of the buckets completed to ``done``."""
-        order = list(self._flight)
-        if order:
-            order.insert(0, order.pop())  # the newest starts first
-        while order:
-            for entry in order:
-                stages, x, fut = entry
-                if next(stages, StopIteration) is StopIteration:
-                    self._flight.remove(entry)
-                    done.append((fut, x))
-            if not drain:
-                break
-            order = list(self._flight)
+    def stage(self, entry: "_Flight", done: List[Tuple[torch.futures.Future, Tensor]]) -> None:
+        """Run one stage of a bucket in flight: up to its next collective, or to its end (then its (future,
+        buffer) goes to ``done``)."""
+        if next(entry.stages, StopIteration) is StopIteration:
+            self._flight.remove(entry)
+            done.append((entry.fut, entry.x))
+        else:
+            self._issued += 1
+            entry.issued = self._issued
+
+    def drain(self, done: List[Tuple[torch.futures.Future, Tensor]]) -> None:
+        """Run the buckets in flight to their ends, always the one whose awaited collective was issued first."""
+        while self._flight:
+            self.stage(min(self._flight, key=lambda f: f.issued), done)
 
     def stages(self, bucket, x: Tensor) -> Iterator[None]:
-        """The bucket's job as a generator (see ``advance``): plain average before ``start_iter``, then ``compress``;
-        waits for the device before DDP reads x."""
+        """The bucket's job as a generator (pipelined: see the module docstring): plain average before
+        ``start_iter``, then ``compress``; waits for the device before DDP reads x."""
         if self.iter < self.start_iter:
             self.average(x)
         else:
