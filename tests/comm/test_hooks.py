@@ -5,17 +5,20 @@ final loss with several buckets in flight (a hang fails on the gloo timeout / th
 with identical parameters, allreduce_hook equals DDP's default, the PowerSGD hook's averaged gradients equal
 torch's powerSGD_hook's (same settings and seed, one bucket), NaN gradients stay non-finite, state save / load
 round trips bitwise, and bad states / inputs raise clear errors.  On one rank: the ordered worker's pipelined
-schedule (which stage of which bucket runs when, when futures complete) and its failure path.
+schedule (which stage of which bucket runs when, when futures complete), its failure path, and that it keeps
+no finished job alive.
 """
+import gc
 import math
 import re
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 
 from pytrain.comm import HOOK_NAMES, PowerSGDState, QuantState, TopKState, make_hook
-from pytrain.comm.hooks._common import HookState
+from pytrain.comm.hooks._common import _ORDERED, HookState
 from pytrain.testing.processes import launch_ranks
 from pytrain.testing.tolerances import tolerance
 
@@ -281,3 +284,17 @@ def test_pipelined_failure_fails_every_future(one_rank):
         with pytest.raises(RuntimeError, match="stage failed"):
             fut.wait()
     assert not state._flight and state.iter == 0
+
+
+def test_worker_keeps_no_job_alive(one_rank):
+    """Once its futures are done, the ordered worker holds nothing of a backward: not the hook state (and so not
+    its process group, which must be destroyed while the interpreter is whole, not at its shutdown), nor the
+    buckets."""
+    state = _Recording()
+    buckets = [_Bucket(i, i == 3) for i in range(4)]
+    futures = [_ORDERED.submit(lambda fut, s=state, b=b: s.step(b, fut)) for b in buckets]
+    torch.futures.wait_all(futures)
+    refs = [weakref.ref(state)] + [weakref.ref(b) for b in buckets]
+    del state, buckets, futures
+    gc.collect()
+    assert [r() for r in refs] == [None] * len(refs)

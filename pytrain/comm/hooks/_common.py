@@ -108,6 +108,9 @@ class _OrderedWorker:
             except BaseException as exc:  # noqa: BLE001 (handed to the waiting backward)
                 if not fut.done():
                     fut.set_exception(exc)
+            # An idle worker must not keep the last job's state (and its process group) or bucket alive: the
+            # group would then be destroyed at interpreter shutdown, from gloo's threads, which can abort.
+            del job, fut
 
 
 _ORDERED = _OrderedWorker()
