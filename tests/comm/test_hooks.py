@@ -5,12 +5,14 @@ final loss with several buckets in flight (a hang fails on the gloo timeout / th
 with identical parameters, allreduce_hook equals DDP's default, the PowerSGD hook's averaged gradients equal
 torch's powerSGD_hook's (same settings and seed, one bucket), NaN gradients stay non-finite, state save / load
 round trips bitwise, and bad states / inputs raise clear errors.  On one rank: the ordered worker's pipelined
-schedule (which stage of which bucket runs when, when futures complete), its failure path, and that it keeps
-no finished job alive.
+schedule (which stage of which bucket runs when, when futures complete), its failure path, that it keeps
+no finished job alive, and that the interpreter's exit waits (bounded) for its running job.
 """
 import gc
 import math
 import re
+import subprocess
+import sys
 import time
 import weakref
 from pathlib import Path
@@ -304,3 +306,30 @@ def test_worker_keeps_no_job_alive(one_rank):
         time.sleep(0.01)
         gc.collect()
     assert [r() for r in refs] == [None] * len(refs)
+
+
+_EXIT_SCRIPT = """
+import pathlib, sys, time
+from pytrain.comm.hooks._common import _ORDERED
+
+def job(fut):
+    fut.set_result(None)  # the main thread goes on to exit while this job still runs
+    time.sleep(float(sys.argv[2]))
+    pathlib.Path(sys.argv[1]).write_text("done")
+
+_ORDERED.submit(job).wait()
+"""
+
+
+@pytest.mark.parametrize("job_s, finishes", [(0.5, True), (60.0, False)])
+def test_exit_waits_for_the_worker_bounded(tmp_path, job_s, finishes):
+    """The interpreter's exit waits for the worker to let its last job go (a daemon thread inside torch's C++ code
+    at shutdown aborts the process), and waits at most EXIT_WAIT_S for a job that does not end."""
+    script, marker = tmp_path / "exit.py", tmp_path / "marker"
+    script.write_text(_EXIT_SCRIPT)
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, str(script), str(marker), str(job_s)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert marker.exists() == finishes
+    assert time.monotonic() - start < _ORDERED.EXIT_WAIT_S + 30  # interpreter start-up and torch import included

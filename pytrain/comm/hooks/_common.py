@@ -40,6 +40,7 @@ so ``compression_ratio`` is 1 for ``allreduce_hook``.
 """
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 from dataclasses import asdict, dataclass, field
@@ -81,12 +82,23 @@ class _OrderedWorker:
     A job gets its future and completes it, then or from a later job (``HookState``: pipelined and regrouped
     buckets); if the job raises, its future gets the exception.  Each job runs with the submitting
     thread's intra-op thread count: with OpenMP that setting is per thread, and a fresh thread would use every
-    core (oversubscribing, e.g. with one thread per rank set by the user)."""
+    core (oversubscribing, e.g. with one thread per rank set by the user).
+
+    Exit.  A job completes the backward's futures from inside torch's C++ code, which releases the GIL, so the
+    main thread can finish and the interpreter start shutting down while the worker is still in that call.  A
+    daemon thread that then takes the GIL back is ended by ``pthread_exit``, which unwinds through C++ frames that
+    may not unwind, and the process aborts ("terminate called without an active exception").  So at exit the
+    interpreter waits, at most ``EXIT_WAIT_S``, until the worker has no job left (``wait_idle``)."""
+
+    EXIT_WAIT_S = 5.0
 
     def __init__(self) -> None:
         self._jobs: "queue.SimpleQueue[Tuple[Callable[[torch.futures.Future], None], torch.futures.Future, int]]" = queue.SimpleQueue()
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
+        self._idle = threading.Condition()
+        self._pending = 0  # jobs submitted and not yet let go by the worker
+        atexit.register(self.wait_idle, self.EXIT_WAIT_S)
 
     def submit(self, job: Callable[[torch.futures.Future], None]) -> torch.futures.Future:
         """Queue ``job``; it completes the returned future (or the future gets its exception)."""
@@ -95,8 +107,16 @@ class _OrderedWorker:
             if self._thread is None or not self._thread.is_alive():  # first use, or in a forked child
                 self._thread = threading.Thread(target=self._loop, name="pytrain-comm-hooks", daemon=True)
                 self._thread.start()
+                self._pending = 0  # a forked child inherits the count, not the thread that ran those jobs
+        with self._idle:
+            self._pending += 1
         self._jobs.put((job, fut, torch.get_num_threads()))
         return fut
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Waits until every submitted job has run and been let go, at most ``timeout_s``; True if so."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout_s)
 
     def _loop(self) -> None:
         while True:
@@ -111,6 +131,9 @@ class _OrderedWorker:
             # An idle worker must not keep the last job's state (and its process group) or bucket alive: the
             # group would then be destroyed at interpreter shutdown, from gloo's threads, which can abort.
             del job, fut
+            with self._idle:
+                self._pending -= 1
+                self._idle.notify_all()
 
 
 _ORDERED = _OrderedWorker()
